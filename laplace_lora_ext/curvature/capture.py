@@ -1,0 +1,121 @@
+"""Forward/backward capture of layer inputs and output gradients with autograd hooks.
+
+One forward pass records, for every target ``nn.Linear``, its input ``a`` and its output
+(still attached to the graph). Output gradients ``g = dF/d(output)`` for several
+"grad-output" vectors ``V_k`` on the logits are then obtained by one
+``torch.autograd.grad`` call per ``k`` — never a per-parameter Jacobian. This uses plain
+autograd (no ``torch.func``), so it also runs through bitsandbytes 4-bit layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..targets import LoraTarget
+
+__all__ = ["Captured", "capture_forward", "output_gradients", "token_weights"]
+
+
+@dataclass
+class Captured:
+    """Result of :func:`capture_forward`.
+
+    Attributes:
+        logits: ``(B, C)`` model outputs (attached to the graph).
+        inputs: per target, the layer input ``(B, T, d_in)`` (detached; ``T = 1`` for
+            2-D inputs).
+        outputs: per target, the layer output ``(B, T', d_out)`` attached to the graph.
+    """
+
+    logits: torch.Tensor
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    if t.ndim == 2:
+        return t.unsqueeze(1)
+    if t.ndim == 3:
+        return t
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarget]) -> Captured:
+    """Run ``forward()`` with hooks on all targets.
+
+    Raises:
+        RuntimeError: if a target is called more than once per forward (weight sharing is
+            not supported) or never called.
+    """
+    inputs: list[torch.Tensor | None] = [None] * len(targets)
+    outputs: list[torch.Tensor | None] = [None] * len(targets)
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if inputs[i] is not None:
+                raise RuntimeError(
+                    f"Layer {targets[i].name} was called twice in one forward pass; "
+                    "shared weights are not supported."
+                )
+            inputs[i] = _as_3d(args[0].detach())
+            outputs[i] = out
+
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(i)) for i, t in enumerate(targets)]
+    try:
+        with torch.enable_grad():
+            logits = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t.name for t, a in zip(targets, inputs, strict=True) if a is None]
+    if missing:
+        raise RuntimeError(
+            f"LoRA layers {missing[:5]}{'...' if len(missing) > 5 else ''} were not called "
+            "in the forward pass; is the adapter active and the layer used by the model?"
+        )
+    return Captured(logits, inputs, outputs)  # type: ignore[arg-type]
+
+
+def output_gradients(
+    captured: Captured, grad_outputs: torch.Tensor, targets: list[LoraTarget]
+) -> Iterator[list[torch.Tensor]]:
+    """Yield, for each ``V_k`` in ``grad_outputs`` ``(K, B, C)``, the output gradients
+    ``g_l = V_kᵀ dF/d(out_l)`` of every target, each ``(B, T', d_out)``.
+
+    Raises:
+        RuntimeError: if autograd does not reach a target (its gradient would be missing:
+            e.g. a detached adapter or a bitsandbytes 4-bit layer that lost autograd).
+    """
+    K = grad_outputs.shape[0]
+    for k in range(K):
+        grads = torch.autograd.grad(
+            captured.logits,
+            captured.outputs,
+            grad_outputs=grad_outputs[k].to(captured.logits.dtype),
+            retain_graph=k < K - 1,
+            allow_unused=True,
+        )
+        none = [t.name for t, g in zip(targets, grads, strict=True) if g is None]
+        if none:
+            from ..quant import missing_gradient_error
+
+            raise missing_gradient_error(none, "computing the curvature")
+        yield [_as_3d(g.detach()) for g in grads]
+
+
+def token_weights(attention_mask: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:
+    """0/1 weights ``(B, T)`` of real tokens for a layer input ``(B, T, d)``.
+
+    The batch's ``attention_mask`` is used when its shape matches the layer's token axis;
+    otherwise (pooled inputs, a last-position head) every position counts.
+    """
+    B, T = layer_input.shape[:2]
+    if attention_mask is not None and tuple(attention_mask.shape) == (B, T):
+        return attention_mask.to(device=layer_input.device, dtype=layer_input.dtype)
+    return torch.ones(B, T, device=layer_input.device, dtype=layer_input.dtype)

@@ -1,0 +1,63 @@
+"""Kronecker-factor contributions of one batch, as row matrices ("roots").
+
+For a target layer with inputs ``a`` ``(B, T, d_in)``, token weights ``w`` ``(B, T)``
+(1 = real token) and output gradients ``g_k`` ``(B, T, d_out)`` for the grad-output
+vectors ``k = 1..K``, KFAC (laplace-torch scaling: the curvature is a *sum* over the N
+examples; the input factor is normalised by N) is ``G ⊗ A`` with
+
+* expand: ``A = Σ_n 1/(N T_n) Σ_t a aᵀ``,      ``G = Σ_{k,n,t} g gᵀ``
+* reduce: ``A = Σ_n 1/(N T_n²) (Σ_t a)(Σ_t a)ᵀ``, ``G = Σ_{k,n} (Σ_t g)(Σ_t g)ᵀ``
+
+(Eschenhagen et al. 2023), ``T_n`` = number of real tokens of example n. Each factor is
+returned as a root ``R`` ``(m, d)`` with factor ``= Rᵀ R``, so that large factors can be
+compressed to low rank without ever forming ``d x d``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["input_root", "output_root", "KFAC_APPROX"]
+
+KFAC_APPROX = ("expand", "reduce")
+
+
+def input_root(a: torch.Tensor, w: torch.Tensor, n_data: int, approx: str) -> torch.Tensor:
+    """Root ``(m, d_in)`` of the input factor ``A`` of one batch.
+
+    Args:
+        a: layer inputs ``(B, T, d_in)``.
+        w: token weights ``(B, T)`` (0 for padding).
+        n_data: N, the size of the whole training set.
+        approx: ``"expand"`` or ``"reduce"``.
+    """
+    a = a.to(w.dtype)
+    T_n = w.sum(dim=1).clamp_min(1.0)  # (B,)
+    if approx == "expand":
+        scale = (w / (n_data * T_n.unsqueeze(1))).sqrt()  # (B, T)
+        rows = (a * scale.unsqueeze(-1)).reshape(-1, a.shape[-1])
+        return rows[w.reshape(-1) > 0]
+    if approx == "reduce":
+        summed = (a * w.unsqueeze(-1)).sum(dim=1)  # (B, d_in)
+        return summed / (T_n.unsqueeze(1) * n_data**0.5)
+    raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {approx!r}.")
+
+
+def output_root(g: torch.Tensor, approx: str) -> torch.Tensor:
+    """Root ``(m, d_out)`` of one grad-output vector's contribution to ``G``.
+
+    Args:
+        g: output gradients ``(B, T, d_out)`` for one grad-output vector.
+        approx: ``"expand"`` (every token a row) or ``"reduce"`` (token sum per example).
+    """
+    if approx == "expand":
+        return g.reshape(-1, g.shape[-1])
+    if approx == "reduce":
+        return g.sum(dim=1)
+    raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {approx!r}.")
+
+
+def drop_zero_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Remove all-zero rows (padding, positions that do not reach the output)."""
+    keep = rows.abs().amax(dim=1) > 0
+    return rows[keep]

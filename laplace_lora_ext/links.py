@@ -1,0 +1,112 @@
+"""Link approximations: from a Gaussian over logits ``N(f_mu, f_var)`` to class probabilities.
+
+All functions take ``f_mu`` ``(B, C)`` and ``f_var`` ``(B, C, C)`` and return ``(B, C)``
+probabilities.
+
+* ``"mc"``: joint Monte Carlo over the logits (Cholesky factor of each ``C x C``
+  covariance), averaging softmax *probabilities*.
+* ``"mc_indep"``: Monte Carlo with the diagonal of ``f_var`` only (the paper's "MC indep").
+* ``"probit"``: ``softmax(f_mu / sqrt(1 + π/8 diag(f_var)))``.
+* ``"bridge"`` / ``"bridge_norm"``: the Laplace bridge to a Dirichlet (Hobbhahn et al.,
+  2022), optionally with the variance normalisation; returns the Dirichlet mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["LINK_APPROXIMATIONS", "apply_link", "probit", "laplace_bridge", "mc_joint", "mc_indep"]
+
+LINK_APPROXIMATIONS = ("mc", "mc_indep", "probit", "bridge", "bridge_norm")
+
+
+def probit(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
+    """Probit (extended MacKay) approximation of ``E[softmax(f)]``."""
+    kappa = (1.0 + math.pi / 8.0 * f_var.diagonal(dim1=-2, dim2=-1)).rsqrt()
+    return torch.softmax(kappa * f_mu, dim=-1)
+
+
+def laplace_bridge(
+    f_mu: torch.Tensor, f_var: torch.Tensor, normalize: bool = False
+) -> torch.Tensor:
+    """Mean of the Dirichlet given by the Laplace bridge of ``N(f_mu, f_var)``.
+
+    The Gaussian is first projected onto zero-sum logits (softmax is invariant to a common
+    shift). With ``normalize=True`` the logits are rescaled so that the mean of the
+    diagonal variance is ``sqrt(C / 2)`` times smaller (the "bridge_norm" variant).
+    """
+    C = f_mu.shape[-1]
+    row = f_var.sum(dim=-1)  # (B, C)
+    total = row.sum(dim=-1, keepdim=True)  # (B, 1)
+    mu = f_mu - row * f_mu.sum(dim=-1, keepdim=True) / total
+    var = f_var.diagonal(dim1=-2, dim2=-1) - row.square() / total
+    if normalize:
+        scale = var.mean(dim=-1, keepdim=True) / math.sqrt(C / 2.0)
+        mu = mu / scale.sqrt()
+        var = var / scale
+    sum_exp = torch.exp(-mu).sum(dim=-1, keepdim=True)
+    alpha = (1.0 - 2.0 / C + mu.exp() * sum_exp / C**2) / var
+    return torch.nan_to_num(alpha / alpha.sum(dim=-1, keepdim=True), nan=1.0 / C)
+
+
+def _psd_sqrt(f_var: torch.Tensor) -> torch.Tensor:
+    """A factor ``L`` with ``L Lᵀ = f_var`` ``(B, C, C)`` (Cholesky, eigen fallback)."""
+    L, info = torch.linalg.cholesky_ex(f_var)
+    if bool((info == 0).all()):
+        return L
+    evals, evecs = torch.linalg.eigh(f_var)
+    return evecs * evals.clamp_min(0.0).sqrt().unsqueeze(-2)
+
+
+def mc_joint(
+    f_mu: torch.Tensor,
+    f_var: torch.Tensor,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Joint Monte Carlo: ``mean_s softmax(f_mu + L z_s)`` with ``L Lᵀ = f_var``."""
+    L = _psd_sqrt(f_var)
+    z = torch.randn(
+        (n_samples, *f_mu.shape), generator=generator, device=f_mu.device, dtype=f_mu.dtype
+    )
+    samples = f_mu + torch.einsum("bij,sbj->sbi", L, z)
+    return torch.softmax(samples, dim=-1).mean(dim=0)
+
+
+def mc_indep(
+    f_mu: torch.Tensor,
+    f_var: torch.Tensor,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Monte Carlo with independent logits (diagonal of ``f_var`` only)."""
+    std = f_var.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
+    z = torch.randn(
+        (n_samples, *f_mu.shape), generator=generator, device=f_mu.device, dtype=f_mu.dtype
+    )
+    return torch.softmax(f_mu + std * z, dim=-1).mean(dim=0)
+
+
+def apply_link(
+    link_approx: str,
+    f_mu: torch.Tensor,
+    f_var: torch.Tensor,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Dispatch to the link approximation named ``link_approx``."""
+    if link_approx == "probit":
+        return probit(f_mu, f_var)
+    if link_approx == "bridge":
+        return laplace_bridge(f_mu, f_var)
+    if link_approx == "bridge_norm":
+        return laplace_bridge(f_mu, f_var, normalize=True)
+    if link_approx == "mc":
+        return mc_joint(f_mu, f_var, n_samples, generator)
+    if link_approx == "mc_indep":
+        return mc_indep(f_mu, f_var, n_samples, generator)
+    raise ValueError(
+        f"Unsupported link_approx {link_approx!r}; choose one of {LINK_APPROXIMATIONS}."
+    )

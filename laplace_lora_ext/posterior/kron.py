@@ -1,0 +1,188 @@
+"""``LoraKronLaplace``: KFAC Laplace over LoRA matrices (``("lora", "kron")``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from laplace.baselaplace import KronLaplace
+from laplace.utils.matrix import Kron, KronDecomposed
+from torch import nn
+
+from ..curvature import DEFAULT_RANK_THRESHOLD
+from .mixin import LoraLaplaceMixin
+
+__all__ = ["LoraKronLaplace"]
+
+
+class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
+    """Laplace-LoRA with a Kronecker-factored posterior per LoRA matrix.
+
+    Each LoRA adapter ``BA`` contributes two blocks, ``lora_A`` (``r x d_in``) and
+    ``lora_B`` (``d_out x r``), each ``G ⊗ A + δ I`` with KFAC factors ``G`` (out×out)
+    and ``A`` (in×in).
+
+    Args:
+        model: a PEFT LoRA model, or a module containing one, returning ``(B, C)`` logits
+            (see :class:`~laplace_lora_ext.LastTokenChoiceLM`).
+        likelihood: ``"classification"``.
+        prior_precision: scalar or one value per parameter tensor (``len(la.params)``).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for sequence inputs.
+        fisher_type: ``"exact"`` (default), ``"mc"`` or ``"empirical"``.
+        mc_samples: label samples per example for ``fisher_type="mc"``.
+        factor_rank: keep factors with a side above ``rank_threshold`` at this rank
+            (``None``: dense).
+        rank_threshold: side above which a factor is low-rank (default 2048).
+        adapter_name: adapter to cover (default: the active one).
+        include_extra_params: also cover other trainable ``nn.Linear`` layers, e.g. a
+            ``modules_to_save`` classifier head.
+        seed: seed of the MC label sampler.
+        damping: laplace-torch's damped Kronecker prior (dense factors only).
+    """
+
+    _key = ("lora", "kron")
+    _structure = "kron"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        damping: bool = False,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        *,
+        kfac_approx: str = "expand",
+        fisher_type: str = "exact",
+        mc_samples: int = 1,
+        factor_rank: int | None = None,
+        rank_threshold: int = DEFAULT_RANK_THRESHOLD,
+        adapter_name: str | None = None,
+        include_extra_params: bool = False,
+        seed: int | None = 0,
+    ) -> None:
+        if damping and factor_rank is not None:
+            raise ValueError("damping=True is not supported together with factor_rank.")
+        self.damping = damping
+        self.H_facs = None
+        self._lora_init(
+            super().__init__,
+            model,
+            likelihood,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            adapter_name=adapter_name,
+            include_extra_params=include_extra_params,
+            kfac_approx=kfac_approx,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+            factor_rank=factor_rank,
+            rank_threshold=rank_threshold,
+            seed=seed,
+            sigma_noise=sigma_noise,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            damping=damping,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+
+    def _init_H(self) -> None:
+        if self.factor_rank is None:
+            self.H = Kron.init_from_model(self.params, self._device, self._dtype)
+        else:
+            from ..lowrank import LowRankKron
+
+            self.H = LowRankKron.init_from_model(
+                self.params, self._device, self._dtype, self.factor_rank, self.rank_threshold
+            )
+
+    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+        """Fit KFAC on ``train_loader``; ``override=False`` adds data to the previous fit."""
+        if override:
+            self.H_facs = None
+        previous = self.H_facs
+        n_old = self.n_data if previous is not None else 0
+        if previous is not None:
+            n_new = len(train_loader.dataset)
+            previous = self._rescale_factors(previous, n_old / (n_old + n_new))
+        self._fit_loop(train_loader, override=True, progress_bar=progress_bar)
+        if previous is None:
+            self.H_facs = self.H
+        else:
+            n_new = self.n_data
+            self.n_data = n_old + n_new
+            self.H_facs = previous + self._rescale_factors(self.H, n_new / (n_new + n_old))
+        self.H = self.H_facs.decompose(damping=self.damping)
+
+    def _check_curvature(self, H_batch: Any) -> None:
+        kfacs = H_batch.kfacs
+        if len(kfacs) != len(self.params):
+            raise RuntimeError(
+                f"Curvature backend returned {len(kfacs)} factor blocks for "
+                f"{len(self.params)} parameter tensors."
+            )
+        for name, p, F in zip(self.lora_param_names, self.params, kfacs, strict=True):
+            expected = [(d, d) for d in p.shape]
+            got = [tuple(f.shape) for f in F]
+            if got != expected:
+                raise RuntimeError(
+                    f"Kronecker factors of {name} have shapes {got}, expected {expected} "
+                    "(layout [out×out, in×in])."
+                )
+
+    @property
+    def posterior_precision(self) -> KronDecomposed:
+        """``H * factor + prior`` as (LowRank)KronDecomposed, keeping the damping flag."""
+        self._check_H_init()
+        P = self.H * self._H_factor + self.prior_precision
+        P.damping = self.damping
+        return P
+
+    @property
+    def log_det_posterior_precision(self) -> torch.Tensor:
+        if not isinstance(self.H, KronDecomposed):
+            return self.prior_precision_diag.log().sum()
+        return self.posterior_precision.logdet()
+
+    def square_norm(self, value: torch.Tensor) -> torch.Tensor:
+        delta = value - self.mean
+        if not isinstance(self.H, KronDecomposed):
+            return (delta * self.prior_precision_diag) @ delta
+        return delta @ self.posterior_precision.bmm(delta, exponent=1)
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Posterior weight samples ``(n_samples, P)``."""
+        z = torch.randn(
+            n_samples, self.n_params, device=self._device, dtype=self._dtype, generator=generator
+        )
+        z = self.posterior_precision.bmm(z, exponent=-0.5).reshape(n_samples, self.n_params)
+        return self.mean.reshape(1, -1) + z
+
+    def _functional_variance_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        P = self.posterior_precision
+        deltas = P.deltas if P.deltas.ndim > 0 else P.deltas.reshape(1)
+        f_var = None
+        for i, W in enumerate(blocks):
+            delta = deltas[i : i + 1] if len(deltas) > 1 else deltas[:1]
+            block = type(P)(
+                P.eigenvectors[i : i + 1], P.eigenvalues[i : i + 1], delta, damping=P.damping
+            )
+            contrib = block.inv_square_form(W.to(self._dtype))
+            f_var = contrib if f_var is None else f_var + contrib
+        return f_var
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)

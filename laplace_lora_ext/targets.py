@@ -1,0 +1,168 @@
+"""Discovery of the parameters a Laplace-LoRA posterior covers.
+
+A *target* is one ``nn.Linear`` whose weight (and, for extra layers, bias) enters the
+posterior. For every PEFT LoRA layer the targets are its ``lora_A`` (``d_in -> r``) and
+``lora_B`` (``r -> d_out``) of the active adapter, in module order. Optionally, other
+trainable ``nn.Linear`` layers (e.g. a ``modules_to_save`` classifier head) are added.
+The order of :func:`collect_targets` defines ``la.params`` and therefore the order of the
+mean, the prior and every curvature matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LoraTarget", "collect_targets", "target_params"]
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One linear layer of the posterior.
+
+    Attributes:
+        name: qualified module name inside the model.
+        module: the ``nn.Linear`` whose parameters are covered.
+        kind: ``"lora_A"``, ``"lora_B"`` or ``"extra"`` (another trainable Linear).
+        with_bias: whether the layer's bias is a separate posterior block (extra layers).
+    """
+
+    name: str
+    module: nn.Linear
+    kind: str
+    with_bias: bool = False
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Parameters in posterior order: weight ``(d_out, d_in)`` then bias ``(d_out,)``."""
+        if self.with_bias:
+            return [self.module.weight, self.module.bias]
+        return [self.module.weight]
+
+
+def _lora_layer_cls() -> type:
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def _active_adapters(layer: nn.Module, adapter_name: str | None) -> list[str]:
+    if adapter_name is not None:
+        if adapter_name not in layer.lora_A:
+            raise ValueError(
+                f"Adapter {adapter_name!r} not found in LoRA layer; available: "
+                f"{sorted(layer.lora_A.keys())}."
+            )
+        return [adapter_name]
+    active = layer.active_adapters
+    return [a for a in active if a in layer.lora_A]
+
+
+def collect_targets(
+    model: nn.Module,
+    adapter_name: str | None = None,
+    include_extra_params: bool = False,
+) -> list[LoraTarget]:
+    """Find the LoRA matrices (and optionally other trainable Linear layers) of ``model``.
+
+    Works on a ``PeftModel`` or on any module that contains one.
+
+    Args:
+        model: the model to search.
+        adapter_name: adapter to use; ``None`` means the active adapter(s).
+        include_extra_params: also cover every other trainable parameter, which must
+            belong to an ``nn.Linear`` (weight as a Kronecker block, bias as a dense block).
+
+    Raises:
+        ValueError: if the model has no LoRA layer, uses DoRA or LoRA embeddings (not
+            supported), or has extra trainable parameters that are not ``nn.Linear``.
+    """
+    lora_layer_cls = _lora_layer_cls()
+    targets: list[LoraTarget] = []
+    lora_param_ids: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer_cls):
+            continue
+        for adapter in _active_adapters(module, adapter_name):
+            if module.use_dora.get(adapter, False):
+                raise ValueError(
+                    f"LoRA layer {name!r} uses DoRA, which laplace_lora_ext does not support; "
+                    "fine-tune with use_dora=False."
+                )
+            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+            for kind, sub in (("lora_A", lora_a), ("lora_B", lora_b)):
+                if not isinstance(sub, nn.Linear) or sub.bias is not None:
+                    raise ValueError(
+                        f"{name}.{kind}.{adapter} is a {type(sub).__name__}; only bias-free "
+                        "nn.Linear LoRA matrices are supported (not Conv or lora_bias=True)."
+                    )
+                targets.append(LoraTarget(f"{name}.{kind}.{adapter}", sub, kind))
+                lora_param_ids.add(id(sub.weight))
+        if len(getattr(module, "lora_embedding_A", {})) > 0:
+            raise ValueError(
+                f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "
+                "target linear layers only."
+            )
+    if not targets:
+        raise ValueError(
+            "The model has no PEFT LoRA layers (no lora_A/lora_B found). Wrap it with "
+            "peft.get_peft_model(model, LoraConfig(...)) before building the Laplace "
+            "approximation, or use laplace-torch's subset_of_weights='all'."
+        )
+    if include_extra_params:
+        targets.extend(_extra_targets(model, lora_param_ids))
+    return targets
+
+
+def _extra_targets(model: nn.Module, exclude: set[int]) -> list[LoraTarget]:
+    extras: list[LoraTarget] = []
+    claimed: set[int] = set(exclude)
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        own = [p for p in own if id(p) not in claimed]
+        if not own:
+            continue
+        if not isinstance(module, nn.Linear):
+            names = [n for n, p in module.named_parameters(recurse=False) if p in own]
+            raise ValueError(
+                f"Trainable parameters {names} of {name!r} ({type(module).__name__}) are "
+                "not LoRA matrices nor nn.Linear; include_extra_params supports only "
+                "nn.Linear layers. Freeze them (requires_grad_(False)) or set "
+                "include_extra_params=False."
+            )
+        if not module.weight.requires_grad:
+            raise ValueError(
+                f"{name!r} has a trainable bias but a frozen weight; unsupported with "
+                "include_extra_params=True."
+            )
+        with_bias = module.bias is not None and module.bias.requires_grad
+        extras.append(LoraTarget(name, module, "extra", with_bias=with_bias))
+        claimed.update(id(p) for p in own)
+    return extras
+
+
+def target_params(targets: list[LoraTarget]) -> list[nn.Parameter]:
+    """Flatten the targets into the posterior's parameter list (``la.params`` order)."""
+    return [p for t in targets for p in t.params]
+
+
+def param_names(targets: list[LoraTarget]) -> list[str]:
+    """Qualified names matching :func:`target_params`."""
+    names = []
+    for t in targets:
+        names.append(f"{t.name}.weight")
+        if t.with_bias:
+            names.append(f"{t.name}.bias")
+    return names
+
+
+def check_same_device(params: list[torch.Tensor]) -> None:
+    """Raise a clear error if the posterior parameters live on several devices."""
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(
+            f"LoRA parameters are spread over devices {sorted(map(str, devices))}; "
+            "laplace_lora_ext needs them on one device."
+        )

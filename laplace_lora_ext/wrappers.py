@@ -1,0 +1,129 @@
+"""Model wrappers turning HF models into ``(batch, classes)`` logits.
+
+* :class:`LastTokenChoiceLM`: a causal LM read at the last non-padding position and
+  restricted to given target tokens (the multiple-choice "... Answer:" -> " A"/" B" setup).
+* :class:`SequenceClassifier`: a sequence-classification model's ``.logits``.
+
+Both accept HF dict batches (``input_ids``, ``attention_mask``; a ``labels`` entry is
+ignored) and can be called as ``wrapper(batch_dict)`` or ``wrapper(**batch_dict)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LastTokenChoiceLM", "SequenceClassifier", "last_token_positions"]
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index ``(B,)`` of the last non-padding position of each row.
+
+    Works for left and right padding. Rows without any real token raise ValueError.
+    """
+    mask = attention_mask.bool()
+    if not mask.any(dim=1).all():
+        raise ValueError("A row of attention_mask has no real token (all padding).")
+    T = mask.shape[1]
+    return T - 1 - mask.flip(1).long().argmax(dim=1)
+
+
+class _DictModule(nn.Module):
+    """Base: accepts ``forward(batch_dict)``, ``forward(**batch)`` or ``forward(input_ids)``."""
+
+    accepts_batch_dict = True
+
+    def __init__(self, model: nn.Module, label_key: str = "labels") -> None:
+        super().__init__()
+        self.model = model
+        self.label_key = label_key
+
+    def _unpack(self, batch: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(batch, Mapping):
+            inputs = dict(batch)
+        elif batch is None:
+            inputs = {}
+        else:
+            inputs = {"input_ids": batch}
+        inputs.update(kwargs)
+        inputs.pop(self.label_key, None)
+        if "input_ids" not in inputs and "inputs_embeds" not in inputs:
+            raise ValueError("Batch has neither input_ids nor inputs_embeds.")
+        return inputs
+
+
+class LastTokenChoiceLM(_DictModule):
+    """Causal LM -> logits of the choice tokens at the last real position ``(B, C)``.
+
+    Only the last position is fed to the output layer (``lm_head``, LoRA'd or not), so
+    the vocabulary projection costs ``B x V`` instead of ``B x T x V`` and a LoRA on
+    ``lm_head`` sees exactly one input per sequence.
+
+    Args:
+        model: a (PEFT-wrapped) ``...ForCausalLM``.
+        target_ids: vocabulary ids of the C choice tokens, in class order.
+        label_key: key of the labels in dict batches (dropped before the forward).
+    """
+
+    def __init__(
+        self, model: nn.Module, target_ids: Sequence[int], label_key: str = "labels"
+    ) -> None:
+        super().__init__(model, label_key)
+        ids = torch.as_tensor(list(target_ids), dtype=torch.long)
+        if ids.ndim != 1 or len(ids) < 2:
+            raise ValueError("target_ids must list at least two token ids (one per class).")
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError(f"target_ids contains duplicates: {ids.tolist()}.")
+        self.register_buffer("target_ids", ids, persistent=False)
+
+    def forward(self, batch: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Logits ``(B, C)`` of the target tokens at the last non-padding position."""
+        inputs = self._unpack(batch, kwargs)
+        ids = inputs.get("input_ids")
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            ref = ids if ids is not None else inputs["inputs_embeds"][..., 0]
+            mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        positions = last_token_positions(mask)
+        head = self._output_layer()
+        if head is None:
+            logits = self.model(**inputs).logits  # (B, T, V)
+            rows = torch.arange(len(positions), device=logits.device)
+            last = logits[rows, positions.to(logits.device)]
+        else:
+            handle = head.register_forward_pre_hook(_gather_rows_hook(positions))
+            try:
+                last = self.model(**inputs).logits[:, -1]  # (B, V)
+            finally:
+                handle.remove()
+        return last[:, self.target_ids.to(last.device)]
+
+    def _output_layer(self) -> nn.Module | None:
+        get = getattr(self.model, "get_output_embeddings", None)
+        return get() if callable(get) else None
+
+
+def _gather_rows_hook(positions: torch.Tensor):
+    """Forward pre-hook replacing hidden states ``(B, T, d)`` by ``(B, 1, d)`` at positions."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if hidden.ndim != 3:
+            return args
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[rows, positions.to(hidden.device)].unsqueeze(1)
+        return (picked, *args[1:])
+
+    return hook
+
+
+class SequenceClassifier(_DictModule):
+    """Sequence-classification model -> ``.logits`` ``(B, C)`` from a dict batch."""
+
+    def forward(self, batch: Any = None, **kwargs: Any) -> torch.Tensor:
+        inputs = self._unpack(batch, kwargs)
+        out = self.model(**inputs)
+        return out.logits if hasattr(out, "logits") else out
