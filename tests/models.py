@@ -129,13 +129,17 @@ class DictDataset(Dataset):
 
 
 def random_batch(
-    n: int = 7, T: int = 6, n_classes: int = 3, padding: str = "left", seed: int = 1,
+    n: int = 7,
+    T: int = 6,
+    n_classes: int = 3,
+    padding: str = "left",
+    seed: int = 1,
     pad_id: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Random token ids with varying lengths (padding on the given side) and labels."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (n, T), generator=gen)
-    lengths = torch.randint(2, T + 1, (n,), generator=gen)
+    lengths = torch.randint(min(2, T), T + 1, (n,), generator=gen)
     lengths[0] = T
     mask = torch.zeros(n, T, dtype=torch.long)
     for i, L in enumerate(lengths.tolist()):

@@ -22,8 +22,10 @@ def explicit_jacobians(model, batch, params) -> tuple[torch.Tensor, torch.Tensor
         for c in range(C):
             grads = torch.autograd.grad(logits[n, c], params, retain_graph=True, allow_unused=True)
             J[n, c] = torch.cat(
-                [torch.zeros(p.numel(), dtype=logits.dtype) if g is None else g.flatten()
-                 for g, p in zip(grads, params)]
+                [
+                    torch.zeros(p.numel(), dtype=logits.dtype) if g is None else g.flatten()
+                    for g, p in zip(grads, params)
+                ]
             )
     return logits.detach(), J
 

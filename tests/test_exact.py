@@ -1,0 +1,137 @@
+"""Curvature, marginal likelihood and GLM predictive against brute-force references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES, make_case
+from laplace import Laplace
+from models import loader
+from reference import exact_ggn, explicit_jacobians, kfac_reference
+
+TOL = 1e-8
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def fit(case, structure, batch_size=3, **kw):
+    la = Laplace(
+        case.model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure=structure,
+        include_extra_params=case.include_extra_params,
+        **kw,
+    )
+    la.fit(loader(case.batch, batch_size))
+    return la
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_full_and_diag_equal_exact_ggn(name):
+    case = make_case(name)
+    full = fit(case, "full")
+    ggn = exact_ggn(case.model, case.batch, full.params)
+    assert rel(full.H, ggn) < TOL
+    diag = fit(case, "diag")
+    assert rel(diag.H, ggn.diagonal()) < TOL
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", CASES)
+def test_kron_equals_reference_formulas(name, approx):
+    case = make_case(name)
+    la = fit(case, "kron", kfac_approx=approx)
+    modules = [t.module for t in la.lora_targets]
+    ref = kfac_reference(case.model, case.batch, modules, len(case.batch["labels"]), approx)
+    kfacs = la.H_facs.kfacs
+    i = 0
+    for t, (G, A) in zip(la.lora_targets, ref):
+        assert rel(kfacs[i][0], G) < TOL, t.name
+        assert rel(kfacs[i][1], A) < TOL, t.name
+        i += 1
+        if t.with_bias:
+            # the bias block is the output factor (its input is the constant 1)
+            assert rel(kfacs[i][0], G) < TOL, t.name
+            i += 1
+    assert i == len(kfacs) == len(la.params)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kron_single_token_equals_exact_ggn_blocks(name):
+    case = make_case(name, n=1, T=1)
+    case.batch["attention_mask"][:] = 1
+    la = fit(case, "kron")
+    ggn = exact_ggn(case.model, case.batch, la.params)
+    kron = la.H_facs.to_matrix()
+    offset = 0
+    for p in la.params:
+        k = p.numel()
+        block = ggn[offset : offset + k, offset : offset + k]
+        # (blocks may be exactly zero: with one token, attention ignores the query)
+        diff = kron[offset : offset + k, offset : offset + k] - block
+        assert diff.norm() <= TOL * ggn.norm()
+        offset += k
+
+
+def dense_precision(la, structure):
+    P = la.posterior_precision
+    if structure == "kron":
+        return P.to_matrix()
+    if structure == "diag":
+        return torch.diag(P)
+    return P
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("name", CASES)
+def test_glm_predictive_and_marglik_equal_dense(name, structure):
+    case = make_case(name)
+    la = fit(case, structure, prior_precision=0.7)
+    P = dense_precision(la, structure)
+    Sigma = torch.linalg.inv(P)
+    logits, J = explicit_jacobians(case.model, case.batch, la.params)
+    f_mu, f_var = la._glm_predictive_distribution(case.batch)
+    assert rel(f_mu, logits) < 1e-12
+    assert rel(f_var, torch.einsum("ncp,pq,nkq->nck", J, Sigma, J)) < TOL
+
+    loss = torch.nn.functional.cross_entropy(logits, case.batch["labels"], reduction="sum")
+    theta = torch.nn.utils.parameters_to_vector(la.params).detach()
+    P0 = 0.7 * torch.ones(len(theta))
+    dense = -loss - 0.5 * (torch.logdet(P) - P0.log().sum() + (theta * P0 * theta).sum())
+    assert abs(float(la.log_marginal_likelihood()) - float(dense)) < TOL * abs(float(dense))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_nothing_depends_on_batch_size(structure):
+    results = []
+    for bs in (1, 3, 7):
+        case = make_case("llama")
+        la = fit(case, structure, batch_size=bs)
+        f_mu, f_var = la._glm_predictive_distribution(case.batch)
+        H = la.H_facs.to_matrix() if structure == "kron" else la.H
+        results.append((H, la.log_marginal_likelihood(), f_var))
+    for H, ml, fv in results[1:]:
+        assert rel(H, results[0][0]) < TOL
+        assert abs(float(ml - results[0][1])) < TOL * abs(float(results[0][1]))
+        assert rel(fv, results[0][2]) < TOL
+
+
+def test_empirical_fisher_equals_reference():
+    case = make_case("llama")
+    la = fit(case, "full", fisher_type="empirical")
+    logits, J = explicit_jacobians(case.model, case.batch, la.params)
+    r = torch.softmax(logits, -1) - torch.eye(3)[case.batch["labels"]]
+    g = torch.einsum("nc,ncp->np", r, J)
+    assert rel(la.H, g.T @ g) < TOL
+
+
+def test_mc_fisher_is_seeded_and_unbiased():
+    case = make_case("llama")
+    a = fit(case, "full", fisher_type="mc", mc_samples=2000, seed=1).H
+    b = fit(case, "full", fisher_type="mc", mc_samples=2000, seed=1).H
+    assert torch.equal(a, b)
+    ggn = exact_ggn(case.model, case.batch, fit(case, "full").params)
+    assert rel(a, ggn) < 0.1  # Monte Carlo error with 2000 samples
