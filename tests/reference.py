@@ -24,7 +24,7 @@ def explicit_jacobians(model, batch, params) -> tuple[torch.Tensor, torch.Tensor
             J[n, c] = torch.cat(
                 [
                     torch.zeros(p.numel(), dtype=logits.dtype) if g is None else g.flatten()
-                    for g, p in zip(grads, params)
+                    for g, p in zip(grads, params, strict=True)
                 ]
             )
     return logits.detach(), J
@@ -82,7 +82,7 @@ def kfac_reference(model, batch, modules, n_data: int, approx: str):
     Lam = softmax_hessian(logits)
     mask = batch["attention_mask"]
     result = []
-    for a, J in zip(inputs, jacs):
+    for a, J in zip(inputs, jacs, strict=True):
         N, T, d_in = a.shape
         d_out = J.shape[-1]
         G = torch.zeros(d_out, d_out, dtype=a.dtype)

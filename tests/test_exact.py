@@ -48,7 +48,7 @@ def test_kron_equals_reference_formulas(name, approx):
     ref = kfac_reference(case.model, case.batch, modules, len(case.batch["labels"]), approx)
     kfacs = la.H_facs.kfacs
     i = 0
-    for t, (G, A) in zip(la.lora_targets, ref):
+    for t, (G, A) in zip(la.lora_targets, ref, strict=True):
         assert rel(kfacs[i][0], G) < TOL, t.name
         assert rel(kfacs[i][1], A) < TOL, t.name
         i += 1
