@@ -1,0 +1,170 @@
+"""Drop-in behaviour: registration, params, fit inputs, marglik, predictions, persistence."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from cases import make_case
+from laplace import DiagLaplace, FullLaplace, KronLaplace, Laplace
+from models import TARGET_IDS, loader, random_batch, tiny_llama
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace_lora_ext import LoraDiagLaplace, LoraFullLaplace, LoraKronLaplace
+
+
+def make(model, structure="kron", **kw):
+    return Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure=structure, **kw
+    )
+
+
+def test_registration_returns_ours_and_keeps_laplace_torch():
+    model = tiny_llama()
+    assert type(make(model, "kron")) is LoraKronLaplace
+    assert type(make(model, "diag")) is LoraDiagLaplace
+    assert type(make(model, "full")) is LoraFullLaplace
+    lin = torch.nn.Linear(3, 2)
+    assert type(Laplace(lin, "classification", "all", "kron")) is KronLaplace
+    assert type(Laplace(lin, "classification", "all", "diag")) is DiagLaplace
+    assert type(Laplace(lin, "classification", "all", "full")) is FullLaplace
+    keys = [c._key for c in (LoraKronLaplace, LoraDiagLaplace, LoraFullLaplace)]
+    assert len(set(keys)) == 3
+
+
+def test_params_are_lora_matrices_in_module_order():
+    model = tiny_llama()
+    la = make(model)
+    names = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert [id(p) for p in la.params] == [id(dict(model.named_parameters())[n]) for n in names]
+    assert la.n_params == sum(p.numel() for p in la.params)
+    assert la.n_layers == len(names) == 8
+
+
+def test_extra_params_add_the_modules_to_save_head():
+    case = make_case("gpt2")
+    plain = make(case.model)
+    extra = make(case.model, include_extra_params=True)
+    assert len(extra.params) == len(plain.params) + 1  # GPT-2 score head: weight, no bias
+    assert extra.lora_param_names[-1].endswith("modules_to_save.default.weight")
+    case = make_case("roberta")
+    extra = make(case.model, include_extra_params=True)
+    # RoBERTa head: dense (weight, bias) and out_proj (weight, bias)
+    assert len(extra.params) == len(make(case.model).params) + 4
+
+
+def test_works_on_peft_model_itself_and_on_wrapper():
+    case = make_case("roberta")
+    la = make(case.model)  # PeftModelForSequenceClassification itself
+    la.fit(loader(case.batch, 4))
+    probs = la(case.batch)
+    assert probs.shape == (7, 2) and torch.allclose(probs.sum(-1), torch.ones(7))
+
+
+def test_fit_with_tensor_pairs_and_progress_bar(capsys):
+    model = tiny_llama()
+    b = random_batch(6, 5, 3, "left")
+    ds = TensorDataset(b["input_ids"], b["labels"])
+    la = make(model)
+    la.fit(DataLoader(ds, batch_size=4), progress_bar=True)
+    assert "[Computing Hessian]" in capsys.readouterr().err
+    assert la.n_data == 6 and la.n_outputs == 3
+    assert la(b["input_ids"]).shape == (6, 3)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_marglik_prior_optimisation_scalar_and_layerwise(structure):
+    case = make_case("llama")
+    la = make(case.model, structure)
+    la.fit(loader(case.batch, 4))
+    before = la.log_marginal_likelihood().item()
+    la.optimize_prior_precision(method="marglik", n_steps=50)
+    assert la.prior_precision.shape == (1,)
+    assert la.log_marginal_likelihood().item() >= before
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise", n_steps=50)
+    assert la.prior_precision.shape == (la.n_layers,)
+    P = la.posterior_precision
+    assert torch.isfinite(la.log_marginal_likelihood())
+    assert P is not None
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("link", ["probit", "mc", "mc_indep", "bridge", "bridge_norm"])
+def test_predictions_are_distributions(structure, link):
+    case = make_case("llama")
+    la = make(case.model, structure, prior_precision=2.0)
+    la.fit(loader(case.batch, 4))
+    gen = torch.Generator().manual_seed(0)
+    p = la(case.batch, link_approx=link, n_samples=50, generator=gen)
+    assert p.shape == (7, 3)
+    assert torch.allclose(p.sum(-1), torch.ones(7)) and (p >= 0).all()
+
+
+def test_mc_is_seeded_and_nn_sampling_restores_weights():
+    case = make_case("llama")
+    la = make(case.model, prior_precision=5.0)
+    la.fit(loader(case.batch, 4))
+    a = la(case.batch, link_approx="mc", generator=torch.Generator().manual_seed(3))
+    b = la(case.batch, link_approx="mc", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    before = [p.detach().clone() for p in la.params]
+    p_nn = la(case.batch, pred_type="nn", link_approx="mc", n_samples=20)
+    assert p_nn.shape == (7, 3) and torch.allclose(p_nn.sum(-1), torch.ones(7))
+    assert all(torch.equal(x, p) for x, p in zip(before, la.params, strict=True))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_state_dict_round_trip(structure):
+    case = make_case("llama")
+    la = make(case.model, structure)
+    la.fit(loader(case.batch, 4))
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise", n_steps=20)
+    buf = io.BytesIO()
+    torch.save(la.state_dict(), buf)
+    buf.seek(0)
+    la2 = make(case.model, structure)
+    la2.load_state_dict(torch.load(buf, weights_only=False))
+    assert torch.allclose(la2.log_marginal_likelihood(), la.log_marginal_likelihood())
+    assert torch.allclose(la2(case.batch), la(case.batch))
+
+
+def test_state_dict_rejects_other_adapter_layout():
+    case = make_case("llama")
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    other = make(tiny_llama(lm_head=True))
+    with pytest.raises(ValueError, match="different"):
+        other.load_state_dict(la.state_dict())
+
+
+def test_posterior_precision_to_matrix_is_symmetric_positive_definite():
+    case = make_case("llama")
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    P = la.posterior_precision.to_matrix()
+    assert torch.allclose(P, P.T)
+    assert torch.linalg.eigvalsh(P).min() > 0
+    assert la.H.to_matrix().shape == (la.n_params, la.n_params)
+
+
+def test_last_token_choice_lm_left_right_padding_agree():
+    model = tiny_llama()
+    left = random_batch(5, 6, 3, "left", seed=4)
+    # build the same sequences right-padded
+    right = {k: v.clone() for k, v in left.items()}
+    for i in range(5):
+        m = left["attention_mask"][i].bool()
+        L = int(m.sum())
+        right["input_ids"][i] = 0
+        right["input_ids"][i, :L] = left["input_ids"][i, m]
+        right["attention_mask"][i] = 0
+        right["attention_mask"][i, :L] = 1
+    a, b = model(left), model(right)
+    assert torch.allclose(a, b, atol=1e-10)
+    # equals slicing the full logits of each unpadded sequence
+    for i in range(5):
+        m = left["attention_mask"][i].bool()
+        ids = left["input_ids"][i, m].unsqueeze(0)
+        full = model.model(input_ids=ids).logits[0, -1, TARGET_IDS]
+        assert torch.allclose(a[i], full, atol=1e-10)

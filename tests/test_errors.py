@@ -1,0 +1,111 @@
+"""Bad input gets a clear error naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import make_case
+from laplace import Laplace
+from laplace.curvature import AsdlGGN
+from models import loader, random_batch, tiny_llama
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from laplace_lora_ext import LastTokenChoiceLM
+
+
+def make(model, structure="kron", likelihood="classification", **kw):
+    return Laplace(model, likelihood, subset_of_weights="lora", hessian_structure=structure, **kw)
+
+
+def test_model_without_lora():
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=20,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
+        make(LastTokenChoiceLM(base, [1, 2]))
+
+
+@pytest.mark.parametrize("likelihood", ["regression", "reward_modeling"])
+def test_unsupported_likelihood(likelihood):
+    with pytest.raises(ValueError, match="classification"):
+        make(tiny_llama(), likelihood=likelihood)
+
+
+def test_empty_loader():
+    la = make(tiny_llama())
+    with pytest.raises(ValueError, match="empty"):
+        la.fit(DataLoader([], batch_size=2))
+
+
+def test_labels_out_of_range():
+    b = random_batch(4, 5, 3, "left")
+    b["labels"][1] = 3
+    with pytest.raises(ValueError, match="out of range"):
+        make(tiny_llama()).fit(loader(b, 4))
+
+
+def test_float_labels():
+    b = random_batch(4, 5, 3, "left")
+    b["labels"] = b["labels"].double()
+    with pytest.raises(TypeError, match="integer"):
+        make(tiny_llama()).fit(loader(b, 4))
+
+
+def test_missing_labels_key():
+    b = random_batch(4, 5, 3, "left")
+    with pytest.raises(ValueError, match="dict_key_y"):
+        make(tiny_llama(), dict_key_y="label").fit(loader(b, 4))
+
+
+@pytest.mark.parametrize(
+    "structure, kwargs, exc, match",
+    [
+        ("diag", {"kfac_approx": "reduce"}, ValueError, "only apply to hessian_structure='kron'"),
+        ("full", {"factor_rank": 8}, ValueError, "only apply"),
+        ("kron", {"kfac_approx": "mean"}, ValueError, "kfac_approx"),
+        ("kron", {"fisher_type": "hessian"}, ValueError, "fisher_type"),
+        ("kron", {"factor_rank": 0}, ValueError, "factor_rank"),
+        ("kron", {"backend": AsdlGGN}, ValueError, "backend"),
+        ("kron", {"damping": True, "factor_rank": 4}, ValueError, "damping"),
+        ("lowrank", {}, ValueError, "Unsupported Laplace combination"),
+        ("diag", {"bogus": 1}, TypeError, "bogus"),
+    ],
+)
+def test_unsupported_options(structure, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        la = make(tiny_llama(), structure, **kwargs)
+        la.fit(loader(random_batch(4, 5, 3), 4))
+
+
+def test_causal_lm_without_choice_wrapper():
+    model = tiny_llama().model  # the PeftModelForCausalLM: logits (B, T, V)
+    with pytest.raises(ValueError, match="LastTokenChoiceLM"):
+        make(model).fit(loader(random_batch(4, 5, 3), 4))
+
+
+def test_prediction_options():
+    case = make_case("llama")
+    la = make(case.model)
+    with pytest.raises(AttributeError, match="fit"):
+        la(case.batch)
+    la.fit(loader(case.batch, 4))
+    with pytest.raises(ValueError, match="link_approx"):
+        la(case.batch, link_approx="sigmoid")
+    with pytest.raises(ValueError, match="nn"):
+        la(case.batch, pred_type="nn", link_approx="probit")
+    with pytest.raises(ValueError, match="pred_type"):
+        la(case.batch, pred_type="gp")
+
+
+def test_layerwise_prior_of_wrong_length():
+    la = make(tiny_llama())
+    with pytest.raises(ValueError):
+        la.prior_precision = torch.ones(3)
