@@ -1,0 +1,36 @@
+"""The bug we fix: stock laplace-torch's ASDL KFAC on sequence inputs is T times too large.
+
+ASDL flattens batch x sequence into one axis of "examples" and laplace-torch divides the
+input factor by the number of sequences N only, so A = Σ_{n,t} a aᵀ / N instead of the
+expand convention Σ_{n,t} a aᵀ / (N T). Our factors match the reference formulas.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from laplace import Laplace
+from models import loader, random_batch, tiny_llama
+from reference import kfac_reference
+
+from laplace_lora_ext import collect_targets
+
+
+@pytest.mark.parametrize("T", [3, 6])
+def test_stock_asdl_input_factors_are_T_times_too_large(T):
+    from laplace.curvature import AsdlGGN
+
+    model = tiny_llama()
+    batch = random_batch(4, T, 3, "left")
+    batch["attention_mask"][:] = 1  # no padding: T tokens per sequence
+    targets = collect_targets(model)
+    ref = kfac_reference(model, batch, [t.module for t in targets], 4, "expand")
+
+    _, stock = AsdlGGN(model, "classification").kron(batch["input_ids"], batch["labels"], N=4)
+    ours = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
+    ours.fit(loader(batch, 4))
+    for i, (G, A) in enumerate(ref):
+        stock_G, stock_A = stock.kfacs[i]
+        assert torch.allclose(stock_G, G, rtol=1e-8)
+        assert torch.allclose(stock_A, T * A, rtol=1e-8)  # the bug: a factor of T
+        assert torch.allclose(ours.H_facs.kfacs[i][1], A, rtol=1e-8)
