@@ -109,3 +109,33 @@ def test_layerwise_prior_of_wrong_length():
     la = make(tiny_llama())
     with pytest.raises(ValueError):
         la.prior_precision = torch.ones(3)
+
+
+class _NoGradWrapper(torch.nn.Module):
+    """A model whose forward cuts the graph: LoRA gradients never arrive."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.model(x)
+
+
+def test_missing_lora_gradients_are_an_error_not_a_silent_posterior():
+    model = _NoGradWrapper(tiny_llama())
+    b = random_batch(4, 5, 3)
+    ds = torch.utils.data.TensorDataset(b["input_ids"], b["labels"])
+    la = make(model)
+    with pytest.raises(RuntimeError, match="gradient"):
+        la.fit(DataLoader(ds, batch_size=4))
+
+
+def test_lora_layers_detached_from_output():
+    model = tiny_llama()
+    for name, module in model.named_modules():
+        if name.endswith("lora_B.default"):
+            module.register_forward_hook(lambda m, a, out: out.detach())
+    with pytest.raises(RuntimeError, match="gradient"):
+        make(model).fit(loader(random_batch(4, 5, 3), 4))

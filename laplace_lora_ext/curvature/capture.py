@@ -93,6 +93,10 @@ def output_gradients(
             e.g. a detached adapter or a bitsandbytes 4-bit layer that lost autograd).
     """
     K = grad_outputs.shape[0]
+    if not captured.logits.requires_grad:
+        from ..quant import missing_gradient_error
+
+        raise missing_gradient_error([t.name for t in targets], "computing the curvature")
     for k in range(K):
         grads = torch.autograd.grad(
             captured.logits,

@@ -9,6 +9,7 @@ from laplace.baselaplace import KronLaplace
 from laplace.utils.matrix import Kron, KronDecomposed
 from torch import nn
 
+from .. import distributed  # issue 8
 from ..curvature import DEFAULT_RANK_THRESHOLD
 from .mixin import LoraLaplaceMixin
 
@@ -114,7 +115,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         previous = self.H_facs
         n_old = self.n_data if previous is not None else 0
         if previous is not None:
-            n_new = len(train_loader.dataset)
+            n_new = distributed.data_size(train_loader)  # issue 8: N over all ranks
             previous = self._rescale_factors(previous, n_old / (n_old + n_new))
         self._fit_loop(train_loader, override=True, progress_bar=progress_bar)
         if previous is None:

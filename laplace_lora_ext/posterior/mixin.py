@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
+from .. import distributed  # issue 8
 from ..curvature import LoraCurvature
 from ..inputs import forward_logits, split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
@@ -140,14 +141,26 @@ class LoraLaplaceMixin:
 
     def _fit_loop(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
         N = _dataset_size(train_loader)
+        # >>> issue 8 (data-parallel fit, see laplace_lora_ext/distributed.py): this rank's
+        # shard, the true total N; a previous fit is kept aside so only new terms are summed
+        shard = distributed.FitShard(train_loader, self.dict_key_y)
+        N, previous = shard.n_total, None
+        if shard.active and not (override or self.H is None):
+            previous = (self.H, self.loss)
+        # <<< issue 8
         if override or self.H is None:
             self._init_H()
             self.loss = 0.0
             self.n_data = 0
+        # >>> issue 8
+        if previous is not None:
+            self._init_H()
+            self.loss = 0.0
+        # <<< issue 8
         self.model.eval()
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
         n_batches = 0
-        bar = tqdm.tqdm(train_loader, disable=not progress_bar, desc="[Computing Hessian]")
+        bar = tqdm.tqdm(shard.batches(), disable=not progress_bar, desc="[Computing Hessian]")
         for batch in bar:
             X, y = split_batch(batch, self.dict_key_y, self._device)
             self.model.zero_grad(set_to_none=True)
@@ -160,6 +173,11 @@ class LoraLaplaceMixin:
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches; cannot fit on empty data.")
+        # >>> issue 8: sum curvature and loss over ranks (no-op when not distributed)
+        self.H, self.loss = shard.combine(self.H, self.loss)
+        if previous is not None:
+            self.H, self.loss = previous[0] + self.H, previous[1] + self.loss
+        # <<< issue 8
         self.n_data += N
 
     def _check_curvature(self, H_batch: Any) -> None:
