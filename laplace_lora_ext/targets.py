@@ -10,6 +10,7 @@ mean, the prior and every curvature matrix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,7 @@ def collect_targets(
     model: nn.Module,
     adapter_name: str | None = None,
     include_extra_params: bool = False,
+    lora_modules: str | None = None,
 ) -> list[LoraTarget]:
     """Find the LoRA matrices (and optionally other trainable Linear layers) of ``model``.
 
@@ -74,6 +76,9 @@ def collect_targets(
         adapter_name: adapter to use; ``None`` means the active adapter(s).
         include_extra_params: also cover every other trainable parameter, which must
             belong to an ``nn.Linear`` (weight as a Kronecker block, bias as a dense block).
+        lora_modules: optional regular expression; only LoRA layers whose qualified module
+            name matches (``re.search``) are covered, e.g. ``r"layers\.11\."`` for the
+            last block of a 12-layer model ("last-layer" Laplace-LoRA).
 
     Raises:
         ValueError: if the model has no LoRA layer, uses DoRA or LoRA embeddings (not
@@ -84,6 +89,8 @@ def collect_targets(
     lora_param_ids: set[int] = set()
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
+            continue
+        if lora_modules is not None and re.search(lora_modules, name) is None:
             continue
         for adapter in _active_adapters(module, adapter_name):
             if module.use_dora.get(adapter, False):
@@ -105,6 +112,8 @@ def collect_targets(
                 f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "
                 "target linear layers only."
             )
+    if not targets and lora_modules is not None:
+        raise ValueError(f"No LoRA layer name matches lora_modules={lora_modules!r}.")
     if not targets:
         raise ValueError(
             "The model has no PEFT LoRA layers (no lora_A/lora_B found). Wrap it with "

@@ -168,3 +168,12 @@ def test_last_token_choice_lm_left_right_padding_agree():
         ids = left["input_ids"][i, m].unsqueeze(0)
         full = model.model(input_ids=ids).logits[0, -1, TARGET_IDS]
         assert torch.allclose(a[i], full, atol=1e-10)
+
+
+def test_lora_modules_selects_layers_by_name():
+    model = tiny_llama(lm_head=True)
+    la = make(model, lora_modules=r"layers\.1\.")
+    assert len(la.params) == 4 and all("layers.1." in n for n in la.lora_param_names)
+    assert len(make(model, lora_modules="lm_head").params) == 2
+    with pytest.raises(ValueError, match="matches"):
+        make(model, lora_modules="nothing_like_this")

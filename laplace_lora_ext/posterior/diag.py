@@ -41,6 +41,7 @@ class LoraDiagLaplace(LoraLaplaceMixin, DiagLaplace):
         mc_samples: int = 1,
         adapter_name: str | None = None,
         include_extra_params: bool = False,
+        lora_modules: str | None = None,
         seed: int | None = 0,
         **kron_only: Any,
     ) -> None:
@@ -55,6 +56,7 @@ class LoraDiagLaplace(LoraLaplaceMixin, DiagLaplace):
             backend_kwargs=backend_kwargs,
             adapter_name=adapter_name,
             include_extra_params=include_extra_params,
+            lora_modules=lora_modules,
             kfac_approx="expand",
             fisher_type=fisher_type,
             mc_samples=mc_samples,

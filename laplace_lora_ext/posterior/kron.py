@@ -37,6 +37,8 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         adapter_name: adapter to cover (default: the active one).
         include_extra_params: also cover other trainable ``nn.Linear`` layers, e.g. a
             ``modules_to_save`` classifier head.
+        lora_modules: regular expression selecting LoRA layers by module name (default:
+            all), e.g. the last block only for last-layer Laplace-LoRA.
         seed: seed of the MC label sampler.
         damping: laplace-torch's damped Kronecker prior (dense factors only).
     """
@@ -67,6 +69,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         rank_threshold: int = DEFAULT_RANK_THRESHOLD,
         adapter_name: str | None = None,
         include_extra_params: bool = False,
+        lora_modules: str | None = None,
         seed: int | None = 0,
     ) -> None:
         if damping and factor_rank is not None:
@@ -83,6 +86,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             backend_kwargs=backend_kwargs,
             adapter_name=adapter_name,
             include_extra_params=include_extra_params,
+            lora_modules=lora_modules,
             kfac_approx=kfac_approx,
             fisher_type=fisher_type,
             mc_samples=mc_samples,

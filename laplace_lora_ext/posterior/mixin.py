@@ -52,6 +52,7 @@ class LoraLaplaceMixin:
         factor_rank: int | None,
         rank_threshold: int,
         seed: int | None,
+        lora_modules: str | None = None,
         **base_kwargs: Any,
     ) -> None:
         if likelihood != Likelihood.CLASSIFICATION:
@@ -69,7 +70,7 @@ class LoraLaplaceMixin:
         if factor_rank is not None and (not isinstance(factor_rank, int) or factor_rank < 1):
             raise ValueError(f"factor_rank must be a positive int or None, got {factor_rank!r}.")
         self._maybe_prepare_quantized(model)
-        targets = collect_targets(model, adapter_name, include_extra_params)
+        targets = collect_targets(model, adapter_name, include_extra_params, lora_modules)
         params = target_params(targets)
         check_same_device(params)
         self.lora_targets = targets
