@@ -67,7 +67,7 @@ def collect_targets(
     include_extra_params: bool = False,
     lora_modules: str | None = None,
 ) -> list[LoraTarget]:
-    """Find the LoRA matrices (and optionally other trainable Linear layers) of ``model``.
+    r"""Find the LoRA matrices (and optionally other trainable Linear layers) of ``model``.
 
     Works on a ``PeftModel`` or on any module that contains one.
 
