@@ -177,3 +177,25 @@ def test_lora_modules_selects_layers_by_name():
     assert len(make(model, lora_modules="lm_head").params) == 2
     with pytest.raises(ValueError, match="matches"):
         make(model, lora_modules="nothing_like_this")
+
+
+def test_frozen_adapter_still_gets_a_posterior():
+    case = make_case("llama")
+    for n, p in case.model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(False)
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    assert la(case.batch).shape == (7, 3)
+    assert not any(p.requires_grad for p in la.params)  # restored afterwards
+    ref = make(make_case("llama").model)
+    ref.fit(loader(case.batch, 4))
+    assert torch.allclose(la.H_facs.to_matrix(), ref.H_facs.to_matrix())
+
+
+def test_state_dict_rejects_other_factor_rank():
+    case = make_case("llama")
+    la = make(case.model, factor_rank=4, rank_threshold=4)
+    la.fit(loader(case.batch, 4))
+    with pytest.raises(ValueError, match="factor_rank"):
+        make(case.model).load_state_dict(la.state_dict())

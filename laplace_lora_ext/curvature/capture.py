@@ -67,12 +67,19 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
         return hook
 
     handles = [t.module.register_forward_hook(make_hook(i)) for i, t in enumerate(targets)]
+    # the posterior covers the LoRA matrices even if they were loaded frozen
+    # (e.g. PeftModel.from_pretrained without is_trainable=True)
+    frozen = [p for t in targets for p in t.params if not p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             logits = forward()
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
     missing = [t.name for t, a in zip(targets, inputs, strict=True) if a is None]
     if missing:
         raise RuntimeError(

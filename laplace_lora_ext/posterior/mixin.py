@@ -269,6 +269,12 @@ class LoraLaplaceMixin:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         config = state_dict.get("lora_config")
+        if config is not None and config.get("factor_rank") != self.factor_rank:
+            raise ValueError(
+                f"The saved posterior has factor_rank={config.get('factor_rank')} but this "
+                f"object was built with factor_rank={self.factor_rank}; build it with the same "
+                "factor_rank (and rank_threshold) before load_state_dict."
+            )
         if config is not None and config["param_names"] != self.lora_param_names:
             raise ValueError(
                 "The saved posterior covers different LoRA parameters than this model "
