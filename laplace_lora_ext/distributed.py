@@ -1,0 +1,475 @@
+"""Data-parallel ``fit`` with ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+When a default process group with more than one rank is initialised, every rank fits the
+curvature on its own shard of the data and the pieces are combined so that **every rank holds
+the posterior of a single-process fit on the full data**:
+
+* dense Kronecker factors, the diagonal (``"diag"``) and the full matrix (``"full"``): one
+  ``all_reduce(SUM)`` (coalesced into a few flat buffers);
+* the loss: ``all_reduce(SUM)``; the data count: ``all_gather`` of the per-rank counts, checked
+  against the ``N`` used to normalise the input factors;
+* low-rank factors (:class:`~laplace_lora_ext.lowrank.LowRankFactor`, ``U diag(s) Uᵀ``):
+  ``all_gather`` of the roots ``U diag(√s)`` (``d x k`` each, zero-padded to the largest
+  ``k``, the padding is dropped again), concatenated to ``(d, Σ k)`` and re-truncated to
+  ``max_rank`` with :meth:`LowRankFactor.from_root`; no rank forms a ``d x d`` matrix unless
+  ``Σ k > d`` (then ``d x d`` is smaller than the gathered root).
+
+Which loaders are accepted (``len(loader.dataset)`` is N in single-process fits):
+
+* a loader with a :class:`~torch.utils.data.distributed.DistributedSampler` (as ``sampler``
+  or inside ``batch_sampler``), the usual case. ``len(loader.dataset)`` is the full N on every
+  rank. With ``drop_last=False`` (the default) and N not divisible by the world size, the
+  sampler pads the index list by *repeating* samples; the padded positions are
+  ``N .. total_size - 1``, i.e. at most one example per rank and always the **last** example
+  of that rank's shard. Each rank therefore stops after its first
+  ``ceil((N - rank) / world_size)`` examples (slicing the last batch), so every example is
+  counted exactly once and the result equals the single-process fit on all N examples
+  (up to floating-point summation order). With ``drop_last=True`` the sampler removes the
+  tail of the (possibly shuffled) index list instead; then the fit covers those
+  ``num_samples * world_size`` examples and that is the N used for the input factors and
+  ``n_data`` (equal to a single-process fit on the same subset).
+* a loader marked with :func:`mark_sharded`: each rank's ``loader.dataset`` is its own,
+  disjoint shard; N is the sum of their lengths.
+* any other loader raises a ``ValueError``: a plain loader over the full data on every rank
+  would count each example ``world_size`` times. Use ``with distributed.disabled():`` to fit
+  rank-local posteriors without any communication.
+
+Notes:
+    * All ranks must call ``fit`` together (it runs collectives) with the same model
+      parameters (e.g. after DDP training); an exception on one rank during the loop leaves
+      the others waiting in the collective until the process-group timeout.
+    * ``fisher_type="mc"`` draws labels from the same seeded generator on every rank, so it
+      is statistically but not bitwise equivalent to a single-process fit.
+    * With ``factor_rank`` below a factor's true rank the result is the best rank-``k``
+      approximation of the sum of the per-rank approximations, like the single-process fit
+      is of its per-batch approximations; both depend on how the data is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from laplace.utils.matrix import Kron
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from .lowrank import LowRankFactor
+
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "disabled",
+    "mark_sharded",
+    "data_size",
+    "FitShard",
+    "all_reduce_curvature",
+    "all_reduce_dense",
+    "all_gather_lowrank",
+]
+
+_state = threading.local()
+_SHARDED_ATTR = "_laplace_lora_sharded"
+_BUCKET_BYTES = 64 * 2**20
+"""Dense tensors are all-reduced in flat buffers of about this size (fewer collectives)."""
+
+
+# ---------------------------------------------------------------------- process group
+def _dist() -> Any:
+    return torch.distributed
+
+
+def is_distributed(group: Any = None) -> bool:
+    """``True`` when ``torch.distributed`` is initialised with more than one rank (and not
+    inside :func:`disabled`)."""
+    if getattr(_state, "disabled", 0):
+        return False
+    dist = _dist()
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1)
+
+
+def world_size(group: Any = None) -> int:
+    """Number of ranks (1 when not distributed)."""
+    return _dist().get_world_size(group) if is_distributed(group) else 1
+
+
+def rank(group: Any = None) -> int:
+    """This process's rank (0 when not distributed)."""
+    return _dist().get_rank(group) if is_distributed(group) else 0
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Fit rank-local posteriors inside this block: no sharding logic, no collectives."""
+    _state.disabled = getattr(_state, "disabled", 0) + 1
+    try:
+        yield
+    finally:
+        _state.disabled -= 1
+
+
+def mark_sharded(loader: DataLoader) -> DataLoader:
+    """Declare that ``loader.dataset`` is this rank's own shard (disjoint across ranks).
+
+    The total N is then the sum of ``len(loader.dataset)`` over ranks. Returns ``loader``.
+    """
+    setattr(loader, _SHARDED_ATTR, True)
+    return loader
+
+
+def _comm_device(device: torch.device, group: Any = None) -> torch.device:
+    """Device the collectives run on: CPU for gloo, CUDA for NCCL, else the data's device."""
+    backend = str(_dist().get_backend(group)).lower()
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl":
+        if device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return device  # mixed ("cpu:gloo,cuda:nccl"), mpi, ...: use the tensor's own device
+
+
+# ---------------------------------------------------------------------- shards
+def _find_distributed_sampler(loader: DataLoader) -> DistributedSampler | None:
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        return sampler
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if isinstance(inner, DistributedSampler):
+        return inner
+    return None
+
+
+def _local_length(loader: DataLoader) -> int:
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise TypeError("fit needs a DataLoader with a .dataset (its length is N).")
+    return len(dataset)
+
+
+class FitShard:
+    """How this rank iterates a fit loader, and the true data size N.
+
+    Outside a multi-rank process group it is a pass-through: ``n_total`` is
+    ``len(loader.dataset)``, :meth:`batches` yields the loader's batches, ``active`` is False.
+
+    Args:
+        loader: the training loader (see the module docstring for what is accepted).
+        dict_key_y: key of the labels in dict batches (used to count examples).
+        group: process group (default: the world).
+
+    Attributes:
+        active: whether the fit is data-parallel.
+        n_total: N over all ranks (normalisation of the input factors, ``n_data``).
+        n_local: examples this rank must contribute (``None``: all it yields).
+        n_seen: examples :meth:`batches` yielded (after iterating).
+    """
+
+    def __init__(self, loader: DataLoader, dict_key_y: str = "labels", group: Any = None) -> None:
+        self.loader = loader
+        self.dict_key_y = dict_key_y
+        self.group = group
+        self.active = is_distributed(group)
+        self.n_local: int | None = None
+        self.n_seen = 0
+        if not self.active:
+            self.n_total = _local_length(loader)
+            return
+        W, r = world_size(group), rank(group)
+        sampler = _find_distributed_sampler(loader)
+        if sampler is not None:
+            self._init_from_sampler(sampler, W, r)
+        elif getattr(loader, _SHARDED_ATTR, False):
+            self._init_sharded(_local_length(loader))
+        else:
+            raise ValueError(
+                f"Distributed fit ({W} ranks) needs each rank to see its own shard: use a "
+                "DataLoader with a torch.utils.data.distributed.DistributedSampler, or "
+                "laplace_lora_ext.distributed.mark_sharded(loader) if each rank's dataset is "
+                "already a disjoint shard. To fit rank-local posteriors, wrap fit in "
+                "`with laplace_lora_ext.distributed.disabled():`."
+            )
+
+    def _init_from_sampler(self, sampler: DistributedSampler, W: int, r: int) -> None:
+        if sampler.num_replicas != W or sampler.rank != r:
+            raise ValueError(
+                f"The DistributedSampler has num_replicas={sampler.num_replicas}, "
+                f"rank={sampler.rank} but the process group has world size {W}, rank {r}."
+            )
+        N = len(sampler.dataset)
+        if sampler.drop_last:
+            # the sampler keeps the first total_size positions: no duplicates
+            self.n_total = sampler.num_samples * W
+            self.n_local = sampler.num_samples
+            smallest = sampler.num_samples
+        else:
+            # positions rank, rank + W, ...; those >= N are repeated samples (padding)
+            self.n_total = N
+            self.n_local = _real_count(N, W, r)
+            smallest = _real_count(N, W, W - 1)
+        if self.n_total == 0 or smallest <= 0:
+            raise ValueError(
+                f"The dataset has {N} examples, too few for {W} ranks "
+                f"(drop_last={sampler.drop_last}): some rank would fit on no data."
+            )
+
+    def _init_sharded(self, n_local: int) -> None:
+        device = torch.device("cpu")
+        dev = _comm_device(device, self.group)
+        counts = _all_gather_ints([n_local], dev, self.group)
+        if min(c[0] for c in counts) <= 0:
+            raise ValueError(f"Some rank's dataset shard is empty (lengths {counts}).")
+        self.n_total = sum(c[0] for c in counts)
+
+    def batches(self) -> Any:
+        """This rank's batches, without the sampler's padded duplicates (an iterable; counted
+        in ``n_seen``). Not distributed: the loader itself."""
+        return self._trimmed() if self.active else self.loader
+
+    def _trimmed(self) -> Iterator[Any]:
+        self.n_seen = 0
+        for batch in self.loader:
+            b = _batch_len(batch, self.dict_key_y)
+            if self.n_local is not None and self.n_seen + b > self.n_local:
+                keep = self.n_local - self.n_seen
+                if keep > 0:
+                    self.n_seen += keep
+                    yield _take(batch, keep, b, self.dict_key_y)
+                break
+            self.n_seen += b
+            yield batch
+
+    def combine(self, H: Any, loss: Tensor | float) -> tuple[Any, Tensor | float]:
+        """Sum this rank's curvature and loss with the other ranks' (see
+        :func:`all_reduce_curvature`) and check that every example was counted once."""
+        if not self.active:
+            return H, loss
+        H, loss, n = all_reduce_curvature(H, loss, self.n_seen, self.group)
+        if n != self.n_total:
+            raise RuntimeError(
+                f"The ranks fitted {n} examples in total but N = {self.n_total} (the loaders "
+                "yielded fewer or more examples than their samplers/datasets announce, e.g. "
+                "DataLoader(drop_last=True)); the combined posterior would be inconsistent."
+            )
+        return H, loss
+
+
+def data_size(loader: DataLoader, group: Any = None) -> int:
+    """N of ``loader`` over all ranks (``len(loader.dataset)`` when not distributed)."""
+    return FitShard(loader, group=group).n_total
+
+
+def _real_count(N: int, W: int, r: int) -> int:
+    """Number of positions ``r, r + W, r + 2W, ...`` below ``N``."""
+    return max(0, math.ceil((N - r) / W))
+
+
+def _labels(batch: Any, dict_key_y: str) -> Any:
+    if isinstance(batch, Mapping):
+        return batch[dict_key_y]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[1]
+    raise TypeError(
+        f"Unsupported batch type {type(batch).__name__}: the loader must yield dict batches "
+        "(with labels) or (X, y) pairs."
+    )
+
+
+def _batch_len(batch: Any, dict_key_y: str) -> int:
+    return len(_labels(batch, dict_key_y))
+
+
+def _take(batch: Any, k: int, b: int, dict_key_y: str) -> Any:
+    """The first ``k`` of ``b`` examples of a dict or ``(X, y)`` batch."""
+    if isinstance(batch, Mapping):
+        return {key: _take_value(v, k, b) for key, v in batch.items()}
+    X, y = batch
+    return type(batch)((_take_value(X, k, b), _take_value(y, k, b)))
+
+
+def _take_value(v: Any, k: int, b: int) -> Any:
+    if isinstance(v, Tensor):
+        return v[:k] if v.ndim > 0 and v.shape[0] == b else v
+    if isinstance(v, Mapping):
+        return {key: _take_value(x, k, b) for key, x in v.items()}
+    if isinstance(v, (list, tuple)) and len(v) == b:
+        return v[:k]
+    return v
+
+
+# ---------------------------------------------------------------------- collectives
+def _all_gather_ints(values: list[int], device: torch.device, group: Any) -> list[list[int]]:
+    """Every rank's ``values`` (same length on every rank)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(world_size(group))]
+    _dist().all_gather(out, t, group=group)
+    return [o.tolist() for o in out]
+
+
+def _buckets(sizes: list[int], itemsize: int) -> list[list[int]]:
+    """Consecutive index groups of total size about ``_BUCKET_BYTES`` (deterministic)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if cur and (total + n) * itemsize > _BUCKET_BYTES:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def all_reduce_dense(tensors: list[Tensor], group: Any = None) -> list[Tensor]:
+    """``all_reduce(SUM)`` of dense tensors, coalesced per dtype into flat buffers.
+
+    Returns new tensors with the inputs' shapes, dtypes and devices (inputs are untouched).
+    """
+    if not is_distributed(group) or not tensors:
+        return list(tensors)
+    out: list[Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    # iterate dtypes in a rank-independent order
+    for dtype in sorted(by_dtype, key=str):
+        idx = by_dtype[dtype]
+        dev = _comm_device(tensors[idx[0]].device, group)
+        sizes = [tensors[i].numel() for i in idx]
+        for bucket in _buckets(sizes, torch.empty((), dtype=dtype).element_size()):
+            members = [idx[j] for j in bucket]
+            flat = torch.cat([tensors[i].detach().reshape(-1).to(dev) for i in members])
+            _dist().all_reduce(flat, op=_dist().ReduceOp.SUM, group=group)
+            offset = 0
+            for i in members:
+                t = tensors[i]
+                n = t.numel()
+                out[i] = flat[offset : offset + n].view(t.shape).to(t.device)
+                offset += n
+    return out  # type: ignore[return-value]
+
+
+def all_gather_lowrank(
+    factors: list[LowRankFactor], group: Any = None, counts: list[list[int]] | None = None
+) -> list[LowRankFactor]:
+    """Sum low-rank factors across ranks without forming ``d x d``.
+
+    Each rank's roots ``U diag(√s)`` (``d x k_r``) are zero-padded to the largest ``k``,
+    gathered (coalesced per dtype), the padding is dropped and the ``(d, Σ_r k_r)`` root is
+    re-truncated to ``max_rank`` (:meth:`LowRankFactor.from_root`).
+
+    Args:
+        factors: this rank's factors (same sides, dtypes and order on every rank).
+        counts: optional per-rank ranks ``[[k_1, ...], ...]`` already gathered.
+    """
+    if not is_distributed(group) or not factors:
+        return list(factors)
+    if counts is None:
+        dev = _comm_device(factors[0].device, group)
+        counts = _all_gather_ints([f.rank for f in factors], dev, group)
+    k_max = [max(c[i] for c in counts) for i in range(len(factors))]
+    out: list[LowRankFactor | None] = [None] * len(factors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, f in enumerate(factors):
+        by_dtype.setdefault(f.dtype, []).append(i)
+    for dtype in sorted(by_dtype, key=str):
+        idx = [i for i in by_dtype[dtype] if k_max[i] > 0]
+        for i in by_dtype[dtype]:
+            if k_max[i] == 0:  # zero on every rank
+                out[i] = factors[i].clone()
+        if not idx:
+            continue
+        dev = _comm_device(factors[idx[0]].device, group)
+        sizes = [factors[i].dim * k_max[i] for i in idx]
+        for bucket in _buckets(sizes, torch.empty((), dtype=dtype).element_size()):
+            members = [idx[j] for j in bucket]
+            parts = []
+            for i in members:
+                f = factors[i]
+                R = torch.zeros(f.dim, k_max[i], dtype=dtype, device=dev)
+                R[:, : f.rank] = f.root().detach().to(dev)
+                parts.append(R.reshape(-1))
+            flat = torch.cat(parts)
+            gathered = [torch.empty_like(flat) for _ in range(len(counts))]
+            _dist().all_gather(gathered, flat, group=group)
+            offset = 0
+            for i in members:
+                f = factors[i]
+                n = f.dim * k_max[i]
+                roots = [
+                    g[offset : offset + n].view(f.dim, k_max[i])[:, : c[i]]
+                    for g, c in zip(gathered, counts, strict=True)
+                ]
+                R = torch.cat(roots, dim=1).to(f.device)
+                out[i] = LowRankFactor.from_root(R, f.max_rank, dtype=f.dtype)
+                offset += n
+    return out  # type: ignore[return-value]
+
+
+def all_reduce_curvature(
+    H: Any, loss: Tensor | float, n: int, group: Any = None
+) -> tuple[Any, Tensor | float, int]:
+    """Sum a rank-local fit over all ranks: ``(H, loss, n) -> (H_all, loss_all, n_all)``.
+
+    Args:
+        H: a dense tensor (diag / full), a laplace ``Kron`` or a ``LowRankKron`` (whose
+            factors may be :class:`LowRankFactor`).
+        loss: this rank's summed loss (tensor or float).
+        n: this rank's number of examples.
+
+    Returns the same types, identical on every rank. Outside a multi-rank group the inputs
+    are returned unchanged.
+    """
+    if not is_distributed(group):
+        return H, loss, n
+    dense: list[Tensor] = []
+    lowrank: list[LowRankFactor] = []
+    if isinstance(H, Tensor):
+        dense.append(H)
+    elif isinstance(H, Kron):
+        for F in H.kfacs:
+            for M in F:
+                if isinstance(M, LowRankFactor):
+                    lowrank.append(M)
+                elif isinstance(M, Tensor):
+                    dense.append(M)
+                else:
+                    raise TypeError(f"Unsupported Kronecker factor type {type(M).__name__}.")
+    else:
+        raise TypeError(
+            f"Cannot combine curvature of type {type(H).__name__} across ranks (expected a "
+            "tensor or an undecomposed Kron)."
+        )
+    ref = dense[0] if dense else lowrank[0].U
+    loss_is_tensor = isinstance(loss, Tensor)
+    loss_t = (
+        loss.detach().reshape(())
+        if loss_is_tensor
+        else torch.tensor(float(loss), dtype=torch.float64, device=ref.device)
+    )
+    # one small int gather: data counts and the ranks of the low-rank factors
+    counts = _all_gather_ints(
+        [int(n)] + [f.rank for f in lowrank], _comm_device(ref.device, group), group
+    )
+    n_all = sum(c[0] for c in counts)
+    reduced = all_reduce_dense([*dense, loss_t], group)
+    dense_all, loss_all = reduced[:-1], reduced[-1]
+    lowrank_all = all_gather_lowrank(lowrank, group, counts=[c[1:] for c in counts])
+    if isinstance(H, Tensor):
+        H_all: Any = dense_all[0]
+    else:
+        it_dense, it_low = iter(dense_all), iter(lowrank_all)
+        kfacs = [
+            [next(it_low) if isinstance(M, LowRankFactor) else next(it_dense) for M in F]
+            for F in H.kfacs
+        ]
+        H_all = type(H)(kfacs)
+    return H_all, (loss_all if loss_is_tensor else float(loss_all)), n_all
