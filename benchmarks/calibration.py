@@ -36,7 +36,7 @@ from laplace import Laplace
 from tqdm.auto import tqdm
 
 import laplace_lora_ext  # noqa: F401  (registers subset_of_weights="lora")
-from benchmarks.finetune import FinetuneConfig, classification_metrics, load_run, train
+from benchmarks.finetune import FinetuneConfig, classification_metrics, train
 from benchmarks.tasks import load_task, make_collate, make_loader
 from laplace_lora_ext import LastTokenChoiceLM
 
@@ -132,6 +132,7 @@ def evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed: int) -> dict
         "la_lowrank": ("kron", {"factor_rank": args.factor_rank, "rank_threshold": 256}),
     }
     kron_la = None
+    kron_probs = None
     for name, (structure, kw) in specs.items():
         if name not in methods and not (name == "la_kron" and "la_kron_probit" in methods):
             continue
@@ -153,15 +154,15 @@ def evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed: int) -> dict
             timings[f"{name}_predict_s"] = time.perf_counter() - t0
             results[name] = classification_metrics(probs, test_labels)
             results[name]["prior_precision"] = la.prior_precision.tolist()
+            if name == "la_kron":
+                kron_probs = probs
     if "la_kron_probit" in methods and kron_la is not None:
         probs = predict(kron_la, test_loader, "probit", 1, seed)
         results["la_kron_probit"] = classification_metrics(probs, test_labels)
     results["_timings"] = timings
     results["_probs"] = {"map": test_logits.softmax(-1).tolist(), "labels": test_labels.tolist()}
-    if "la_kron" in results:
-        results["_probs"]["la_kron"] = predict(
-            kron_la, test_loader, "mc", args.n_samples, seed
-        ).tolist()
+    if kron_probs is not None:
+        results["_probs"]["la_kron"] = kron_probs.tolist()
     return results
 
 
@@ -195,11 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         peft_model._benchmark_tokenizer = tokenizer
         per_step = {}
         for step in tqdm(steps, desc=f"seed {seed}: checkpoints"):
-            peft_model, _, wrapper, _ = (
-                load_run(cfg, step, data, base=None)
-                if False
-                else (_load_into(peft_model, wrapper, cfg, step))
-            )
+            peft_model, wrapper = _load_into(peft_model, wrapper, cfg, step)
             per_step[step] = evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed)
             summary = {
                 m: round(v["ece"], 4) for m, v in per_step[step].items() if not m.startswith("_")
@@ -216,7 +213,7 @@ def _load_into(peft_model, wrapper, cfg, step):
     load_trainable_state_dict(peft_model, ckpt["trainable"])
     peft_model.eval()
     wrapper.eval()
-    return peft_model, None, wrapper, None
+    return peft_model, wrapper
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -347,9 +344,6 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(agg, last, len(args.seeds))
     all_runs["aggregate"] = {str(s): v for s, v in agg.items()}
     all_runs["wall_s"] = time.perf_counter() - t0
-    for seed_run in all_runs["runs"].values():
-        for step_res in seed_run["steps"].values():
-            step_res.pop("_probs", None) if False else None
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(all_runs, indent=1, default=str))
     steps_md = "\n\n".join(markdown_table(agg, s, len(args.seeds)) for s in sorted(agg))
