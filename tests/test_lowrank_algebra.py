@@ -452,3 +452,28 @@ def test_huge_side_never_forms_dense():
     assert_close(kd.bmm(x, exponent=1), w, rtol=1e-10)
     assert torch.isfinite(kd.logdet()) and kd.diag(-1).shape == (3 * d,)
     assert time.perf_counter() - t0 < 20
+
+
+def test_from_root_with_many_rows_is_chunked_and_exact_at_full_rank():
+    """A batch with more rows than the side (tokens x outputs > d) never forms d x d."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    d, true_rank, m = 1500, 10, 4000
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(d, true_rank, generator=gen, dtype=torch.float64)
+    R = A @ torch.randn(true_rank, m, generator=gen, dtype=torch.float64)
+    shapes: list[tuple[int, ...]] = []
+
+    class RecordShapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with RecordShapes():
+        f = LowRankFactor.from_root(R, 16)
+    assert max(sum(s >= d for s in shape) for shape in shapes) <= 1  # nothing d x d
+    M = R @ R.T
+    assert float((f.to_dense() - M).norm() / M.norm()) < 1e-10

@@ -103,10 +103,12 @@ class LowRankFactor:
         """Best rank-``max_rank`` approximation of ``R Rᵀ``, for ``R`` ``(d, m)``.
 
         Keeps ``k = min(max_rank, d, m)`` eigenpairs (zero eigenvalues included, so the
-        shape only depends on the input shapes). For ``m <= d`` this is a thin QR of ``R``
-        followed by an SVD of the ``(m, m)`` triangle: ``O(d m²)`` time, ``O(d m)`` memory,
-        no ``d x d`` matrix. For ``m > d`` the ``(d, d)`` Gram ``R Rᵀ`` (smaller than ``R``)
-        is eigendecomposed.
+        shape only depends on the input shapes). The columns of ``R`` are merged in chunks
+        of at most ``max(256, 2 max_rank)`` (and fewer than ``d - k``): each merge is a thin QR
+        of ``[current root, chunk]`` and an SVD of its small triangle, re-truncated to
+        ``max_rank``. Cost ``O(d m c)`` time and ``O(d c)`` memory for chunk size ``c``; no
+        ``d x d`` matrix, however many rows a batch has. Exact whenever ``max_rank`` is at
+        least the rank of ``R Rᵀ`` (otherwise the usual incremental truncation).
 
         Args:
             R: root ``(d, m)``; any floating dtype, computed in at least float32.
@@ -122,16 +124,20 @@ class LowRankFactor:
         if k <= 0:
             return cls.zeros(d, max_rank, device=R.device, dtype=dtype)
         R = R.to(cdt)
-        if m <= d:
-            Q, T = torch.linalg.qr(R, mode="reduced")  # (d, m), (m, m)
-            V, S, _ = torch.linalg.svd(T)  # descending singular values
-            U = Q @ V[:, :k]
-            s = S[:k].square()
-        else:
+        chunk = max(256, 2 * int(max_rank))
+        if m <= min(d, chunk):  # one thin QR: the exact best rank-k approximation
+            U, s = _truncated_root(R, k)
+            return cls(U.to(dtype), s.to(dtype), max_rank)
+        if d <= chunk + k:  # a small side: its d x d Gram is no bigger than a chunk
             L, Q = torch.linalg.eigh(R @ R.T)  # ascending
-            U = Q[:, -k:].flip(1)
-            s = L[-k:].flip(0).clamp_min(0)
-        return cls(U.to(dtype), s.to(dtype), max_rank)
+            U, s = Q[:, -k:].flip(1), L[-k:].flip(0).clamp_min(0)
+            return cls(U.to(dtype), s.to(dtype), max_rank)
+        U, s = _truncated_root(R[:, :chunk], k)
+        for start in range(chunk, m, chunk):
+            stacked = torch.cat([U * s.sqrt(), R[:, start : start + chunk]], dim=1)
+            U, s = _truncated_root(stacked, min(int(max_rank), d, stacked.shape[1]))
+        k_final = min(int(max_rank), d, m)
+        return cls(U[:, :k_final].to(dtype), s[:k_final].to(dtype), max_rank)
 
     @classmethod
     def from_dense(
@@ -323,3 +329,12 @@ class LowRankFactor:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> LowRankFactor:
         return cls(state["U"], state["s"], int(state["max_rank"]))
+
+
+def _truncated_root(R: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs ``(U (d, k), s (k,))`` of ``R Rᵀ`` for a tall ``R`` ``(d, c)``,
+    ``c <= d``: thin QR, then the SVD of the ``(c, c)`` triangle."""
+    Q, T = torch.linalg.qr(R, mode="reduced")
+    V, S, _ = torch.linalg.svd(T)
+    k = min(k, S.shape[0])
+    return Q @ V[:, :k], S[:k].square()
