@@ -322,6 +322,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior", default="layerwise", choices=["scalar", "layerwise"])
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+    )
+    p.add_argument(
         "--out", default=None, help="output prefix (default results/calibration_<model>_<task>)"
     )
     args = p.parse_args(argv)
@@ -334,7 +337,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else RESULTS / f"calibration_{args.model}_{args.task}"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
