@@ -273,18 +273,15 @@ def _cached_steps(run_dir: Path) -> dict[int, Path]:
 def _check_run_dir(cfg: FinetuneConfig, overwrite: bool) -> None:
     run_dir = cfg.run_dir
     meta = run_dir / "config.json"
-    if meta.is_file():
+    if meta.is_file() and not overwrite:
         old = json.loads(meta.read_text())
         if old != cfg.identity:
-            if not overwrite:
-                diff = {k: (old.get(k), v) for k, v in cfg.identity.items() if old.get(k) != v}
-                raise ValueError(
-                    f"{run_dir} holds a run with another config (cached, requested): {diff}. "
-                    "Pass run_name=... for a separate cache or overwrite=True to discard it."
-                )
-            for p in _cached_steps(run_dir).values():
-                p.unlink()
-    elif overwrite:
+            diff = {k: (old.get(k), v) for k, v in cfg.identity.items() if old.get(k) != v}
+            raise ValueError(
+                f"{run_dir} holds a run with another config (cached, requested): {diff}. "
+                "Pass run_name=... for a separate cache or overwrite=True to discard it."
+            )
+    if overwrite:  # discard every cached step of this run directory
         for p in _cached_steps(run_dir).values():
             p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -466,6 +463,9 @@ def _parse(argv: list[str] | None) -> tuple[FinetuneConfig, argparse.Namespace]:
     p.add_argument("--eval", action="store_true", help="evaluate every checkpoint (MAP)")
     p.add_argument("--eval-split", default="test", choices=["validation", "test"])
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument(
+        "--eval-steps", type=int, nargs="*", default=None, help="checkpoints to evaluate (all)"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
         collate = make_collate(tokenizer, data.kind, cfg.seq_len)
         examples = getattr(data, args.eval_split)
         rows = {}
-        for step in [0, *result.checkpoints]:
+        steps = [0, *result.checkpoints] if args.eval_steps is None else args.eval_steps
+        for step in steps:
             if step:
                 ckpt = torch.load(result.checkpoints[step], map_location="cpu", weights_only=False)
                 state = ckpt["trainable"]
