@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["split_batch", "model_inputs", "forward_logits", "attention_mask_of", "batch_size"]
+__all__ = ["split_batch", "model_inputs", "forward_logits", "attention_mask_of"]
 
 Batch = torch.Tensor | MutableMapping[str, Any]
 
@@ -52,15 +52,6 @@ def attention_mask_of(x: Batch) -> torch.Tensor | None:
     if isinstance(x, Mapping):
         return x.get("attention_mask")
     return None
-
-
-def batch_size(x: Batch, dict_key_x: str = "input_ids") -> int:
-    """Number of examples in a batch."""
-    if isinstance(x, Mapping):
-        if dict_key_x in x:
-            return len(x[dict_key_x])
-        return len(next(v for v in x.values() if torch.is_tensor(v)))
-    return len(x)
 
 
 def forward_logits(model: nn.Module, x: Batch, dict_key_y: str = "labels") -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant import missing_gradient_error
 from ..targets import LoraTarget
 
 __all__ = ["Captured", "capture_forward", "output_gradients", "token_weights"]
@@ -101,8 +102,6 @@ def output_gradients(
     """
     K = grad_outputs.shape[0]
     if not captured.logits.requires_grad:
-        from ..quant import missing_gradient_error
-
         raise missing_gradient_error([t.name for t in targets], "computing the curvature")
     for k in range(K):
         grads = torch.autograd.grad(
@@ -114,8 +113,6 @@ def output_gradients(
         )
         none = [t.name for t, g in zip(targets, grads, strict=True) if g is None]
         if none:
-            from ..quant import missing_gradient_error
-
             raise missing_gradient_error(none, "computing the curvature")
         yield [_as_3d(g.detach()) for g in grads]
 

@@ -188,6 +188,3 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             contrib = block.inv_square_form(W.to(self._dtype))
             f_var = contrib if f_var is None else f_var + contrib
         return f_var
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)

@@ -141,23 +141,18 @@ class LoraLaplaceMixin:
         self._fit_loop(train_loader, override, progress_bar)
 
     def _fit_loop(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
-        N = _dataset_size(train_loader)
-        # >>> issue 8 (data-parallel fit, see laplace_lora_ext/distributed.py): this rank's
-        # shard, the true total N; a previous fit is kept aside so only new terms are summed
+        _dataset_size(train_loader)  # clear errors for loaders without data
+        # this rank's shard and the true total N (a pass-through outside torch.distributed,
+        # see laplace_lora_ext/distributed.py)
         shard = distributed.FitShard(train_loader, self.dict_key_y)
-        N, previous = shard.n_total, None
-        if shard.active and not (override or self.H is None):
-            previous = (self.H, self.loss)
-        # <<< issue 8
-        if override or self.H is None:
-            self._init_H()
-            self.loss = 0.0
+        N = shard.n_total
+        # a previous fit (override=False) is kept aside and added after the ranks are
+        # combined, so that only the new terms are summed across ranks
+        previous = None if override or self.H is None else (self.H, self.loss)
+        if previous is None:
             self.n_data = 0
-        # >>> issue 8
-        if previous is not None:
-            self._init_H()
-            self.loss = 0.0
-        # <<< issue 8
+        self._init_H()
+        self.loss = 0.0
         self.model.eval()
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
         n_batches = 0
@@ -174,11 +169,9 @@ class LoraLaplaceMixin:
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches; cannot fit on empty data.")
-        # >>> issue 8: sum curvature and loss over ranks (no-op when not distributed)
         self.H, self.loss = shard.combine(self.H, self.loss)
         if previous is not None:
             self.H, self.loss = previous[0] + self.H, previous[1] + self.loss
-        # <<< issue 8
         self.n_data += N
 
     def _check_curvature(self, H_batch: Any) -> None:
