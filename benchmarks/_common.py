@@ -454,6 +454,24 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
     return jpath, mpath
 
 
+def publish(
+    name: str, args: Any, summary: Any, runs: dict[str, Any], markdown: str
+) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (args, environment, summary, worker runs) and ``<name>.md``,
+    then print the markdown and the paths."""
+    payload = {
+        "name": name,
+        "args": vars(args),
+        "environment": environment(),
+        "summary": summary,
+        "runs": runs,
+    }
+    jp, mp = write_results(name, payload, markdown)
+    print(markdown)
+    print(f"wrote {jp} and {mp}")
+    return jp, mp
+
+
 def environment() -> dict[str, Any]:
     import platform
 

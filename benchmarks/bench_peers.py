@@ -776,17 +776,8 @@ def main() -> None:
     if plot(res, str(png)):
         md += f"\n![low-rank error and fit time]({png.name})\n"
     md += f"\nTotal benchmark wall time: {time.perf_counter() - t0:.0f} s.\n"
-    payload = {
-        "name": NAME,
-        "args": vars(args),
-        "environment": C.environment(),
-        "summary": res,
-        "runs": runs,
-    }
-    jp, mp = C.write_results(NAME, payload, md)
     shutil.rmtree(tmp, ignore_errors=True)
-    print(md)
-    print(f"wrote {jp} and {mp}")
+    C.publish(NAME, args, res, runs, md)
 
 
 if __name__ == "__main__":

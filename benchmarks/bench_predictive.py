@@ -339,17 +339,8 @@ def main() -> None:
             print(f"[{NAME}] {k} FAILED: {v.get('error', '')[:1500]}", flush=True)
     res, md = analyse(runs, tmp, args)
     md += f"\nTotal benchmark wall time: {time.perf_counter() - t0:.0f} s.\n"
-    payload = {
-        "name": NAME,
-        "args": vars(args),
-        "environment": C.environment(),
-        "summary": res,
-        "runs": runs,
-    }
-    jp, mp = C.write_results(NAME, payload, md)
     shutil.rmtree(tmp, ignore_errors=True)
-    print(md)
-    print(f"wrote {jp} and {mp}")
+    C.publish(NAME, args, res, runs, md)
 
 
 if __name__ == "__main__":

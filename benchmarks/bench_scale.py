@@ -867,16 +867,7 @@ def main() -> None:
     if plot(res, str(png)):
         md += f"\n![storage and projected fit ratio]({png.name})\n"
     md += f"\nTotal benchmark wall time: {time.perf_counter() - t_start:.0f} s.\n"
-    payload = {
-        "name": NAME,
-        "args": vars(args),
-        "environment": C.environment(),
-        "summary": res,
-        "runs": runs,
-    }
-    jp, mp = C.write_results(NAME, payload, md)
-    print(md)
-    print(f"wrote {jp} and {mp}")
+    C.publish(NAME, args, res, runs, md)
 
 
 if __name__ == "__main__":
