@@ -152,6 +152,15 @@ def random_batch(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def lora_laplace(model: torch.nn.Module, structure: str = "kron", **kwargs):
+    """``laplace.Laplace(model, "classification", subset_of_weights="lora", ...)``."""
+    from laplace import Laplace
+
+    return Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure=structure, **kwargs
+    )
+
+
 def loader(batch: dict[str, torch.Tensor], batch_size: int) -> DataLoader:
     ds = DictDataset(batch["input_ids"], batch["attention_mask"], batch["labels"])
     return DataLoader(ds, batch_size=batch_size, shuffle=False)

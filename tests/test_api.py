@@ -9,15 +9,10 @@ import torch
 from cases import make_case
 from laplace import DiagLaplace, FullLaplace, KronLaplace, Laplace
 from models import TARGET_IDS, loader, random_batch, tiny_llama
+from models import lora_laplace as make
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_lora_ext import LoraDiagLaplace, LoraFullLaplace, LoraKronLaplace
-
-
-def make(model, structure="kron", **kw):
-    return Laplace(
-        model, "classification", subset_of_weights="lora", hessian_structure=structure, **kw
-    )
 
 
 def test_registration_returns_ours_and_keeps_laplace_torch():

@@ -7,8 +7,7 @@ import io
 
 import pytest
 import torch
-from laplace import Laplace
-from models import loader, perturb_lora_B, random_batch, tiny_llama
+from models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,24 +24,10 @@ def rel(a, b):
 def fit_pair(approx="expand"):
     model = tiny_llama(lm_head=True)
     batch = random_batch(7, 6, 3, "left")
-    dense = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        kfac_approx=approx,
-        prior_precision=0.5,
-    )
+    dense = lora_laplace(model, kfac_approx=approx, prior_precision=0.5)
     dense.fit(loader(batch, 3))
-    low = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        kfac_approx=approx,
-        prior_precision=0.5,
-        factor_rank=64,
-        rank_threshold=4,
+    low = lora_laplace(
+        model, kfac_approx=approx, prior_precision=0.5, factor_rank=64, rank_threshold=4
     )
     low.fit(loader(batch, 3))
     return model, batch, dense, low
@@ -80,14 +65,7 @@ def test_low_rank_sampling_and_state_dict():
     buf = io.BytesIO()
     torch.save(low.state_dict(), buf)
     buf.seek(0)
-    again = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        factor_rank=64,
-        rank_threshold=4,
-    )
+    again = lora_laplace(model, factor_rank=64, rank_threshold=4)
     again.load_state_dict(torch.load(buf, weights_only=False))
     assert torch.allclose(again(batch), low(batch))
 
@@ -95,14 +73,7 @@ def test_low_rank_sampling_and_state_dict():
 def test_truncated_rank_gives_psd_posterior_and_smaller_factors():
     model = tiny_llama(lm_head=True)
     batch = random_batch(7, 6, 3, "left")
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        factor_rank=2,
-        rank_threshold=4,
-    )
+    la = lora_laplace(model, factor_rank=2, rank_threshold=4)
     la.fit(loader(batch, 3))
     for F in la.H_facs.kfacs:
         for f in F:
@@ -130,9 +101,7 @@ def test_vocabulary_sized_factor_is_never_dense():
     perturb_lora_B(peft_model)
     model = LastTokenChoiceLM(peft_model, [5, 9]).eval()
     batch = random_batch(4, 5, 2, "left")
-    la = Laplace(
-        model, "classification", subset_of_weights="lora", hessian_structure="kron", factor_rank=4
-    )
+    la = lora_laplace(model, factor_rank=4)
     la.fit(loader(batch, 2))
     la.optimize_prior_precision(method="marglik", n_steps=5)
     big = [f for F in la.H_facs.kfacs for f in F if isinstance(f, LowRankFactor)]
@@ -144,14 +113,7 @@ def test_vocabulary_sized_factor_is_never_dense():
 def test_bf16_model_accumulates_in_float32():
     model = tiny_llama().to(torch.bfloat16)
     batch = random_batch(4, 5, 3, "left")
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        factor_rank=4,
-        rank_threshold=4,
-    )
+    la = lora_laplace(model, factor_rank=4, rank_threshold=4)
     la.fit(loader(batch, 2))
     dtypes = {f.dtype for F in la.H_facs.kfacs for f in F}
     assert dtypes == {torch.float32}
