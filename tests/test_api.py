@@ -194,3 +194,20 @@ def test_state_dict_rejects_other_factor_rank():
     la.fit(loader(case.batch, 4))
     with pytest.raises(ValueError, match="factor_rank"):
         make(case.model).load_state_dict(la.state_dict())
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_override_false_adds_data_exactly(structure):
+    case = make_case("llama")
+    b = case.batch
+    first = {k: v[:4] for k, v in b.items()}
+    second = {k: v[4:] for k, v in b.items()}
+    online = make(case.model, structure)
+    online.fit(loader(first, 2))
+    online.fit(loader(second, 2), override=False)
+    full = make(case.model, structure)
+    full.fit(loader(b, 3))
+    H = (lambda la: la.H_facs.to_matrix()) if structure == "kron" else (lambda la: la.H)
+    assert (H(online) - H(full)).norm() < 1e-10 * H(full).norm()
+    assert online.n_data == full.n_data == 7
+    assert torch.allclose(online.log_marginal_likelihood(), full.log_marginal_likelihood())
