@@ -118,6 +118,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             self.H_facs = None
         previous = self.H_facs
         n_old = self.n_data if previous is not None else 0
+        loss_old = self.loss if previous is not None else 0.0
         if previous is not None:
             n_new = distributed.data_size(train_loader)  # issue 8: N over all ranks
             previous = self._rescale_factors(previous, n_old / (n_old + n_new))
@@ -127,6 +128,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         else:
             n_new = self.n_data
             self.n_data = n_old + n_new
+            self.loss = loss_old + self.loss
             self.H_facs = previous + self._rescale_factors(self.H, n_new / (n_new + n_old))
         self.H = self.H_facs.decompose(damping=self.damping)
 
