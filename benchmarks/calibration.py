@@ -36,13 +36,18 @@ from laplace import Laplace
 from tqdm.auto import tqdm
 
 import laplace_lora_ext  # noqa: F401  (registers subset_of_weights="lora")
-from benchmarks.finetune import FinetuneConfig, classification_metrics, train
-from benchmarks.tasks import load_task, make_collate, make_loader
+from benchmarks.finetune import MODELS, FinetuneConfig, classification_metrics, train
+from benchmarks.tasks import TASKS, load_task, make_collate, make_loader
 from laplace_lora_ext import LastTokenChoiceLM
 
 RESULTS = Path(__file__).parent / "results"
 ALL_METHODS = ("map", "la_kron", "la_kron_probit", "la_diag", "la_last", "la_lowrank", "temp")
+EARLY_METHODS = ("map", "la_kron", "temp")
 METRICS = ("acc", "ece", "nll", "brier")
+#: Default learning rate per model (see docs/benchmarks.md for why not the paper's 5e-5).
+DEFAULT_LR = {"minilm": 2e-3, "smollm2": 1e-3}
+#: Default task per model.
+DEFAULT_TASK = {"minilm": "fine_foods", "smollm2": "fine_foods_mc"}
 
 
 # ------------------------------------------------------------------------------ methods
@@ -73,12 +78,24 @@ def fit_laplace(model, train_loader, structure: str, prior: str, **kw) -> Any:
     return la
 
 
-def predict(la, loader, link: str, n_samples: int, seed: int) -> torch.Tensor:
+def predict(
+    la, loader, links: tuple[str, ...], n_samples: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Class probabilities ``(N, C)`` per link, from one GLM predictive pass.
+
+    The Gaussian over logits (mean, covariance) is computed once per batch and every link
+    in ``links`` is applied to it, so a probit column costs no extra backward passes.
+    """
+    from laplace_lora_ext.links import apply_link
+
     gen = torch.Generator().manual_seed(seed)
-    out = []
+    out: dict[str, list[torch.Tensor]] = {link: [] for link in links}
     for batch in loader:
-        out.append(la(batch, link_approx=link, n_samples=n_samples, generator=gen).float())
-    return torch.cat(out)
+        f_mu, f_var = la._glm_predictive_distribution(batch)
+        for link in links:
+            probs = apply_link(link, f_mu, f_var, n_samples, gen)
+            out[link].append(probs.float())
+    return {link: torch.cat(v) for link, v in out.items()}
 
 
 @torch.no_grad()
@@ -107,8 +124,10 @@ def temperature(val_logits: torch.Tensor, val_labels: torch.Tensor) -> float:
     return float(log_t.exp())
 
 
-def evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed: int) -> dict[str, dict]:
-    """Metrics of every requested method at the loaded checkpoint."""
+def evaluate_checkpoint(
+    peft_model, wrapper, data, cfg, args, seed: int, methods: list[str]
+) -> dict[str, dict]:
+    """Metrics of each method in ``methods`` at the loaded checkpoint."""
     collate = make_collate(wrapper_tokenizer(wrapper, peft_model), data.kind, cfg.seq_len)
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     test_loader = make_loader(data.test, collate, args.la_batch_size)
@@ -117,7 +136,6 @@ def evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed: int) -> dict
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
     test_logits, test_labels = logits_of(model, test_loader)
-    methods = args.methods
     if "map" in methods:
         results["map"] = classification_metrics(test_logits.softmax(-1), test_labels)
     if "temp" in methods:
@@ -131,7 +149,6 @@ def evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed: int) -> dict
         "la_last": ("kron", {"lora_modules": last_block_regex(peft_model)}),
         "la_lowrank": ("kron", {"factor_rank": args.factor_rank, "rank_threshold": 256}),
     }
-    kron_la = None
     kron_probs = None
     for name, (structure, kw) in specs.items():
         if name not in methods and not (name == "la_kron" and "la_kron_probit" in methods):
@@ -146,19 +163,19 @@ def evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed: int) -> dict
             **kw,
         )
         timings[f"{name}_fit_s"] = time.perf_counter() - t0
-        if name == "la_kron":
-            kron_la = la
-        if name in methods:
-            t0 = time.perf_counter()
-            probs = predict(la, test_loader, "mc", args.n_samples, seed)
-            timings[f"{name}_predict_s"] = time.perf_counter() - t0
-            results[name] = classification_metrics(probs, test_labels)
+        links = ("mc",) if name in methods else ()
+        if name == "la_kron" and "la_kron_probit" in methods:
+            links += ("probit",)
+        t0 = time.perf_counter()
+        probs = predict(la, test_loader, links, args.n_samples, seed)
+        timings[f"{name}_predict_s"] = time.perf_counter() - t0
+        if "mc" in probs:
+            results[name] = classification_metrics(probs["mc"], test_labels)
             results[name]["prior_precision"] = la.prior_precision.tolist()
-            if name == "la_kron":
-                kron_probs = probs
-    if "la_kron_probit" in methods and kron_la is not None:
-        probs = predict(kron_la, test_loader, "probit", 1, seed)
-        results["la_kron_probit"] = classification_metrics(probs, test_labels)
+        if "probit" in probs:
+            results["la_kron_probit"] = classification_metrics(probs["probit"], test_labels)
+        if name == "la_kron" and "mc" in probs:
+            kron_probs = probs["mc"]
     results["_timings"] = timings
     results["_probs"] = {"map": test_logits.softmax(-1).tolist(), "labels": test_labels.tolist()}
     if kron_probs is not None:
@@ -171,33 +188,46 @@ def wrapper_tokenizer(wrapper, peft_model):
 
 
 # ------------------------------------------------------------------------------ driver
+def finetuned(args: argparse.Namespace, seed: int, save_every: int):
+    """Fine-tune one seed (or reuse its cached checkpoints).
+
+    Returns ``(cfg, data, (peft_model, wrapper), seconds)``; the run's checkpoints live in
+    ``cfg.run_dir`` (named after model, task, seed, lr, steps and n_train, so runs with
+    other settings never reuse them).
+    """
+    cfg = FinetuneConfig(
+        model=args.model,
+        task=args.task,
+        seed=seed,
+        data_seed=seed,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        save_every=save_every,
+        run_name=f"{args.model}-{args.task}-seed{seed}-lr{args.lr:g}-s{args.steps}-n{args.n_train}",
+    )
+    data = load_task(args.task, args.n_train, None, args.n_test, seed=seed)
+    t0 = time.perf_counter()
+    _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=True)
+    peft_model._benchmark_tokenizer = tokenizer
+    return cfg, data, (peft_model, wrapper), time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace) -> dict:
     all_runs: dict[str, Any] = {"args": vars(args), "runs": {}}
     steps = sorted(set(args.checkpoints + [args.steps]))
+    early = [m for m in args.methods if m in args.early_methods]
     for seed in args.seeds:
-        cfg = FinetuneConfig(
-            model=args.model,
-            task=args.task,
-            seed=seed,
-            data_seed=seed,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            save_every=min(steps),
-            run_name=f"{args.model}-{args.task}-seed{seed}-lr{args.lr:g}-s{args.steps}"
-            f"-n{args.n_train}",
-        )
-        data = load_task(args.task, args.n_train, None, args.n_test, seed=seed)
-        t0 = time.perf_counter()
-        result, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=True)
-        finetune_s = time.perf_counter() - t0
-        peft_model._benchmark_tokenizer = tokenizer
+        cfg, data, (peft_model, wrapper), finetune_s = finetuned(args, seed, min(steps))
         per_step = {}
         for step in tqdm(steps, desc=f"seed {seed}: checkpoints"):
-            peft_model, wrapper = _load_into(peft_model, wrapper, cfg, step)
-            per_step[step] = evaluate_checkpoint(peft_model, wrapper, data, cfg, args, seed)
+            peft_model, wrapper = load_checkpoint(peft_model, wrapper, cfg, step)
+            methods = args.methods if step == args.steps else early
+            per_step[step] = evaluate_checkpoint(
+                peft_model, wrapper, data, cfg, args, seed, methods
+            )
             summary = {
                 m: round(v["ece"], 4) for m, v in per_step[step].items() if not m.startswith("_")
             }
@@ -206,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
     return all_runs
 
 
-def _load_into(peft_model, wrapper, cfg, step):
+def load_checkpoint(peft_model, wrapper, cfg, step):
     from benchmarks.finetune import load_trainable_state_dict
 
     ckpt = torch.load(cfg.run_dir / f"step{step}.pt", map_location="cpu", weights_only=False)
@@ -261,9 +291,10 @@ def plots(all_runs: dict, agg: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ("acc", "ece", "nll"), strict=True):
         for m in methods:
-            mean = [agg[s][m][metric][0] for s in steps]
-            std = [agg[s][m][metric][1] for s in steps]
-            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=m)
+            have = [s for s in steps if m in agg[s]]
+            mean = [agg[s][m][metric][0] for s in have]
+            std = [agg[s][m][metric][1] for s in have]
+            ax.errorbar(have, mean, yerr=std, marker="o", capsize=3, label=m)
         ax.set_xlabel("fine-tuning steps")
         ax.set_title(metric.upper())
     axes[0].legend(fontsize=7)
@@ -307,12 +338,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     p.add_argument(
-        "--task", default="fine_foods", choices=["fine_foods", "strategyqa", "social_iqa"]
+        "--task",
+        default=None,
+        choices=sorted(TASKS),
+        help="default: fine_foods for minilm, fine_foods_mc for smollm2",
     )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--checkpoints", type=int, nargs="*", default=[100])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None, help=f"default per model: {DEFAULT_LR}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-test", type=int, default=300)
@@ -322,6 +356,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior", default="layerwise", choices=["scalar", "layerwise"])
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument(
+        "--early-methods",
+        default=",".join(EARLY_METHODS),
+        help="methods evaluated at checkpoints before the last (the last runs all --methods)",
+    )
+    p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
     )
     p.add_argument(
@@ -329,7 +368,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = set(args.methods) - set(ALL_METHODS)
+    args.early_methods = [m for m in args.early_methods.split(",") if m]
+    args.task = args.task or DEFAULT_TASK[args.model]
+    args.lr = DEFAULT_LR[args.model] if args.lr is None else args.lr
+    if TASKS[args.task].kind != MODELS[args.model][0]:
+        ok = sorted(t for t, spec in TASKS.items() if spec.kind == MODELS[args.model][0])
+        p.error(f"task {args.task!r} does not fit model {args.model!r}; choose from {ok}")
+    unknown = (set(args.methods) | set(args.early_methods)) - set(ALL_METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
     return args

