@@ -9,6 +9,9 @@ the last checkpoint of each seed fits one Laplace posterior per variant:
 * ``kron_mc``         Monte-Carlo Fisher (one sampled label per example);
 * ``kron_empirical``  empirical Fisher (gradients at the true labels);
 * ``kron_scalar``     one prior precision for all LoRA matrices;
+* ``kron_init``       the prior centred at the adapter's initialisation (LoRA's random A
+  and B = 0, plus a trained head's init) instead of at zero: the marglik prior then
+  measures how far fine-tuning moved the weights, not the size of the random init;
 * ``diag``            exact GGN diagonal, layerwise prior (``la_diag``);
 * ``diag_scalar``     the same with a scalar prior.
 
@@ -27,16 +30,19 @@ import argparse
 import time
 
 import torch
+from laplace import Laplace
 from tqdm.auto import tqdm
 
 from benchmarks import calibration as cal
 from benchmarks._common import publish  # writes results/<name>.{json,md}
-from benchmarks.finetune import classification_metrics
+from benchmarks.finetune import build_model, classification_metrics, trainable_state_dict
 from benchmarks.tasks import make_collate, make_loader
 
 #: name -> (hessian_structure, prior_structure, Laplace keyword arguments)
+#: (``prior_mean="init"`` is resolved per run by :func:`init_prior_mean`).
 VARIANTS: dict[str, tuple[str, str, dict]] = {
     "kron": ("kron", "layerwise", {}),
+    "kron_init": ("kron", "layerwise", {"prior_mean": "init"}),
     "kron_reduce": ("kron", "layerwise", {"kfac_approx": "reduce"}),
     "kron_mc": ("kron", "layerwise", {"fisher_type": "mc"}),
     "kron_empirical": ("kron", "layerwise", {"fisher_type": "empirical"}),
@@ -44,6 +50,42 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "diag": ("diag", "layerwise", {}),
     "diag_scalar": ("diag", "scalar", {}),
 }
+
+
+def init_state(cfg, data) -> dict[str, torch.Tensor]:
+    """Trainable tensors of a freshly built model: the adapter's (seeded) initialisation."""
+    peft_model, _, _ = build_model(cfg, data)
+    state = trainable_state_dict(peft_model)
+    del peft_model
+    return state
+
+
+def init_prior_mean(la, peft_model, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flat prior mean ``(P,)`` in ``la.params`` order: each tensor's value at init."""
+    name_of = {id(p): n for n, p in peft_model.named_parameters()}
+    return torch.cat([state[name_of[id(p)]].reshape(-1) for p in la.params]).to(la._dtype)
+
+
+def fit_variant(model, peft_model, train_loader, name: str, extra: bool, seed: int, init):
+    """Fit one variant: curvature, then the prior precision by marglik."""
+    structure, prior, kw = VARIANTS[name]
+    kw = dict(kw)
+    centre = kw.pop("prior_mean", None)
+    if name == "kron_mc":
+        kw["seed"] = seed
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure=structure,
+        include_extra_params=extra,
+        **kw,
+    )
+    if centre == "init":
+        la.prior_mean = init_prior_mean(la, peft_model, init)
+    la.fit(train_loader)
+    la.optimize_prior_precision(method="marglik", prior_structure=prior, n_steps=200, lr=0.1)
+    return la
 
 
 def evaluate_variants(peft_model, wrapper, data, cfg, args, seed: int) -> dict[str, dict]:
@@ -54,14 +96,10 @@ def evaluate_variants(peft_model, wrapper, data, cfg, args, seed: int) -> dict[s
     model = cal.laplace_model(peft_model, wrapper, data.kind, data)
     logits, labels = cal.logits_of(model, test_loader)
     out = {"map": classification_metrics(logits.softmax(-1), labels)}
+    init = init_state(cfg, data) if any("init" in v for v in args.variants) else None
     for name in tqdm(args.variants, desc=f"seed {seed}: variants"):
-        structure, prior, kw = VARIANTS[name]
-        if name == "kron_mc":
-            kw = {**kw, "seed": seed}
         t0 = time.perf_counter()
-        la = cal.fit_laplace(
-            model, train_loader, structure, prior, include_extra_params=data.kind == "encoder", **kw
-        )
+        la = fit_variant(model, peft_model, train_loader, name, data.kind == "encoder", seed, init)
         fit_s = time.perf_counter() - t0
         probs = cal.predict(la, test_loader, ("mc",), args.n_samples, seed)["mc"]
         out[name] = classification_metrics(probs, labels)

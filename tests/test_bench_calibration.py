@@ -83,3 +83,17 @@ def test_aggregate_mean_std_over_seeds_and_missing_early_methods():
     assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
     table = calibration.markdown_table(agg, 100, 3)
     assert "| la_kron | 80.0 ± 0.0 | 5.0 ± 0.0 |" in table
+
+
+def test_init_prior_mean_follows_la_params_order():
+    model = tiny_llama(lm_head=True)
+    perturb_lora_B(model)
+    batch = random_batch(n=4)
+    la = lora_laplace(model)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    centre = ablation.init_prior_mean(la, model, state)
+    flat = torch.nn.utils.parameters_to_vector(la.params).detach()
+    torch.testing.assert_close(centre, flat.to(centre.dtype))
+    la.prior_mean = centre
+    la.fit(loader(batch, 2))
+    assert float(la.scatter) == 0.0  # prior centred at the MAP: no distance term
