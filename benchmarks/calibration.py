@@ -43,7 +43,7 @@ from laplace_lora_ext import LastTokenChoiceLM
 RESULTS = Path(__file__).parent / "results"
 ALL_METHODS = ("map", "la_kron", "la_kron_probit", "la_diag", "la_last", "la_lowrank", "temp")
 EARLY_METHODS = ("map", "la_kron", "temp")
-METRICS = ("acc", "ece", "nll", "brier")
+METRICS = ("acc", "ece", "nll", "brier", "conf")
 #: Default learning rate per model (see docs/benchmarks.md for why not the paper's 5e-5).
 DEFAULT_LR = {"minilm": 2e-3, "smollm2": 1e-3}
 #: Default task per model.
@@ -268,14 +268,15 @@ def markdown_table(agg: dict, step: int, n_seeds: int) -> str:
     lines = [
         f"Test metrics at step {step} (mean ± std over {n_seeds} seeds; ECE ×100, 15 bins)",
         "",
-        "| method | ACC (%) | ECE (×100) | NLL | Brier |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | ACC (%) | ECE (×100) | NLL | Brier | conf (%) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for m, vals in agg[step].items():
-        acc, ece, nll, brier = (vals[k] for k in METRICS)
+        acc, ece, nll, brier, conf = (vals[k] for k in METRICS)
         lines.append(
             f"| {m} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | {100 * ece[0]:.1f} ± "
-            f"{100 * ece[1]:.1f} | {nll[0]:.3f} ± {nll[1]:.3f} | {brier[0]:.3f} ± {brier[1]:.3f} |"
+            f"{100 * ece[1]:.1f} | {nll[0]:.3f} ± {nll[1]:.3f} | {brier[0]:.3f} ± {brier[1]:.3f} | "
+            f"{100 * conf[0]:.1f} |"
         )
     return "\n".join(lines)
 
@@ -364,6 +365,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
     )
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the markdown and plots from the existing JSON (no training)",
+    )
+    p.add_argument(
         "--out", default=None, help="output prefix (default results/calibration_<model>_<task>)"
     )
     args = p.parse_args(argv)
@@ -380,32 +386,53 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_runs(path: Path) -> dict:
+    """A results JSON written by :func:`main`, with integer seeds and steps again."""
+    all_runs = json.loads(path.read_text())
+    all_runs["runs"] = {
+        int(seed): {**r, "steps": {int(k): v for k, v in r["steps"].items()}}
+        for seed, r in all_runs["runs"].items()
+    }
+    return all_runs
+
+
+def report(all_runs: dict, args: argparse.Namespace, out: Path) -> None:
+    """Write ``<out>.md`` and the plots from ``all_runs``; print the last step's table."""
+    agg = aggregate(all_runs)
+    n_seeds = len(all_runs["runs"])
+    steps_md = "\n\n".join(markdown_table(agg, s, n_seeds) for s in sorted(agg))
+    header = (
+        f"# Calibration: {args.model} on {args.task}\n\n"
+        f"{n_seeds} seeds, {args.n_train} train / {args.n_test} test examples, "
+        f"{args.steps} steps, lr {args.lr:g}, batch {args.batch_size}; "
+        f"wall time {all_runs['wall_s'] / 60:.1f} min. conf: mean top-class probability "
+        "(below ACC: underconfident, above: overconfident).\n\n"
+    )
+    out.with_suffix(".md").write_text(header + steps_md + "\n")
+    paths = plots(all_runs, agg, out)
+    print(markdown_table(agg, max(agg), n_seeds))
+    print(
+        f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, "
+        + ", ".join(map(str, paths))
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else RESULTS / f"calibration_{args.model}_{args.task}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        all_runs = load_runs(out.with_suffix(".json"))
+        report(all_runs, argparse.Namespace(**all_runs["args"]), out)
+        return
     t0 = time.perf_counter()
     all_runs = run(args)
-    agg = aggregate(all_runs)
-    last = max(agg)
-    table = markdown_table(agg, last, len(args.seeds))
-    all_runs["aggregate"] = {str(s): v for s, v in agg.items()}
+    all_runs["aggregate"] = {str(s): v for s, v in aggregate(all_runs).items()}
     all_runs["wall_s"] = time.perf_counter() - t0
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(all_runs, indent=1, default=str))
-    steps_md = "\n\n".join(markdown_table(agg, s, len(args.seeds)) for s in sorted(agg))
-    header = (
-        f"# Calibration: {args.model} on {args.task}\n\n"
-        f"{len(args.seeds)} seeds, {args.n_train} train / {args.n_test} test examples, "
-        f"{args.steps} steps, lr {args.lr:g}, batch {args.batch_size}; "
-        f"wall time {all_runs['wall_s'] / 60:.1f} min.\n\n"
-    )
-    out.with_suffix(".md").write_text(header + steps_md + "\n")
-    paths = plots(all_runs, agg, out)
-    print(table)
-    print(f"\nwrote {json_path}, {out.with_suffix('.md')}, " + ", ".join(map(str, paths)))
+    out.with_suffix(".json").write_text(json.dumps(all_runs, indent=1, default=str))
+    report(all_runs, args, out)
 
 
 if __name__ == "__main__":

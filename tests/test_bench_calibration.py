@@ -61,7 +61,7 @@ def test_predict_applies_every_link_to_one_predictive():
 
 
 def _metrics(acc: float, ece: float) -> dict:
-    return {"acc": acc, "ece": ece, "nll": 0.5, "brier": 0.3}
+    return {"acc": acc, "ece": ece, "nll": 0.5, "brier": 0.3, "conf": 0.7}
 
 
 def test_aggregate_mean_std_over_seeds_and_missing_early_methods():
