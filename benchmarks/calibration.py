@@ -362,7 +362,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="methods evaluated at checkpoints before the last (the last runs all --methods)",
     )
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default, all cores; 1 when sharing the machine)",
     )
     p.add_argument(
         "--report-only",
