@@ -30,7 +30,6 @@ import argparse
 import time
 
 import torch
-from laplace import Laplace
 from tqdm.auto import tqdm
 
 from benchmarks import calibration as cal
@@ -67,25 +66,14 @@ def init_prior_mean(la, peft_model, state: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def fit_variant(model, peft_model, train_loader, name: str, extra: bool, seed: int, init):
-    """Fit one variant: curvature, then the prior precision by marglik."""
+    """Fit one variant with :func:`benchmarks.calibration.fit_laplace`."""
     structure, prior, kw = VARIANTS[name]
     kw = dict(kw)
-    centre = kw.pop("prior_mean", None)
+    if kw.pop("prior_mean", None) == "init":
+        kw["prior_mean"] = lambda la: init_prior_mean(la, peft_model, init)
     if name == "kron_mc":
         kw["seed"] = seed
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure=structure,
-        include_extra_params=extra,
-        **kw,
-    )
-    if centre == "init":
-        la.prior_mean = init_prior_mean(la, peft_model, init)
-    la.fit(train_loader)
-    la.optimize_prior_precision(method="marglik", prior_structure=prior, n_steps=200, lr=0.1)
-    return la
+    return cal.fit_laplace(model, train_loader, structure, prior, include_extra_params=extra, **kw)
 
 
 def evaluate_variants(peft_model, wrapper, data, cfg, args, seed: int) -> dict[str, dict]:

@@ -69,10 +69,17 @@ def last_block_regex(model: torch.nn.Module) -> str:
     return rf"layers?\.{last}\."
 
 
-def fit_laplace(model, train_loader, structure: str, prior: str, **kw) -> Any:
+def fit_laplace(model, train_loader, structure: str, prior: str, prior_mean=None, **kw) -> Any:
+    """Fit the LoRA curvature, then the prior precision by marglik.
+
+    ``prior_mean``: optional callable ``la -> (P,)`` tensor setting the prior's centre
+    before the fit (default: zero).
+    """
     la = Laplace(
         model, "classification", subset_of_weights="lora", hessian_structure=structure, **kw
     )
+    if prior_mean is not None:
+        la.prior_mean = prior_mean(la)
     la.fit(train_loader)
     la.optimize_prior_precision(method="marglik", prior_structure=prior, n_steps=200, lr=0.1)
     return la
