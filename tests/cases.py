@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from models import random_batch, tiny_gpt2, tiny_llama, tiny_roberta
+
+from tests.models import random_batch, tiny_gpt2, tiny_llama, tiny_roberta
 
 
 @dataclass

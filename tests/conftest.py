@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import laplace_lora_ext  # noqa: E402,F401  (registers the "lora" classes)
+import laplace_lora_ext  # noqa: F401  (registers the "lora" classes)
 
 
 @pytest.fixture(autouse=True)

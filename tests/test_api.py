@@ -6,13 +6,13 @@ import io
 
 import pytest
 import torch
-from cases import make_case
 from laplace import DiagLaplace, FullLaplace, KronLaplace, Laplace
-from models import TARGET_IDS, loader, random_batch, tiny_llama
-from models import lora_laplace as make
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_lora_ext import LoraDiagLaplace, LoraFullLaplace, LoraKronLaplace
+from tests.cases import make_case
+from tests.models import TARGET_IDS, loader, random_batch, tiny_llama
+from tests.models import lora_laplace as make
 
 
 def test_registration_returns_ours_and_keeps_laplace_torch():

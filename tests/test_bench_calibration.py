@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
 
 from benchmarks import ablation, calibration
+from tests.models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
 
 
 def test_defaults_follow_the_model():

@@ -7,17 +7,12 @@ packages) skip when those are not installed; none downloads anything.
 from __future__ import annotations
 
 import importlib.util
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
-# `benchmarks` is a top-level folder of the repo, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import offline, tasks  # noqa: E402
+from benchmarks import offline, tasks
 
 # --------------------------------------------------------------------------- helpers
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from laplace import Laplace
-from models import DictDataset, random_batch, tiny_llama
 from torch.utils.data import BatchSampler, DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from laplace_lora_ext import distributed
 from laplace_lora_ext.lowrank import LowRankFactor
+from tests.models import DictDataset, random_batch, tiny_llama
 
 WORLD = 2
 N = 7  # odd: the DistributedSampler pads rank 1's shard with a repeated example

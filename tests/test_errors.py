@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import make_case
 from laplace import Laplace
 from laplace.curvature import AsdlGGN
-from models import loader, random_batch, tiny_llama
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from laplace_lora_ext import LastTokenChoiceLM
+from tests.cases import make_case
+from tests.models import loader, random_batch, tiny_llama
 
 
 def make(model, structure="kron", likelihood="classification", **kw):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES, make_case
 from laplace import Laplace
-from models import loader
-from reference import exact_ggn, explicit_jacobians, kfac_reference
+
+from tests.cases import CASES, make_case
+from tests.models import loader
+from tests.reference import exact_ggn, explicit_jacobians, kfac_reference
 
 TOL = 1e-8
 

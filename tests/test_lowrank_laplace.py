@@ -7,12 +7,12 @@ import io
 
 import pytest
 import torch
-from models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from laplace_lora_ext import LastTokenChoiceLM
 from laplace_lora_ext.lowrank import LowRankFactor, LowRankKron
+from tests.models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
 
 TOL = 1e-8
 

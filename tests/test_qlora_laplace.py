@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 from laplace import Laplace
-from models import loader, random_batch
 
 from laplace_lora_ext import LastTokenChoiceLM, quant
+from tests.models import loader, random_batch
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from laplace import Laplace
-from models import loader, random_batch, tiny_llama
-from reference import kfac_reference
 
 from laplace_lora_ext import collect_targets
+from tests.models import loader, random_batch, tiny_llama
+from tests.reference import kfac_reference
 
 
 @pytest.mark.parametrize("T", [3, 6])
