@@ -17,9 +17,9 @@ import math
 
 import torch
 
-__all__ = ["LINK_APPROXIMATIONS", "apply_link", "probit", "laplace_bridge", "mc_joint", "mc_indep"]
+from .options import LINK_APPROXIMATIONS
 
-LINK_APPROXIMATIONS = ("mc", "mc_indep", "probit", "bridge", "bridge_norm")
+__all__ = ["LINK_APPROXIMATIONS", "apply_link", "probit", "laplace_bridge", "mc_joint", "mc_indep"]
 
 
 def probit(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FISHER_TYPES", "grad_output_vectors"]
+from ..options import FISHER_TYPES
 
-FISHER_TYPES = ("exact", "mc", "empirical")
+__all__ = ["FISHER_TYPES", "grad_output_vectors"]
 
 
 def grad_output_vectors(

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["input_root", "output_root", "KFAC_APPROX"]
+from ..options import KFAC_APPROX
 
-KFAC_APPROX = ("expand", "reduce")
+__all__ = ["input_root", "output_root", "KFAC_APPROX"]
 
 
 def input_root(a: torch.Tensor, w: torch.Tensor, n_data: int, approx: str) -> torch.Tensor:

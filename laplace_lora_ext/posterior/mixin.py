@@ -18,14 +18,29 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
-from .. import distributed  # issue 8
+from .. import distributed, guards  # issue 8
 from ..curvature import LoraCurvature
 from ..inputs import forward_logits, split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
-from ..predictive import glm_predictive_moments
+from ..lowrank.auto import FactorRank, resolve_factor_rank
+from ..options import validate_lora_options
+from ..predictive import logit_jacobian_blocks
 from ..targets import check_same_device, collect_targets, param_names, target_params
 
 __all__ = ["LoraLaplaceMixin"]
+
+_FIT_STATE = (
+    "H",
+    "H_facs",
+    "loss",
+    "n_data",
+    "n_outputs",
+    "mean",
+    "_prior_precision",
+    "_prior_mean",
+    "_posterior_scale",
+)
+"""Attributes a failed ``fit`` puts back (``fit`` rebinds them, never mutates in place)."""
 
 
 class LoraLaplaceMixin:
@@ -49,7 +64,7 @@ class LoraLaplaceMixin:
         kfac_approx: str,
         fisher_type: str,
         mc_samples: int,
-        factor_rank: int | None,
+        factor_rank: FactorRank,
         rank_threshold: int,
         seed: int | None,
         lora_modules: str | None = None,
@@ -67,8 +82,14 @@ class LoraLaplaceMixin:
                 f"backend={getattr(backend, '__name__', backend)} is not supported with "
                 "subset_of_weights='lora'; leave backend=None (LoraCurvature is used)."
             )
-        if factor_rank is not None and (not isinstance(factor_rank, int) or factor_rank < 1):
-            raise ValueError(f"factor_rank must be a positive int or None, got {factor_rank!r}.")
+        validate_lora_options(
+            kfac_approx=kfac_approx,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+            factor_rank=factor_rank,
+            rank_threshold=rank_threshold,
+            seed=seed,
+        )
         self._maybe_prepare_quantized(model)
         targets = collect_targets(model, adapter_name, include_extra_params, lora_modules)
         params = target_params(targets)
@@ -81,13 +102,17 @@ class LoraLaplaceMixin:
         self.factor_rank = factor_rank
         self.rank_threshold = rank_threshold
         self._curvature_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        # "auto" -> (rank, threshold) for these parameter shapes (lowrank/auto.py)
+        self._low_rank = resolve_factor_rank(
+            factor_rank, rank_threshold, params, self._curvature_dtype
+        )
         kwargs = dict(
             targets=targets,
             kfac_approx=kfac_approx,
             fisher_type=fisher_type,
             mc_samples=mc_samples,
-            factor_rank=factor_rank,
-            rank_threshold=rank_threshold,
+            factor_rank=self._low_rank[0],
+            rank_threshold=self._low_rank[1],
             seed=seed,
             curvature_dtype=self._curvature_dtype,
         )
@@ -127,25 +152,76 @@ class LoraLaplaceMixin:
         """Dtype of the curvature, prior and posterior (float32 or better)."""
         return self._curvature_dtype
 
+    # ------------------------------------------------------------------ checked scalars
+    @property
+    def prior_precision(self) -> torch.Tensor:
+        """Prior precision: scalar ``(1,)``, per parameter tensor or (not kron) per weight."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | torch.Tensor) -> None:
+        """Refuses ``<= 0``, NaN, inf and wrong lengths; a refused value is not stored."""
+        guards.check_positive("prior_precision", value)
+        with guards.restore_on_error(self, ("_prior_precision", "_posterior_scale")):
+            super(LoraLaplaceMixin, type(self)).prior_precision.fset(self, value)
+
+    @property
+    def temperature(self) -> float | torch.Tensor:
+        """Likelihood temperature (> 0; the curvature is divided by it)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float | torch.Tensor) -> None:
+        guards.check_positive("temperature", value)
+        self._temperature = value
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Posterior weight samples ``(n_samples, P)`` (``n_samples >= 1``)."""
+        guards.check_n_samples(n_samples)
+        return super().sample(n_samples, generator=generator)
+
     # ------------------------------------------------------------------ fitting
     def fit(
         self, train_loader: DataLoader, override: bool = True, progress_bar: bool = False
     ) -> None:
         """Fit the curvature on ``train_loader`` (dict batches with labels, or ``(X, y)``).
 
+        N is the number of examples the loader actually yields (counted; a ``drop_last``
+        loader, a subset sampler or an ``IterableDataset`` without ``__len__`` are fine).
+        The fit is atomic: if it raises (a bad batch, NaN/inf, a failing loader), the
+        previous posterior (curvature, loss, ``n_data``, mean, prior) is left exactly as it
+        was. The model runs in eval mode; its modules' modes and ``.grad`` are left as they
+        were.
+
         Args:
-            train_loader: loader whose ``dataset`` has a length (N, the data size).
+            train_loader: an iterable of dict batches (labels under ``dict_key_y``) or
+                ``(X, y)`` pairs, usually a ``DataLoader``.
             override: start afresh (``True``) or add to the previous fit.
             progress_bar: show a tqdm progress bar over batches.
+
+        Raises:
+            NonFiniteError: NaN or inf in a batch's logits, layer inputs, output gradients,
+                loss or curvature (the message names the batch).
         """
+        with guards.restore_on_error(self, _FIT_STATE), guards.eval_mode(self.model):
+            self._fit(train_loader, override, progress_bar)
+
+    def _fit(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
         self._fit_loop(train_loader, override, progress_bar)
+
+    def _renormalise(self, H: Any, factor: float) -> Any:
+        """Curvature fitted with the input normalisation ``1/N`` rescaled to ``factor/N``
+        (only KFAC input factors depend on N)."""
+        return H
 
     def _fit_loop(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
         _dataset_size(train_loader)  # clear errors for loaders without data
-        # this rank's shard and the true total N (a pass-through outside torch.distributed,
-        # see laplace_lora_ext/distributed.py)
+        # this rank's shard and the announced total N (a pass-through outside
+        # torch.distributed, see laplace_lora_ext/distributed.py); None: no __len__
         shard = distributed.FitShard(train_loader, self.dict_key_y)
-        N = shard.n_total
+        N = shard.n_total or 1
         # a previous fit (override=False) is kept aside and added after the ranks are
         # combined, so that only the new terms are summed across ranks
         previous = None if override or self.H is None else (self.H, self.loss)
@@ -153,23 +229,34 @@ class LoraLaplaceMixin:
             self.n_data = 0
         self._init_H()
         self.loss = 0.0
-        self.model.eval()
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
-        n_batches = 0
+        n_batches = n_seen = 0
         bar = tqdm.tqdm(shard.batches(), disable=not progress_bar, desc="[Computing Hessian]")
         for batch in bar:
             X, y = split_batch(batch, self.dict_key_y, self._device)
-            self.model.zero_grad(set_to_none=True)
-            loss_batch, H_batch = self._curv_closure(X, y, N=N)
+            try:
+                loss_batch, H_batch = self._curv_closure(X, y, N=N)
+                guards.check_finite_curvature(H_batch, loss_batch)
+            except guards.NonFiniteError as e:
+                raise guards.NonFiniteError(
+                    f"Batch {n_batches} of train_loader (examples {n_seen}.."
+                    f"{n_seen + _n_examples(y) - 1} in loader order): {e}"
+                ) from None
             if n_batches == 0:
                 self._check_curvature(H_batch)
                 self.n_outputs = self.backend.n_outputs
             self.loss += loss_batch
             self.H += H_batch
             n_batches += 1
+            n_seen += _n_examples(y)
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches; cannot fit on empty data.")
         self.H, self.loss = shard.combine(self.H, self.loss)
+        if not shard.active and n_seen != N:
+            # the loader yielded another number of examples than len(dataset) (drop_last,
+            # a subset sampler, no __len__): N is what was seen
+            self.H = self._renormalise(self.H, N / n_seen)
+            N = n_seen
         if previous is not None:
             self.H, self.loss = previous[0] + self.H, previous[1] + self.loss
         self.n_data += N
@@ -178,21 +265,58 @@ class LoraLaplaceMixin:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ prediction
+    def predictive_moments(
+        self, x: torch.Tensor | Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian over the logits of the linearised (GLM) model: mean and covariance.
+
+        ``f(x) ~ N(f_mu, f_var)`` with ``f_mu = f(x; θ_MAP)`` (the model's own logits) and
+        ``f_var = J Σ Jᵀ``, ``J = ∂f/∂θ`` over the LoRA parameters and ``Σ`` the posterior
+        covariance. One forward and ``C`` backward passes; the full ``(B, C, P)`` Jacobian is
+        never built. Every link approximation (:func:`laplace_lora_ext.links.apply_link`)
+        turns these moments into probabilities, so one call serves several links.
+
+        This method owns the GLM predictive: ``la(x)`` and laplace-torch's
+        ``_glm_predictive_distribution`` call it. The Jacobian blocks come from
+        :func:`laplace_lora_ext.predictive.logit_jacobian_blocks`; each posterior class
+        contracts them with its covariance in ``_functional_variance_blocks``.
+
+        Args:
+            x: a dict batch (labels are ignored) or an input tensor.
+
+        Returns:
+            ``f_mu`` ``(B, C)`` and ``f_var`` ``(B, C, C)``, in the posterior's dtype
+            (float32, or float64 for a float64 model), detached.
+
+        Raises:
+            AttributeError: if the posterior has not been fitted (call ``fit`` first).
+        """
+        self._check_H_init()
+        with guards.eval_mode(self.model):  # dropout off; the caller's modes come back
+            f_mu, blocks = logit_jacobian_blocks(self.backend, x)
+        return f_mu, self._functional_variance_blocks(blocks)
+
     def _glm_predictive_distribution(
         self, X: Any, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GLM predictive mean ``(B, C)`` and covariance ``(B, C, C)`` (no full Jacobian)."""
+        """laplace-torch's hook: :meth:`predictive_moments` (``f_var`` diagonal on request)."""
         if joint:
             raise ValueError("joint=True (covariance across the batch) is not supported.")
-        self._check_H_init()
-        f_mu, f_var = glm_predictive_moments(self, X)
+        f_mu, f_var = self.predictive_moments(X)
         if diagonal_output:
             f_var = f_var.diagonal(dim1=-2, dim2=-1)
         return f_mu, f_var
 
     def _functional_variance_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """``Σ_l W_l Σ_l W_lᵀ`` for per-parameter-tensor Jacobian blocks ``W_l`` (B, C, p_l)."""
-        raise NotImplementedError
+        """``Σ_l W_l Σ_l W_lᵀ`` ``(B, C, C)`` for the Jacobian blocks ``W_l`` ``(B, C, p_l)``.
+
+        The one structure-specific step of the GLM predictive (``blocks`` in ``la.params``
+        order, ``Σ_l`` this posterior's covariance block of parameter tensor ``l``); each
+        concrete class implements it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _functional_variance_blocks"
+        )
 
     def __call__(
         self,
@@ -226,6 +350,7 @@ class LoraLaplaceMixin:
             raise ValueError("pred_type='nn' supports link_approx='mc' only.")
         if joint:
             raise ValueError("joint=True is only meaningful for regression; not supported here.")
+        guards.check_n_samples(n_samples)
         if pred_type == "nn":
             return self._nn_predictive_classification(x, n_samples, generator)
         f_mu, f_var = self._glm_predictive_distribution(x)
@@ -238,9 +363,10 @@ class LoraLaplaceMixin:
     ) -> torch.Tensor:
         """Average of softmax outputs over posterior weight samples ``(B, C)``."""
         self._check_H_init()
+        guards.check_n_samples(n_samples)
         probs = 0.0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), guards.eval_mode(self.model):
                 for sample in self.sample(n_samples, generator=generator):
                     _write_params(sample, self.params)
                     logits = forward_logits(self.model, X, self.dict_key_y)
@@ -257,24 +383,54 @@ class LoraLaplaceMixin:
             "kfac_approx": self.kfac_approx,
             "fisher_type": self.fisher_type,
             "factor_rank": self.factor_rank,
+            "param_shapes": [tuple(p.shape) for p in self.params],
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a posterior saved by :meth:`state_dict` (atomic: a refused one changes
+        nothing).
+
+        Raises:
+            ValueError: the saved posterior was built with other options (``factor_rank``,
+                ``kfac_approx``, ``fisher_type``) or for other LoRA parameters (names or
+                shapes), or holds NaN/inf (:class:`~laplace_lora_ext.guards.NonFiniteError`).
+
+        Warns:
+            UserWarning: when the loaded ``mean`` differs from the model's current LoRA
+            weights (the posterior was fitted at other weights).
+        """
         config = state_dict.get("lora_config")
-        if config is not None and config.get("factor_rank") != self.factor_rank:
-            raise ValueError(
-                f"The saved posterior has factor_rank={config.get('factor_rank')} but this "
-                f"object was built with factor_rank={self.factor_rank}; build it with the same "
-                "factor_rank (and rank_threshold) before load_state_dict."
-            )
-        if config is not None and config["param_names"] != self.lora_param_names:
+        if config is not None:
+            self._check_saved_config(config)
+        guards.check_finite_saved(state_dict)  # before laplace-torch decomposes it
+        with guards.restore_on_error(self, _FIT_STATE):
+            super().load_state_dict(state_dict)
+        guards.warn_if_mean_differs(self.mean, self.params)
+
+    def _check_saved_config(self, config: Mapping[str, Any]) -> None:
+        for key in ("factor_rank", "kfac_approx", "fisher_type"):
+            if key in config and config[key] != getattr(self, key):
+                raise ValueError(
+                    f"The saved posterior has {key}={config[key]!r} but this object was built "
+                    f"with {key}={getattr(self, key)!r}; build it with the same {key} (and "
+                    "the same other options) before load_state_dict."
+                )
+        if config["param_names"] != self.lora_param_names:
             raise ValueError(
                 "The saved posterior covers different LoRA parameters than this model "
                 f"({len(config['param_names'])} vs {len(self.lora_param_names)} tensors); "
                 "rebuild the model with the same LoraConfig and adapter."
             )
-        super().load_state_dict(state_dict)
+        shapes = [tuple(p.shape) for p in self.params]
+        saved = [tuple(s) for s in config.get("param_shapes", shapes)]
+        if saved != shapes:
+            bad = next(i for i, (a, b) in enumerate(zip(saved, shapes, strict=True)) if a != b)
+            raise ValueError(
+                f"The saved posterior's {self.lora_param_names[bad]} has shape {saved[bad]} "
+                f"but the model's is {shapes[bad]} (another LoRA rank?); rebuild the model "
+                "with the same LoraConfig."
+            )
 
 
 def _write_params(vector: torch.Tensor, params: list[torch.Tensor]) -> None:
@@ -287,11 +443,17 @@ def _write_params(vector: torch.Tensor, params: list[torch.Tensor]) -> None:
             offset += n
 
 
-def _dataset_size(loader: DataLoader) -> int:
+def _dataset_size(loader: DataLoader) -> int | None:
+    """``len(loader.dataset)`` (``None`` when unknown); an empty dataset is an error."""
     dataset = getattr(loader, "dataset", None)
-    if dataset is None:
-        raise TypeError("fit needs a DataLoader with a .dataset (its length is N).")
+    if dataset is None or not hasattr(type(dataset), "__len__"):
+        return None
     N = len(dataset)
     if N == 0:
         raise ValueError("train_loader's dataset is empty; cannot fit on empty data.")
     return N
+
+
+def _n_examples(y: Any) -> int:
+    """Number of examples in a batch's labels."""
+    return int(y.shape[0]) if torch.is_tensor(y) and y.ndim > 0 else len(y)
