@@ -19,15 +19,14 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,8 @@ from tqdm.auto import tqdm
 
 from benchmarks import offline
 from benchmarks.tasks import TASKS, TaskData, load_task, make_collate
+from laplace_lora_ext.wrappers import LastTokenChoiceLM as ChoiceHead
+from laplace_lora_ext.wrappers import SequenceClassifier as EncoderHead
 
 __all__ = [
     "MODELS",
@@ -61,57 +62,6 @@ MODELS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "smollm2": ("causal", ("q_proj", "v_proj"), "CAUSAL_LM"),
     "minilm": ("encoder", ("query", "value"), "SEQ_CLS"),
 }
-
-
-# --------------------------------------------------------------------------- wrappers
-
-
-class _LocalChoiceHead(nn.Module):
-    """Causal LM -> choice-token logits ``(B, C)`` at the last position (left padding).
-
-    Fallback used when ``laplace_lora_ext.wrappers.LastTokenChoiceLM`` is unavailable.
-    Takes a dict batch (``labels`` ignored); only the last position goes through the
-    output layer (``logits_to_keep=1``).
-    """
-
-    accepts_batch_dict = True
-
-    def __init__(self, model: nn.Module, target_ids: Sequence[int]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("target_ids", torch.as_tensor(list(target_ids)), persistent=False)
-
-    def forward(self, batch: Mapping[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
-        inputs = {**(batch or {}), **kwargs}
-        inputs.pop("labels", None)
-        mask = inputs.get("attention_mask")
-        if mask is not None and not bool(mask[:, -1].all()):
-            raise ValueError("ChoiceHead needs left padding (last column all real tokens)")
-        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
-        return logits[:, self.target_ids]
-
-
-class _LocalEncoderHead(nn.Module):
-    """Sequence classifier -> ``.logits`` ``(B, C)`` from a dict batch (``labels`` ignored)."""
-
-    accepts_batch_dict = True
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Mapping[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
-        inputs = {**(batch or {}), **kwargs}
-        inputs.pop("labels", None)
-        return self.model(**inputs).logits
-
-
-try:  # prefer the package's wrappers (same interface: dict batch -> (B, C) logits)
-    from laplace_lora_ext.wrappers import LastTokenChoiceLM as ChoiceHead
-    from laplace_lora_ext.wrappers import SequenceClassifier as EncoderHead
-except ImportError:  # pragma: no cover - depends on the package's state
-    ChoiceHead = _LocalChoiceHead
-    EncoderHead = _LocalEncoderHead
 
 
 # --------------------------------------------------------------------------- config
@@ -447,31 +397,30 @@ def evaluate(wrapper: nn.Module, examples: Sequence[dict], collate, batch_size: 
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse(argv: list[str] | None) -> tuple[FinetuneConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description="LoRA fine-tuning with a resumable cache.")
-    defaults = FinetuneConfig()
-    for f in dataclasses.fields(FinetuneConfig):
-        default = getattr(defaults, f.name)
-        kind = {int: int, float: float, str: str}.get(type(default))
-        if f.name in ("n_train", "n_val", "n_test", "max_length"):
-            kind = int
-        elif f.name == "max_grad_norm":
-            kind = float
-        elif f.name == "run_name":
-            kind = str
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
-    p.add_argument("--eval", action="store_true", help="evaluate every checkpoint (MAP)")
-    p.add_argument("--eval-split", default="test", choices=["validation", "test"])
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument(
-        "--eval-steps", type=int, nargs="*", default=None, help="checkpoints to evaluate (all)"
+@dataclass
+class CliOptions:
+    """CLI options that do not change the run (evaluation, caching, output)."""
+
+    eval: bool = field(default=False, metadata={"help": "evaluate every checkpoint (MAP)"})
+    eval_split: Literal["validation", "test"] = "test"
+    eval_batch_size: int = 16
+    eval_steps: list[int] | None = field(
+        default=None, metadata={"help": "checkpoints to evaluate (all)"}
     )
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = p.parse_args(argv)
-    names = [f.name for f in dataclasses.fields(FinetuneConfig)]
-    return FinetuneConfig(**{n: getattr(args, n) for n in names}), args
+    overwrite: bool = False
+    quiet: bool = False
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
+
+
+def _parse(argv: list[str] | None) -> tuple[FinetuneConfig, CliOptions]:
+    """``--model smollm2 --steps 200 --eval ...`` -> (run config, CLI options)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        (FinetuneConfig, CliOptions), description="LoRA fine-tuning with a resumable cache."
+    )
+    cfg, args = parser.parse_args_into_dataclasses(argv)
+    return cfg, args
 
 
 def main(argv: list[str] | None = None) -> dict:

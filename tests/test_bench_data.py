@@ -216,6 +216,20 @@ def test_finetune_refuses_changed_config(tmp_path, monkeypatch):
         ft._check_run_dir(ft.FinetuneConfig(**{**cfg.__dict__, "lr": 0.5}), overwrite=False)
 
 
+def test_finetune_cli_parses_into_config_and_options():
+    """HfArgumentParser: dashed or underscored names, optional ints, list and bool flags."""
+    ft = pytest.importorskip("benchmarks.finetune")
+    cfg, opts = ft._parse(
+        ["--model", "minilm", "--task", "fine_foods", "--n-train", "50", "--max_grad_norm",
+         "0.5", "--eval", "--eval-steps", "0", "50", "--run-name", "x"]
+    )  # fmt: skip
+    assert cfg == ft.FinetuneConfig(
+        model="minilm", task="fine_foods", n_train=50, max_grad_norm=0.5, run_name="x"
+    )
+    assert opts.eval and opts.eval_steps == [0, 50] and opts.threads is None
+    assert ft._parse([])[0] == ft.FinetuneConfig()
+
+
 # --------------------------------------------------------------------------- real assets
 
 _BB = offline.CACHE_DIR / "bigbench"
