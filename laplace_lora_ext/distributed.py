@@ -157,7 +157,8 @@ class FitShard:
     """How this rank iterates a fit loader, and the true data size N.
 
     Outside a multi-rank process group it is a pass-through: ``n_total`` is
-    ``len(loader.dataset)``, :meth:`batches` yields the loader's batches, ``active`` is False.
+    ``len(loader.dataset)`` (``None`` without one; the caller counts the examples),
+    :meth:`batches` yields the loader's batches, ``active`` is False.
 
     Args:
         loader: the training loader (see the module docstring for what is accepted).
@@ -179,7 +180,9 @@ class FitShard:
         self.n_local: int | None = None
         self.n_seen = 0
         if not self.active:
-            self.n_total = _local_length(loader)
+            dataset = getattr(loader, "dataset", None)
+            has_len = dataset is not None and hasattr(type(dataset), "__len__")
+            self.n_total = len(dataset) if has_len else None
             return
         W, r = world_size(group), rank(group)
         sampler = _find_distributed_sampler(loader)

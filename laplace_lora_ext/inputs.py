@@ -32,7 +32,7 @@ def split_batch(
         x, y = batch
         if device is not None:
             x = x.to(device) if torch.is_tensor(x) else x
-            y = y.to(device)
+            y = y.to(device) if torch.is_tensor(y) else y
         return x, y
     raise TypeError(
         f"Unsupported batch type {type(batch).__name__}: the loader must yield dict batches "

@@ -10,6 +10,8 @@ ignored) and can be called as ``wrapper(batch_dict)`` or ``wrapper(**batch_dict)
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,13 +60,19 @@ class _DictModule(nn.Module):
 class LastTokenChoiceLM(_DictModule):
     """Causal LM -> logits of the choice tokens at the last real position ``(B, C)``.
 
+    When the model's ``forward`` takes ``position_ids`` and the batch has an
+    ``attention_mask`` but no ``position_ids``, positions are derived from the mask
+    (``cumsum - 1``), so left and right padding give the same logits also on
+    absolute-position models such as GPT-2.
+
     Only the last position is fed to the output layer (``lm_head``, LoRA'd or not), so
     the vocabulary projection costs ``B x V`` instead of ``B x T x V`` and a LoRA on
     ``lm_head`` sees exactly one input per sequence.
 
     Args:
         model: a (PEFT-wrapped) ``...ForCausalLM``.
-        target_ids: vocabulary ids of the C choice tokens, in class order.
+        target_ids: vocabulary ids of the C choice tokens, in class order (distinct ints in
+            ``0..V-1``; checked against the output layer's size when it is known).
         label_key: key of the labels in dict batches (dropped before the forward).
     """
 
@@ -72,12 +80,9 @@ class LastTokenChoiceLM(_DictModule):
         self, model: nn.Module, target_ids: Sequence[int], label_key: str = "labels"
     ) -> None:
         super().__init__(model, label_key)
-        ids = torch.as_tensor(list(target_ids), dtype=torch.long)
-        if ids.ndim != 1 or len(ids) < 2:
-            raise ValueError("target_ids must list at least two token ids (one per class).")
-        if len(set(ids.tolist())) != len(ids):
-            raise ValueError(f"target_ids contains duplicates: {ids.tolist()}.")
+        ids = torch.as_tensor(_check_token_ids(target_ids, _vocab_size(model)), dtype=torch.long)
         self.register_buffer("target_ids", ids, persistent=False)
+        self._takes_position_ids = _accepts(model, "position_ids")
 
     def forward(self, batch: Any = None, **kwargs: Any) -> torch.Tensor:
         """Logits ``(B, C)`` of the target tokens at the last non-padding position."""
@@ -88,6 +93,9 @@ class LastTokenChoiceLM(_DictModule):
             ref = ids if ids is not None else inputs["inputs_embeds"][..., 0]
             mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         positions = last_token_positions(mask)
+        if self._takes_position_ids and "position_ids" not in inputs and "attention_mask" in inputs:
+            # absolute-position models (GPT-2) would see left padding as a position shift
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         head = self._output_layer()
         if head is None:
             logits = self.model(**inputs).logits  # (B, T, V)
@@ -104,6 +112,57 @@ class LastTokenChoiceLM(_DictModule):
     def _output_layer(self) -> nn.Module | None:
         get = getattr(self.model, "get_output_embeddings", None)
         return get() if callable(get) else None
+
+
+def _check_token_ids(target_ids: Any, vocab_size: int | None) -> list[int]:
+    """``target_ids`` as a list of distinct non-negative ints (below ``vocab_size``)."""
+    if isinstance(target_ids, (str, bytes, Mapping)) or not hasattr(target_ids, "__iter__"):
+        raise TypeError(
+            f"target_ids must be a sequence of token ids (one per class), got {target_ids!r}."
+        )
+    ids = []
+    for t in target_ids:
+        if torch.is_tensor(t) and t.ndim == 0 and not t.is_floating_point():
+            t = t.item()
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(
+                f"target_ids must be integer token ids, got {t!r} ({type(t).__name__}) in "
+                f"{list(target_ids)!r}; map the choice strings with the tokenizer first."
+            )
+        ids.append(int(t))
+    if len(ids) < 2:
+        raise ValueError("target_ids must list at least two token ids (one per class).")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"target_ids contains duplicates: {ids}.")
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        limit = f"0..{vocab_size - 1}" if vocab_size is not None else "non-negative"
+        raise ValueError(
+            f"target_ids {bad} are not valid token ids (vocabulary: {limit}); negative ids "
+            "would silently index from the end of the vocabulary."
+        )
+    return ids
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's output layer (its logits' last dimension), if known."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if torch.is_tensor(weight) and weight.ndim == 2:
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the (PEFT-wrapped) HF model's ``forward`` has a parameter ``name``."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _gather_rows_hook(positions: torch.Tensor):

@@ -17,6 +17,7 @@ from laplace.curvature import CurvatureInterface
 from laplace.utils.matrix import Kron
 from torch import nn
 
+from ..guards import check_labels
 from ..inputs import attention_mask_of, forward_logits
 from ..targets import LoraTarget, target_params
 from .capture import Captured, capture_forward, output_gradients, token_weights
@@ -105,11 +106,7 @@ class LoraCurvature(CurvatureInterface):
         return capture_forward(lambda: forward_logits(self.model, x, self.dict_key_y), self.targets)
 
     def _check_labels(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if y.is_floating_point() or y.is_complex():
-            raise TypeError(
-                f"Classification labels must be integer class indices, got dtype {y.dtype}."
-            )
-        y = y.reshape(-1).to(logits.device)
+        y = check_labels(y).reshape(-1).to(logits.device)
         if len(y) != len(logits):
             raise ValueError(f"Got {len(y)} labels for a batch of {len(logits)} examples.")
         C = logits.shape[-1]

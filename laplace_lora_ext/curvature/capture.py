@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..guards import check_finite
 from ..quant import missing_gradient_error
 from ..targets import LoraTarget
 
@@ -51,6 +52,7 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
     Raises:
         RuntimeError: if a target is called more than once per forward (weight sharing is
             not supported) or never called.
+        NonFiniteError: NaN or inf in the logits or a target's input.
     """
     inputs: list[torch.Tensor | None] = [None] * len(targets)
     outputs: list[torch.Tensor | None] = [None] * len(targets)
@@ -87,6 +89,10 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
             f"LoRA layers {missing[:5]}{'...' if len(missing) > 5 else ''} were not called "
             "in the forward pass; is the adapter active and the layer used by the model?"
         )
+    if torch.is_tensor(logits):
+        check_finite("The model's logits", logits.detach())
+    for t, a in zip(targets, inputs, strict=True):
+        check_finite(f"The inputs of LoRA layer {t.name}", a)  # type: ignore[arg-type]
     return Captured(logits, inputs, outputs)  # type: ignore[arg-type]
 
 
@@ -99,6 +105,7 @@ def output_gradients(
     Raises:
         RuntimeError: if autograd does not reach a target (its gradient would be missing:
             e.g. a detached adapter or a bitsandbytes 4-bit layer that lost autograd).
+        NonFiniteError: NaN or inf in an output gradient.
     """
     K = grad_outputs.shape[0]
     if not captured.logits.requires_grad:
@@ -114,7 +121,10 @@ def output_gradients(
         none = [t.name for t, g in zip(targets, grads, strict=True) if g is None]
         if none:
             raise missing_gradient_error(none, "computing the curvature")
-        yield [_as_3d(g.detach()) for g in grads]
+        out = [_as_3d(g.detach()) for g in grads]
+        for t, g in zip(targets, out, strict=True):
+            check_finite(f"The output gradients of LoRA layer {t.name}", g)
+        yield out
 
 
 def token_weights(attention_mask: torch.Tensor | None, layer_input: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from laplace.baselaplace import DiagLaplace
 from torch import nn
 
+from ..curvature import DEFAULT_RANK_THRESHOLD
 from .mixin import LoraLaplaceMixin
 
 __all__ = ["LoraDiagLaplace"]
@@ -92,12 +93,17 @@ class LoraDiagLaplace(LoraLaplaceMixin, DiagLaplace):
         return f_var
 
 
-_KRON_DEFAULTS = {"kfac_approx": "expand", "factor_rank": None, "damping": False}
+_KRON_DEFAULTS = {
+    "kfac_approx": "expand",
+    "factor_rank": None,
+    "damping": False,
+    "rank_threshold": DEFAULT_RANK_THRESHOLD,
+}
 
 
 def _reject_kron_options(structure: str, options: dict[str, Any]) -> None:
     """Clear error for Kronecker-only keywords (non-default) passed to diag/full."""
-    unknown = sorted(k for k in options if k not in _KRON_DEFAULTS and k != "rank_threshold")
+    unknown = sorted(k for k in options if k not in _KRON_DEFAULTS)
     if unknown:
         raise TypeError(
             f"Unexpected keyword arguments for hessian_structure={structure!r}: {unknown}."

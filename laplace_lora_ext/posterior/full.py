@@ -75,7 +75,7 @@ class LoraFullLaplace(LoraLaplaceMixin, FullLaplace):
     def _init_H(self) -> None:
         self.H = torch.zeros(self.n_params, self.n_params, device=self._device, dtype=self._dtype)
 
-    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
+    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
         self._posterior_scale = None
         self._fit_loop(train_loader, override, progress_bar)
 

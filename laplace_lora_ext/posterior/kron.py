@@ -9,8 +9,8 @@ from laplace.baselaplace import KronLaplace
 from laplace.utils.matrix import Kron, KronDecomposed
 from torch import nn
 
-from .. import distributed  # issue 8
 from ..curvature import DEFAULT_RANK_THRESHOLD
+from ..guards import check_finite_curvature, check_n_samples
 from .mixin import LoraLaplaceMixin
 
 __all__ = ["LoraKronLaplace"]
@@ -112,16 +112,12 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
                 self.params, self._device, self._dtype, self.factor_rank, self.rank_threshold
             )
 
-    def fit(self, train_loader: Any, override: bool = True, progress_bar: bool = False) -> None:
-        """Fit KFAC on ``train_loader``; ``override=False`` adds data to the previous fit."""
-        if override:
-            self.H_facs = None
-        previous = self.H_facs
+    def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
+        """Fit KFAC on ``train_loader``; ``override=False`` adds data to the previous fit
+        (the input factors, averages over the data, are re-weighted by the data counts)."""
+        previous = None if override else self.H_facs
         n_old = self.n_data if previous is not None else 0
         loss_old = self.loss if previous is not None else 0.0
-        if previous is not None:
-            n_new = distributed.data_size(train_loader)  # issue 8: N over all ranks
-            previous = self._rescale_factors(previous, n_old / (n_old + n_new))
         self._fit_loop(train_loader, override=True, progress_bar=progress_bar)
         if previous is None:
             self.H_facs = self.H
@@ -129,8 +125,14 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             n_new = self.n_data
             self.n_data = n_old + n_new
             self.loss = loss_old + self.loss
-            self.H_facs = previous + self._rescale_factors(self.H, n_new / (n_new + n_old))
+            self.H_facs = _scale_input_factors(
+                previous, n_old / (n_old + n_new)
+            ) + _scale_input_factors(self.H, n_new / (n_new + n_old))
+        check_finite_curvature(self.H_facs)  # symeig would exit() on NaN
         self.H = self.H_facs.decompose(damping=self.damping)
+
+    def _renormalise(self, H: Kron, factor: float) -> Kron:
+        return _scale_input_factors(H, factor)
 
     def _check_curvature(self, H_batch: Any) -> None:
         kfacs = H_batch.kfacs
@@ -172,6 +174,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Posterior weight samples ``(n_samples, P)``."""
+        check_n_samples(n_samples)
         z = torch.randn(
             n_samples, self.n_params, device=self._device, dtype=self._dtype, generator=generator
         )
@@ -190,3 +193,9 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             contrib = block.inv_square_form(W.to(self._dtype))
             f_var = contrib if f_var is None else f_var + contrib
         return f_var
+
+
+def _scale_input_factors(kron: Kron, factor: float) -> Kron:
+    """A new ``Kron`` with every weight's input factor ``A`` (index 1) times ``factor``
+    (``kron`` is left untouched, unlike laplace-torch's in-place ``_rescale_factors``)."""
+    return type(kron)([[F[0], F[1] * factor] if len(F) == 2 else list(F) for F in kron.kfacs])
