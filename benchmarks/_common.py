@@ -194,6 +194,8 @@ def build_llama_lora(
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from laplace_lora_ext.testing import perturb_lora_B
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -210,11 +212,7 @@ def build_llama_lora(
     base = LlamaForCausalLM(config).to(dtype)
     lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
     model = get_peft_model(base, lora)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(lora_b_std * torch.randn(p.shape, generator=gen).to(p.dtype))
+    perturb_lora_B(model, seed=seed + 1, scale=lora_b_std, dtype=torch.get_default_dtype())
     return model.eval()
 
 
@@ -375,40 +373,6 @@ def _tensors(out: Any) -> Iterator[torch.Tensor]:
     elif isinstance(out, (tuple, list)):
         for o in out:
             yield from _tensors(o)
-
-
-# ---------------------------------------------------------------------- matrices
-def kron_blocks_dense(kron: Any) -> list[list[torch.Tensor]]:
-    """Factors of every block as dense float64 tensors (small sides only)."""
-    from laplace_lora_ext.lowrank import LowRankFactor
-
-    out = []
-    for F in kron.kfacs:
-        row = []
-        for f in F:
-            d = f.to_dense() if isinstance(f, LowRankFactor) else f
-            d = torch.diag(d) if d.ndim == 1 else d
-            row.append(d.detach().double())
-        out.append(row)
-    return out
-
-
-def kron_frobenius(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> tuple[float, float]:
-    """``(||a - b||_F, ||b||_F)`` for block-diagonal Kronecker matrices given factor-wise
-    (``<X⊗Y, X'⊗Y'> = <X,X'><Y,Y'>``; never forms a Kronecker product)."""
-
-    def inner(F: list[torch.Tensor], G: list[torch.Tensor]) -> float:
-        v = 1.0
-        for x, y in zip(F, G, strict=True):
-            v *= float((x * y).sum())
-        return v
-
-    diff2, norm2 = 0.0, 0.0
-    for F, G in zip(a, b, strict=True):
-        ff, gg, fg = inner(F, F), inner(G, G), inner(F, G)
-        diff2 += ff + gg - 2 * fg
-        norm2 += gg
-    return math.sqrt(max(diff2, 0.0)), math.sqrt(norm2)
 
 
 # ---------------------------------------------------------------------- reporting

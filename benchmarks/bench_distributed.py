@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # allow `python benchmarks/bench_distributed.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _common as C  # noqa: E402
+from laplace_lora_ext import testing as R  # noqa: E402
 
 NAME = "bench_distributed"
 SHAPE = dict(hidden=256, intermediate=688, layers=2, vocab=1000, heads=4)
@@ -70,16 +71,6 @@ def _loader(args: dict[str, Any], world: int, rank: int) -> torch.utils.data.Dat
         return DataLoader(ds, batch_size=args["batch"], shuffle=False)
     sampler = DistributedSampler(ds, world, rank, shuffle=False)
     return DataLoader(ds, batch_size=args["batch"], sampler=sampler)
-
-
-def _factors(la: Any) -> list[torch.Tensor]:
-    from laplace_lora_ext.lowrank import LowRankFactor
-
-    return [
-        (M.to_dense() if isinstance(M, LowRankFactor) else M).detach().clone()
-        for Fs in la.H_facs.kfacs
-        for M in Fs
-    ]
 
 
 def _worker(rank: int, world: int, threads: int, port: int, args: dict, outdir: str) -> None:
@@ -145,7 +136,7 @@ def _worker(rank: int, world: int, threads: int, port: int, args: dict, outdir: 
                 "n_data": int(la.n_data),
                 "loss": float(la.loss),
                 "lml": float(la.log_marginal_likelihood()),
-                "factors": _factors(la),
+                "factors": [f for F in R.dense_kron_factors(la.H_facs, dtype=None) for f in F],
             }
         torch.save(results, out / f"rank{rank}.pt")
         if world > 1:
@@ -182,10 +173,6 @@ def run_config(world: int, threads: int, args: dict[str, Any]) -> list[dict[str,
 
 # ---------------------------------------------------------------------- report
 DENSE = next(iter(STRUCTURES))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _rank_of(structure: str) -> int | None:
@@ -237,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             res = ranks[0]
             factor_err = max(
-                _rel(a, b) for a, b in zip(res["factors"], base["factors"], strict=True)
+                R.rel(a, b) for a, b in zip(res["factors"], base["factors"], strict=True)
             )
             # low-rank: distance of each truncated factor from the dense factor of the same
             # configuration, and the best possible rank-k distance (Eckart-Young)
             dense = runs[label][0][DENSE]["factors"]
-            trunc = max(_rel(a, b) for a, b in zip(res["factors"], dense, strict=True))
+            trunc = max(R.rel(a, b) for a, b in zip(res["factors"], dense, strict=True))
             best = max(_best_rank_err(b, _rank_of(sname)) for b in dense)
             same_on_ranks = all(
                 all(torch.equal(a, b) for a, b in zip(res["factors"], r["factors"], strict=True))

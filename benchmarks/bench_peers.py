@@ -36,12 +36,12 @@ import os
 import shutil
 import tempfile
 import time
-import types
 from typing import Any
 
 import torch
 
 from benchmarks import _common as C
+from laplace_lora_ext import testing as R
 
 NAME = "bench_peers"
 MODULE = "benchmarks.bench_peers"
@@ -52,11 +52,6 @@ RANKS_DEFAULT = [1, 2, 4, 8, 16, 32]
 
 
 # ---------------------------------------------------------------------- set-up
-def _rmsnorm_exact(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
 def _build(
     shape: dict[str, int], args: dict[str, Any], r: int, dtype: torch.dtype, n_classes: int
 ) -> torch.nn.Module:
@@ -73,9 +68,7 @@ def _build(
         init_range=args.get("init_range", 0.02),
     )
     if dtype == torch.float64:  # HF RMSNorm upcasts to float32 only; keep float64 exact
-        for m in pm.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.forward = types.MethodType(_rmsnorm_exact, m)
+        R.exact_float64_norms(pm)
     return LastTokenChoiceLM(pm, C.choice_ids(n_classes, shape["vocab"])).eval()
 
 
@@ -84,10 +77,6 @@ def _main_setup(args: dict[str, Any]):
     train = C.random_data(args["n"], args["seq"], MAIN["vocab"], args["classes"], seed=21)
     test = C.random_data(args["n_test"], args["seq"], MAIN["vocab"], args["classes"], seed=22)
     return model, C.make_loader(train, args["batch"]), C.batches(test, args["batch"])
-
-
-def _dense_factors(kron: Any) -> list[list[torch.Tensor]]:
-    return C.kron_blocks_dense(kron)
 
 
 def _ours(model: torch.nn.Module, k: int | None, args: dict[str, Any], **kw: Any):
@@ -133,13 +122,13 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
         else:
             la.prior_precision = prior
         with C.PeakMeter() as m:
-            fv = torch.cat([la._glm_predictive_distribution(b)[1] for b in test])
+            fv = torch.cat([la.predictive_moments(b)[1] for b in test])
         run["predictive"] = m.as_dict()
         run["storage_bytes"] = sum(
             r["bytes"] for r in C.kron_storage(la.H_facs, la.lora_param_names)
         )
         torch.save(
-            {"H": _dense_factors(la.H_facs), "f_var": fv, "names": la.lora_param_names},
+            {"H": R.dense_kron_factors(la.H_facs), "f_var": fv, "names": la.lora_param_names},
             os.path.join(tmp, f"ours_{key}.pt"),
         )
         out["runs"][key] = run
@@ -148,7 +137,7 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
     with C.PeakMeter() as m:
         la.fit(loader)
     out["runs"]["full_reduce"] = {"fit": m.as_dict()}
-    torch.save({"H": _dense_factors(la.H_facs)}, os.path.join(tmp, "ours_full_reduce.pt"))
+    torch.save({"H": R.dense_kron_factors(la.H_facs)}, os.path.join(tmp, "ours_full_reduce.pt"))
     la = _ours(model, None, args, fisher_type="mc")
     with C.PeakMeter() as m:
         la.fit(loader)
@@ -263,9 +252,7 @@ def worker_stock(args: dict[str, Any]) -> dict[str, Any]:
         la.fit(loader)
     out["fit"] = m.as_dict()
     out["n_blocks"] = len(la.H_facs.kfacs)
-    blocks = []
-    for F in la.H_facs.kfacs:
-        blocks.append([(torch.diag(f) if f.ndim == 1 else f).detach().double() for f in F])
+    blocks = R.dense_kron_factors(la.H_facs)
     torch.save(
         {"H": blocks}, os.path.join(args["tmp"], f"stock_{args['backend'].replace(':', '_')}.pt")
     )
@@ -273,55 +260,21 @@ def worker_stock(args: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- exact GGN (small)
-def _exact_blocks(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], params: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Diagonal blocks (one per parameter tensor) of Σ_n J_nᵀ Λ_n J_n, from explicit
-    per-example Jacobians (one autograd call per example and output)."""
-    from laplace_lora_ext.inputs import forward_logits
-
-    logits = forward_logits(model, batch)
-    N, Cn = logits.shape
-    P = sum(p.numel() for p in params)
-    J = torch.zeros(N, Cn, P, dtype=torch.float64)
-    for n in range(N):
-        for c in range(Cn):
-            gs = torch.autograd.grad(logits[n, c], params, retain_graph=True, allow_unused=True)
-            J[n, c] = torch.cat(
-                [
-                    torch.zeros(p.numel(), dtype=torch.float64)
-                    if g is None
-                    else g.reshape(-1).double()
-                    for g, p in zip(gs, params, strict=True)
-                ]
-            )
-    p = torch.softmax(logits.detach().double(), dim=-1)
-    Jc = J - torch.einsum("nc,ncp->np", p, J).unsqueeze(1)  # centred: Λ = Σ_c p_c (e_c-p)(e_c-p)ᵀ
-    blocks, cur = [], 0
-    for prm in params:
-        sl = Jc[:, :, cur : cur + prm.numel()]
-        blocks.append(torch.einsum("nc,ncp,ncq->pq", p, sl, sl))
-        cur += prm.numel()
-    return blocks
-
-
-def _kron_dense(F: list[torch.Tensor]) -> torch.Tensor:
-    return F[0] if len(F) == 1 else torch.kron(F[0], F[1])
-
-
 def _compare_exact(blocks: list[list[torch.Tensor]], exact: list[torch.Tensor]) -> dict[str, float]:
-    tr_m = sum(float(_kron_dense(F).diagonal().sum()) for F in blocks)
+    tr_m = sum(float(R.kron_block_dense(F).diagonal().sum()) for F in blocks)
     tr_e = sum(float(E.diagonal().sum()) for E in exact)
     diff2 = sum(
-        float((_kron_dense(F) - E).square().sum()) for F, E in zip(blocks, exact, strict=True)
+        float((R.kron_block_dense(F) - E).square().sum())
+        for F, E in zip(blocks, exact, strict=True)
     )
     norm2 = sum(float(E.square().sum()) for E in exact)
     # error after the best scalar rescaling (shape error, independent of the overall scale)
-    ip = sum(float((_kron_dense(F) * E).sum()) for F, E in zip(blocks, exact, strict=True))
-    nm2 = sum(float(_kron_dense(F).square().sum()) for F in blocks)
+    ip = sum(float((R.kron_block_dense(F) * E).sum()) for F, E in zip(blocks, exact, strict=True))
+    nm2 = sum(float(R.kron_block_dense(F).square().sum()) for F in blocks)
     c = ip / nm2 if nm2 > 0 else float("nan")
     shape2 = sum(
-        float((c * _kron_dense(F) - E).square().sum()) for F, E in zip(blocks, exact, strict=True)
+        float((c * R.kron_block_dense(F) - E).square().sum())
+        for F, E in zip(blocks, exact, strict=True)
     )
     return {
         "trace_ratio": tr_m / tr_e,
@@ -345,13 +298,13 @@ def worker_exact_small(args: dict[str, Any]) -> dict[str, Any]:
     }.items():
         data = C.random_data(N, T, SMALL["vocab"], n_cls, seed=31)
         la0 = _ours(model, None, args)
-        exact = _exact_blocks(model, data, la0.params)
+        exact = R.exact_ggn_blocks(model, data, la0.params)
         res: dict[str, Any] = {"N": N, "T": T}
         for approx in ("expand", "reduce"):
             for ft in ("exact", "mc"):
                 la = _ours(model, None, args, kfac_approx=approx, fisher_type=ft, mc_samples=1)
                 la.fit(C.make_loader(data, min(N, 8)))
-                res[f"ours_{approx}_{ft}"] = _compare_exact(_dense_factors(la.H_facs), exact)
+                res[f"ours_{approx}_{ft}"] = _compare_exact(R.dense_kron_factors(la.H_facs), exact)
         for bs in args["blora_batch_sizes"]:
             if bs > N:
                 continue
@@ -388,10 +341,6 @@ def _trace(blocks: list[list[torch.Tensor]]) -> float:
     return t
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     res: dict[str, Any] = {}
     ranks = [str(k) for k in args.ranks] + ["full"]
@@ -421,12 +370,12 @@ def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[d
         for k in ranks:
             o = _load(tmp, f"ours_{k}")
             run = ours["runs"][k]
-            err, nrm = C.kron_frobenius(o["H"], dH)
+            err, nrm = R.kron_frobenius(o["H"], dH)
             d = {
                 "H_rel_frob_err": err / nrm,
                 "trace_ratio_vs_dense": _trace(o["H"]) / tr_dense,
-                "f_var_rel_err": _rel(o["f_var"], dense["f_var"]),
-                "f_var_diag_rel_err": _rel(
+                "f_var_rel_err": R.rel(o["f_var"], dense["f_var"]),
+                "f_var_diag_rel_err": R.rel(
                     o["f_var"].diagonal(dim1=-2, dim2=-1), dense["f_var"].diagonal(dim1=-2, dim2=-1)
                 ),
                 "fit_cpu_s": run["fit"]["cpu_seconds"],
@@ -480,7 +429,7 @@ def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[d
             o = _load(tmp, f"ours_{k}")
             run = blora["runs"][k]
             ofit = ours["runs"][k]["fit"]
-            err_d, nrm_d = C.kron_frobenius(b["H"], dense["H"])
+            err_d, nrm_d = R.kron_frobenius(b["H"], dense["H"])
             # shape error after the best scalar rescaling of theirs
             ip = sum(_ip(F, G) for F, G in zip(b["H"], dense["H"], strict=True))
             bb = sum(_ip(F, F) for F in b["H"])
@@ -623,7 +572,7 @@ def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[d
                 d["time_ratio_vs_ours_k8"] = d["fit_cpu_s"] / o8["cpu_seconds"]
                 d["mem_ratio_vs_ours_k8"] = d["fit_peak_delta"] / max(1, o8["peak_delta_bytes"])
             if ref is not None and len(s["H"]) == len(ref["H"]):
-                err, nrm = C.kron_frobenius(s["H"], ref["H"])
+                err, nrm = R.kron_frobenius(s["H"], ref["H"])
                 d["rel_frob_err_vs_ours_dense"] = err / nrm
                 d["trace_ratio_vs_ours_dense"] = _trace(s["H"]) / _trace(ref["H"])
             elif ref is not None:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from benchmarks import _common as C
+from laplace_lora_ext import testing as R
 
 NAME = "bench_predictive"
 MODULE = "benchmarks.bench_predictive"
@@ -94,9 +95,9 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
         },
         os.path.join(args["tmp"], "ours_posterior.pt"),
     )
-    la._glm_predictive_distribution(_x(test[0]))  # warm-up
+    la.predictive_moments(_x(test[0]))  # warm-up
     with C.PeakMeter() as m:
-        res = [la._glm_predictive_distribution(_x(b)) for b in test]
+        res = [la.predictive_moments(_x(b)) for b in test]
     out["predictive"] = m.as_dict()
     torch.save(
         {"f_mu": torch.cat([r[0] for r in res]), "f_var": torch.cat([r[1] for r in res])},
@@ -171,10 +172,6 @@ def worker_stock(args: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"ours": worker_ours, "stock": worker_stock}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     ours, stock = runs.get("ours", {}), runs.get("stock", {})
     n_params = 4 * args.layers * args.lora_r * args.hidden
@@ -214,11 +211,11 @@ def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[d
         "ours_baseline_rss": o["baseline_rss_bytes"],
         "stock_baseline_rss": s["baseline_rss_bytes"],
         "fwdbwd_cpu_s_per_batch": ours["fwdbwd"]["cpu_seconds"] / nt,
-        "f_var_rel_err": _rel(op["f_var"], sp["f_var"]),
-        "f_var_diag_rel_err": _rel(
+        "f_var_rel_err": R.rel(op["f_var"], sp["f_var"]),
+        "f_var_diag_rel_err": R.rel(
             op["f_var"].diagonal(dim1=-2, dim2=-1), sp["f_var"].diagonal(dim1=-2, dim2=-1)
         ),
-        "f_mu_rel_err": _rel(op["f_mu"], sp["f_mu"]),
+        "f_mu_rel_err": R.rel(op["f_mu"], sp["f_mu"]),
         "same_parameter_layout": stock.get("same_parameter_layout"),
         "stock_jacobian_bytes_per_batch": stock["jacobian_bytes_per_batch"],
     }
@@ -235,12 +232,12 @@ def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[d
     if os.path.exists(own):
         so = torch.load(own)
         post = torch.load(os.path.join(tmp, "ours_posterior.pt"))
-        err, nrm = C.kron_frobenius(
+        err, nrm = R.kron_frobenius(
             [[f.double() for f in F] for F in so["kfacs"]],
             [[f.double() for f in F] for F in post["kfacs"]],
         )
         res["stock_own_fit_H_rel_err_vs_ours"] = err / nrm
-        res["stock_own_fit_f_var_rel_err_vs_ours"] = _rel(so["f_var"], op["f_var"])
+        res["stock_own_fit_f_var_rel_err_vs_ours"] = R.rel(so["f_var"], op["f_var"])
         res["stock_fit_cpu_s"] = stock["fit"]["cpu_seconds"]
         res["ours_fit_cpu_s"] = ours["fit"]["cpu_seconds"]
         res["stock_fit_peak_delta"] = stock["fit"]["peak_delta_bytes"]

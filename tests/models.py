@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, Dataset
@@ -17,31 +15,10 @@ from transformers import (
 )
 
 from laplace_lora_ext import LastTokenChoiceLM, SequenceClassifier
+from laplace_lora_ext.testing import exact_float64_norms, perturb_lora_B
 
 VOCAB = 40
 TARGET_IDS = [5, 9, 13]
-
-
-def perturb_lora_B(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
-    """Move every lora_B away from its zero init (emulates a trained adapter)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
-def _rmsnorm_in_input_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-
-def exact_float64_norms(model: torch.nn.Module) -> None:
-    """HF's RMSNorm computes in float32 even for float64 inputs; the brute-force tests
-    need float64 throughout, so compute the norms in the input dtype."""
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(_rmsnorm_in_input_dtype, module)
 
 
 def tiny_llama(lm_head: bool = False, seed: int = 0) -> torch.nn.Module:

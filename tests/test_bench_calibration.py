@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from benchmarks import ablation, calibration
-from tests.models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
+from laplace_lora_ext.testing import perturb_lora_B
+from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
 
 def test_defaults_follow_the_model():

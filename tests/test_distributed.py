@@ -20,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from laplace_lora_ext import distributed
 from laplace_lora_ext.lowrank import LowRankFactor
+from laplace_lora_ext.testing import rel
 from tests.models import DictDataset, random_batch, tiny_llama
 
 WORLD = 2
@@ -172,10 +173,6 @@ def _reference_loader(kind: str) -> DataLoader:
     raise ValueError(kind)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 def test_two_rank_gloo_fit_equals_single_process(tmp_path):
     """Rank 0 is this (pytest) process, rank 1 a spawned one: one import of torch and
     transformers less than two spawned ranks."""
@@ -220,7 +217,7 @@ def test_two_rank_gloo_fit_equals_single_process(tmp_path):
         assert float(ref["n_data"]) == expected_n, key
         for field, value in ref.items():
             for r, res in enumerate(ranks):
-                err = _rel(res[key][field], value)
+                err = rel(res[key][field], value)
                 assert err < TOL, f"{key} {field} rank {r}: relative error {err:.2e}"
             # every rank holds the same posterior
             assert torch.equal(ranks[0][key][field], ranks[1][key][field]), (key, field)

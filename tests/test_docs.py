@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from laplace_lora_ext.testing import perturb_lora_B
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 
@@ -175,11 +177,7 @@ def tiny_sequence_classifier(num_labels: int = 2, vocab_size: int | None = None,
 
 def perturb_lora(peft_model, scale: float = 0.1, seed: int = 0) -> None:
     """Stand-in for fine-tuning: move every ``lora_B`` away from its zero init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_lora_B(peft_model, seed=seed, scale=scale)
 
 
 _SUBJECTS = ["the sky", "ice", "fire", "water", "a cat", "a dog", "a bird"]

@@ -6,15 +6,11 @@ import pytest
 import torch
 from laplace import Laplace
 
+from laplace_lora_ext.testing import exact_ggn, explicit_jacobians, kfac_reference, rel
 from tests.cases import CASES, make_case
 from tests.models import loader
-from tests.reference import exact_ggn, explicit_jacobians, kfac_reference
 
 TOL = 1e-8
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def fit(case, structure, batch_size=3, **kw):

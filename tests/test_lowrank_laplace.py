@@ -12,13 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from laplace_lora_ext import LastTokenChoiceLM
 from laplace_lora_ext.lowrank import LowRankFactor, LowRankKron
-from tests.models import loader, lora_laplace, perturb_lora_B, random_batch, tiny_llama
+from laplace_lora_ext.testing import perturb_lora_B, rel
+from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
 TOL = 1e-8
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def fit_pair(approx="expand"):

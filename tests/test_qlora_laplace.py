@@ -9,6 +9,7 @@ import torch
 from laplace import Laplace
 
 from laplace_lora_ext import LastTokenChoiceLM, quant
+from laplace_lora_ext.testing import perturb_lora_B, rel
 from tests.models import loader, random_batch
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -39,11 +40,7 @@ def qlora_and_reference(tmp_path_factory):
         path, quantization_config=bnb_config, device_map="cpu", dtype=torch.float32
     )
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    perturb_lora_B(model, seed=1, scale=0.3, dtype=torch.get_default_dtype())
     # a no-grad eval probe first: the CPU repacking trap (undone, with a warning, by
     # prepare_4bit_for_laplace, which the Laplace constructor also calls)
     model.eval()
@@ -56,10 +53,6 @@ def qlora_and_reference(tmp_path_factory):
     reference = quant.dequantize_4bit_to_linear(model)
     assert quant.is_quantized_4bit(model) and not quant.is_quantized_4bit(reference)
     return LastTokenChoiceLM(model, [5, 9, 13]), LastTokenChoiceLM(reference, [5, 9, 13])
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from laplace_lora_ext import quant
+from laplace_lora_ext.testing import perturb_lora_B
 
 HIDDEN = 64
 INTERMEDIATE = 128
@@ -83,11 +84,7 @@ def load_qlora(tiny_llama_dir):
         )
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
         model = peft.get_peft_model(base, lora)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:  # emulate a trained adapter (B = 0 at init)
-                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        perturb_lora_B(model, seed=1, scale=0.1, dtype=torch.get_default_dtype())
         return model
 
     return load

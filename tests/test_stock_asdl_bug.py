@@ -12,8 +12,8 @@ import torch
 from laplace import Laplace
 
 from laplace_lora_ext import collect_targets
+from laplace_lora_ext.testing import kfac_reference
 from tests.models import loader, random_batch, tiny_llama
-from tests.reference import kfac_reference
 
 
 @pytest.mark.parametrize("T", [3, 6])
