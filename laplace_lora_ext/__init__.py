@@ -6,6 +6,13 @@ hessian_structure="kron" | "diag" | "full")`` returns a posterior over the LoRA 
 """
 
 from .curvature import LoraCurvature
+from .evaluation import (
+    calibration_bins,
+    choice_token_ids,
+    classification_metrics,
+    evaluate,
+    reliability_diagram,
+)
 from .posterior import LoraDiagLaplace, LoraFullLaplace, LoraKronLaplace
 from .targets import collect_targets
 from .wrappers import LastTokenChoiceLM, SequenceClassifier
@@ -20,4 +27,9 @@ __all__ = [
     "LastTokenChoiceLM",
     "SequenceClassifier",
     "collect_targets",
+    "evaluate",
+    "classification_metrics",
+    "calibration_bins",
+    "reliability_diagram",
+    "choice_token_ids",
 ]

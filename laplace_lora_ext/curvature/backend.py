@@ -18,6 +18,7 @@ from laplace.utils.matrix import Kron
 from torch import nn
 
 from ..guards import check_labels
+from ..lowrank.auto import FactorRank, resolve_factor_rank
 from ..inputs import attention_mask_of, forward_logits
 from ..targets import LoraTarget, target_params
 from .capture import Captured, capture_forward, output_gradients, token_weights
@@ -42,7 +43,8 @@ class LoraCurvature(CurvatureInterface):
             ``"empirical"``.
         mc_samples: label samples per example for ``fisher_type="mc"``.
         factor_rank: if set, Kronecker factors with a side above ``rank_threshold`` are kept
-            as rank-``factor_rank`` approximations.
+            as rank-``factor_rank`` approximations; ``"auto"``: see
+            :mod:`laplace_lora_ext.lowrank.auto`.
         rank_threshold: side length above which a factor is low-rank.
         seed: seed of the generator used for ``fisher_type="mc"``.
         curvature_dtype: dtype to accumulate in (default: float64 for float64 models,
@@ -60,7 +62,7 @@ class LoraCurvature(CurvatureInterface):
         kfac_approx: str = "expand",
         fisher_type: str = "exact",
         mc_samples: int = 1,
-        factor_rank: int | None = None,
+        factor_rank: FactorRank = None,
         rank_threshold: int = DEFAULT_RANK_THRESHOLD,
         seed: int | None = 0,
         curvature_dtype: torch.dtype | None = None,
@@ -79,13 +81,15 @@ class LoraCurvature(CurvatureInterface):
         self.kfac_approx = kfac_approx
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
-        self.factor_rank = factor_rank
-        self.rank_threshold = rank_threshold
         self.seed = seed
         self._generator: torch.Generator | None = None
         model_dtype = self.params[0].dtype
         self.curvature_dtype = curvature_dtype or (
             torch.float64 if model_dtype == torch.float64 else torch.float32
+        # "auto" -> (rank, threshold) for these parameter shapes (lowrank/auto.py)
+        self.factor_rank, self.rank_threshold = resolve_factor_rank(
+            factor_rank, rank_threshold, self.params, self.curvature_dtype
+        )
         )
 
     # ------------------------------------------------------------------ helpers
@@ -141,7 +145,8 @@ class LoraCurvature(CurvatureInterface):
         if self._is_low_rank(side):
             from ..lowrank import LowRankFactor
 
-            return LowRankFactor.from_root(drop_zero_rows(R).T, self.factor_rank)
+            # deferred: the batch roots are summed exactly and compressed once per buffer
+            return LowRankFactor.deferred(drop_zero_rows(R).T, self.factor_rank)
         return R.T @ R
 
     # ------------------------------------------------------------------ curvature

@@ -108,7 +108,13 @@ def _reject_kron_options(structure: str, options: dict[str, Any]) -> None:
         raise TypeError(
             f"Unexpected keyword arguments for hessian_structure={structure!r}: {unknown}."
         )
-    bad = {k: v for k, v in options.items() if k in _KRON_DEFAULTS and v != _KRON_DEFAULTS[k]}
+    bad = {
+        k: v
+        for k, v in options.items()
+        if k in _KRON_DEFAULTS
+        and v != _KRON_DEFAULTS[k]
+        and not (k == "factor_rank" and v == "auto")  # the kron default: nothing to reject
+    }
     if bad:
         raise ValueError(
             f"{sorted(bad)} only apply to hessian_structure='kron', not {structure!r} "

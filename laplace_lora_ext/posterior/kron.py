@@ -10,6 +10,7 @@ from laplace.utils.matrix import Kron, KronDecomposed
 from torch import nn
 
 from ..curvature import DEFAULT_RANK_THRESHOLD
+from ..lowrank.auto import FactorRank, any_low_rank
 from ..guards import check_finite_curvature, check_n_samples
 from .mixin import LoraLaplaceMixin
 
@@ -31,8 +32,10 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         kfac_approx: ``"expand"`` (default) or ``"reduce"`` for sequence inputs.
         fisher_type: ``"exact"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: label samples per example for ``fisher_type="mc"``.
-        factor_rank: keep factors with a side above ``rank_threshold`` at this rank
-            (``None``: dense).
+        factor_rank: ``"auto"`` (default): factors with a side above ``rank_threshold`` (or
+            above a total dense-memory budget) at rank 256, all others dense (see
+            :mod:`laplace_lora_ext.lowrank.auto`); an int ``k``: sides above
+            ``rank_threshold`` at rank ``k``; ``None``: all dense.
         rank_threshold: side above which a factor is low-rank (default 2048).
         adapter_name: adapter to cover (default: the active one).
         include_extra_params: also cover other trainable ``nn.Linear`` layers, e.g. a
@@ -65,14 +68,14 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         kfac_approx: str = "expand",
         fisher_type: str = "exact",
         mc_samples: int = 1,
-        factor_rank: int | None = None,
+        factor_rank: FactorRank = "auto",
         rank_threshold: int = DEFAULT_RANK_THRESHOLD,
         adapter_name: str | None = None,
         include_extra_params: bool = False,
         lora_modules: str | None = None,
         seed: int | None = 0,
     ) -> None:
-        if damping and factor_rank is not None:
+        if damping and factor_rank not in (None, "auto"):
             raise ValueError("damping=True is not supported together with factor_rank.")
         self.damping = damping
         self.H_facs = None
@@ -100,16 +103,23 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             dict_key_y=dict_key_y,
             damping=damping,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
+        if damping and any_low_rank(self.params, *self._low_rank):
+            raise ValueError(
+                "damping=True needs dense Kronecker factors, but factor_rank='auto' keeps the "
+                f"factors with a side above {self._low_rank[1]} low-rank for this model; pass "
+                "factor_rank=None to force dense factors (memory!) or use damping=False."
+            )
         )
 
     def _init_H(self) -> None:
-        if self.factor_rank is None:
+        rank, threshold = self._low_rank
+        if rank is None:
             self.H = Kron.init_from_model(self.params, self._device, self._dtype)
         else:
             from ..lowrank import LowRankKron
 
             self.H = LowRankKron.init_from_model(
-                self.params, self._device, self._dtype, self.factor_rank, self.rank_threshold
+                self.params, self._device, self._dtype, rank, threshold
             )
 
     def _fit(self, train_loader: Any, override: bool, progress_bar: bool) -> None:
