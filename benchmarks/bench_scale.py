@@ -188,11 +188,11 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
     out["marglik"] = m.as_dict()
     out["prior_precision"] = la.prior_precision.detach().reshape(-1).tolist()
 
-    la._glm_predictive_distribution(test[0])  # warm-up
+    la.predictive_moments(test[0])  # warm-up
     with C.PeakMeter() as m:
         fvars = []
         for b in test:
-            _, f_var = la._glm_predictive_distribution(b)
+            _, f_var = la.predictive_moments(b)
             fvars.append(f_var)
     out["predictive"] = m.as_dict()
     out["f_var_mean_diag"] = float(torch.cat([v.diagonal(dim1=-2, dim2=-1) for v in fvars]).mean())
@@ -209,7 +209,7 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
         watch = C.LargestTensorWatch(square_side=2048)
         with watch:
             la.fit(C.make_loader(first, args["batch"]))
-            la._glm_predictive_distribution(test[0])
+            la.predictive_moments(test[0])
         out["watch"] = {
             "max_numel": watch.max_numel,
             "max_shape": list(watch.max_shape),
