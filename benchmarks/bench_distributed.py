@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,12 @@ def run_config(world: int, threads: int, args: dict[str, Any]) -> list[dict[str,
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-# ---------------------------------------------------------------------- report
+# ---------------------------------------------------------------------- summary (pure)
 DENSE = next(iter(STRUCTURES))
+#: dense factors of a data-parallel fit equal the single-process ones to float32 rounding
+DENSE_TOL = 1e-5
+#: truncated factors of the 2-process fit are about as far from the dense ones as 1 process's
+LOWRANK_SLACK = 1.05
 
 
 def _rank_of(structure: str) -> int | None:
@@ -187,6 +192,184 @@ def _best_rank_err(F: torch.Tensor, k: int | None) -> float:
         return 0.0
     lam = torch.linalg.eigvalsh(F.double()).flip(0).clamp_min(0)
     return float(lam[k:].norm() / lam.norm().clamp_min(1e-30))
+
+
+def measure(
+    runs: dict[str, list[dict[str, Any]]], args: dict[str, Any], load: dict[str, list[float]]
+) -> list[dict[str, Any]]:
+    """One row per (posterior, configuration) from the ranks' results (``runs[label]``: per
+    rank ``{structure: timings, factors, ...}``): timings, and the factors compared with
+    the first configuration's and with the dense ones of the same configuration."""
+    rows = []
+    base_label = CONFIGS[0][0]
+    for sname in STRUCTURES:
+        base = runs[base_label][0][sname]
+        for label, world, threads in CONFIGS:
+            ranks = [r[sname] for r in runs[label]]
+            row = {
+                "structure": sname,
+                "config": label,
+                "processes": world,
+                "threads_per_process": threads,
+                **_timings(ranks, args["reps"]),
+            }
+            row.update(_agreement(ranks, base, runs[label][0][DENSE]["factors"], sname))
+            row["loadavg_before"] = load[label]
+            rows.append(row)
+    return rows
+
+
+def _timings(ranks: list[dict[str, Any]], reps: int) -> dict[str, Any]:
+    """Slowest rank per repetition (CPU: also the sum over ranks), median over repetitions."""
+
+    def median_of(key: str, reduce: Callable[[Any], float]) -> float:
+        return statistics.median(reduce(r[key][i] for r in ranks) for i in range(reps))
+
+    return {
+        "fit_wall_s_median": median_of("wall_s", max),
+        "combine_wall_s_median": median_of("combine_s", max),
+        "fit_cpu_s_median_all_processes": median_of("cpu_s", sum),
+        "fit_cpu_s_median_busiest_process": median_of("cpu_s", max),
+        "fit_cpu_s_all": [r["cpu_s"] for r in ranks],
+        "fit_wall_s_all": [r["wall_s"] for r in ranks],
+    }
+
+
+def _agreement(
+    ranks: list[dict[str, Any]], base: dict[str, Any], dense: list[torch.Tensor], sname: str
+) -> dict[str, Any]:
+    res = ranks[0]
+    return {
+        "n_data": res["n_data"],
+        "loss": res["loss"],
+        "lml": res["lml"],
+        "max_factor_rel_diff_vs_1proc": max(
+            R.rel(a, b) for a, b in zip(res["factors"], base["factors"], strict=True)
+        ),
+        "lml_rel_diff_vs_1proc": abs(res["lml"] - base["lml"]) / abs(base["lml"]),
+        "identical_on_all_ranks": all(
+            all(torch.equal(a, b) for a, b in zip(res["factors"], r["factors"], strict=True))
+            for r in ranks[1:]
+        ),
+        # low-rank: distance of each truncated factor from the dense factor of the same
+        # configuration, and the best possible rank-k distance (Eckart-Young)
+        "max_factor_rel_diff_vs_dense_factors": max(
+            R.rel(a, b) for a, b in zip(res["factors"], dense, strict=True)
+        ),
+        "best_rank_k_rel_err": max(_best_rank_err(b, _rank_of(sname)) for b in dense),
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Speed-ups of 2 processes and the pass/fail checks, from :func:`measure`'s rows."""
+    two = "2 procs x 1 thread"
+    speedups = {}
+    for sname in dict.fromkeys(e["structure"] for e in rows):
+        mine = [e for e in rows if e["structure"] == sname]
+        w = {e["config"]: e["fit_wall_s_median"] for e in mine}
+        c = {e["config"]: e["fit_cpu_s_median_busiest_process"] for e in mine}
+        speedups[sname] = {
+            "1 proc x 1 thread": w["1 proc x 1 thread"] / w[two],
+            "1 proc x 2 threads": w["1 proc x 2 threads"] / w[two],
+            "cpu_busiest_vs_1x1": c["1 proc x 1 thread"] / c[two],
+        }
+    dense = [e for e in rows if e["structure"] == DENSE]
+    low = {e["config"]: e for e in rows if e["structure"] != DENSE}
+    checks = {
+        "identical_on_all_ranks": all(e["identical_on_all_ranks"] for e in rows),
+        "dense_equals_single_process": all(
+            e["max_factor_rel_diff_vs_1proc"] < DENSE_TOL and e["lml_rel_diff_vs_1proc"] < DENSE_TOL
+            for e in dense
+        ),
+        "lowrank_as_close_to_dense_as_single_process": bool(low)
+        and low[two]["max_factor_rel_diff_vs_dense_factors"]
+        <= LOWRANK_SLACK * low["1 proc x 1 thread"]["max_factor_rel_diff_vs_dense_factors"],
+    }
+    return {"rows": rows, "speedup_2procs_vs": speedups, "checks": checks}
+
+
+# ---------------------------------------------------------------------- report (markdown)
+def render(payload: dict[str, Any]) -> str:
+    """The markdown report of a results payload (:func:`summarize` plus run details)."""
+    args, shape, rows = payload["args"], payload["shape"], payload["rows"]
+    loads = [e["loadavg_before"] for e in rows if e["structure"] == rows[0]["structure"]]
+    md = [
+        f"# {NAME}: data-parallel fit, 1 vs 2 processes (gloo, CPU)",
+        "",
+        f"Random Llama (hidden {shape['hidden']}, {shape['layers']} layers, vocab "
+        f"{shape['vocab']}, float32), LoRA r=8 on q_proj/v_proj, {payload['n_classes']} choice "
+        f"tokens; N={args['n']} sequences x T={args['seq']} tokens, loader batch {args['batch']} "
+        f"per process; exact Fisher, KFAC expand. Median of {args['reps']} timed fits after a "
+        "warm-up, slowest rank; every configuration in fresh spawned processes. "
+        f"Machine: {payload['environment']['cpus']} CPU cores, shared with other jobs (load "
+        "averages before each configuration are in the JSON).",
+        "",
+        C.md_table(
+            [
+                "posterior",
+                "configuration",
+                "fit wall (s)",
+                "of which combine (s)",
+                "CPU s (all procs)",
+                "CPU s (busiest proc)",
+                "max factor rel. diff vs 1 proc",
+                "marglik rel. diff",
+                "max factor rel. diff vs dense factors",
+            ],
+            [
+                [
+                    e["structure"],
+                    e["config"],
+                    e["fit_wall_s_median"],
+                    e["combine_wall_s_median"],
+                    e["fit_cpu_s_median_all_processes"],
+                    e["fit_cpu_s_median_busiest_process"],
+                    e["max_factor_rel_diff_vs_1proc"],
+                    e["lml_rel_diff_vs_1proc"],
+                    e["max_factor_rel_diff_vs_dense_factors"],
+                ]
+                for e in rows
+            ],
+        ),
+        "",
+        "Speed-up of 2 processes x 1 thread:",
+        "",
+        C.md_table(
+            [
+                "posterior",
+                "wall: vs 1 proc x 1 thread",
+                "wall: vs 1 proc x 2 threads",
+                "CPU of the busiest process: vs 1 proc x 1 thread",
+            ],
+            [[s, *v.values()] for s, v in payload["speedup_2procs_vs"].items()],
+        ),
+        "",
+        "Reading: on this 2-core machine the fair comparison for data parallelism is against "
+        "one process with one thread (same per-process compute budget). Wall-clock numbers "
+        "depend on how busy the shared cores were (load averages "
+        + ", ".join(f"{v[0]:.1f}" for v in loads)
+        + " before the three configurations): when other jobs occupy the second core, two "
+        "ranks cannot run at the same time and the wall speed-up disappears. The CPU time of "
+        "the busiest process is what a rank needs on a free core, i.e. the wall time to "
+        "expect on an idle 2-core machine; CPU (all procs) vs 1 proc x 1 thread is the "
+        "total overhead of data parallelism. A single process with 2 intra-op threads on "
+        "busy cores can be much slower than with 1 thread (OpenMP threads wait for each "
+        "other). The combine step (one int all_gather, coalesced "
+        "all_reduce of the dense factors and the loss, all_gather of the low-rank roots + "
+        "QR/SVD re-truncation) is a small part of the fit. Dense factors agree with the "
+        "single-process fit to float32 rounding (different summation order); with "
+        "factor_rank=16 below the factors' true rank the two fits are different rank-16 "
+        "truncations (per-rank sums truncated, then truncated again), so their difference "
+        "is a truncation difference, not a rounding one; the last column shows both are "
+        "about equally far from the dense factors (best possible rank-16 error: "
+        + ", ".join(
+            f"{e['best_rank_k_rel_err']:.3f} ({e['config']})"
+            for e in rows
+            if _rank_of(e["structure"])
+        )
+        + ").",
+    ]
+    return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,88 +387,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{NAME}] {label} ...", flush=True)
         load[label] = list(os.getloadavg())
         runs[label] = run_config(world, threads, args)
-
-    rows, payload_rows = [], []
-    base_label = CONFIGS[0][0]
-    for sname in STRUCTURES:
-        base = runs[base_label][0][sname]
-        for label, world, threads in CONFIGS:
-            ranks = [r[sname] for r in runs[label]]
-            # slowest rank per repetition, median over repetitions
-            wall = statistics.median(
-                max(r["wall_s"][i] for r in ranks) for i in range(args["reps"])
-            )
-            comb = statistics.median(
-                max(r["combine_s"][i] for r in ranks) for i in range(args["reps"])
-            )
-            cpu = statistics.median(sum(r["cpu_s"][i] for r in ranks) for i in range(args["reps"]))
-            cpu_rank = statistics.median(
-                max(r["cpu_s"][i] for r in ranks) for i in range(args["reps"])
-            )
-            res = ranks[0]
-            factor_err = max(
-                R.rel(a, b) for a, b in zip(res["factors"], base["factors"], strict=True)
-            )
-            # low-rank: distance of each truncated factor from the dense factor of the same
-            # configuration, and the best possible rank-k distance (Eckart-Young)
-            dense = runs[label][0][DENSE]["factors"]
-            trunc = max(R.rel(a, b) for a, b in zip(res["factors"], dense, strict=True))
-            best = max(_best_rank_err(b, _rank_of(sname)) for b in dense)
-            same_on_ranks = all(
-                all(torch.equal(a, b) for a, b in zip(res["factors"], r["factors"], strict=True))
-                for r in ranks[1:]
-            )
-            entry = {
-                "structure": sname,
-                "config": label,
-                "processes": world,
-                "threads_per_process": threads,
-                "fit_wall_s_median": wall,
-                "combine_wall_s_median": comb,
-                "fit_cpu_s_median_all_processes": cpu,
-                "fit_cpu_s_median_busiest_process": cpu_rank,
-                "fit_cpu_s_all": [r["cpu_s"] for r in ranks],
-                "fit_wall_s_all": [r["wall_s"] for r in ranks],
-                "n_data": res["n_data"],
-                "loss": res["loss"],
-                "lml": res["lml"],
-                "max_factor_rel_diff_vs_1proc": factor_err,
-                "lml_rel_diff_vs_1proc": abs(res["lml"] - base["lml"]) / abs(base["lml"]),
-                "identical_on_all_ranks": same_on_ranks,
-                "max_factor_rel_diff_vs_dense_factors": trunc,
-                "best_rank_k_rel_err": best,
-                "loadavg_before": load[label],
-            }
-            payload_rows.append(entry)
-            rows.append(
-                [
-                    sname,
-                    label,
-                    wall,
-                    comb,
-                    cpu,
-                    cpu_rank,
-                    factor_err,
-                    entry["lml_rel_diff_vs_1proc"],
-                    trunc,
-                ]
-            )
-
-    speedups = []
-    for sname in STRUCTURES:
-        mine = [e for e in payload_rows if e["structure"] == sname]
-        w = {e["config"]: e["fit_wall_s_median"] for e in mine}
-        c = {e["config"]: e["fit_cpu_s_median_busiest_process"] for e in mine}
-        two = "2 procs x 1 thread"
-        speedups.append(
-            [
-                sname,
-                w["1 proc x 1 thread"] / w[two],
-                w["1 proc x 2 threads"] / w[two],
-                c["1 proc x 1 thread"] / c[two],
-            ]
-        )
-
     payload = {
         "name": NAME,
         "args": args,
@@ -294,78 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         "n_classes": N_CLASSES,
         "dtype": "float32",
         "environment": C.environment(),
-        "rows": payload_rows,
-        "speedup_2procs_vs": {
-            s: {"1 proc x 1 thread": a, "1 proc x 2 threads": b, "cpu_busiest_vs_1x1": c}
-            for s, a, b, c in speedups
-        },
+        **summarize(measure(runs, args, load)),
         "total_seconds": time.time() - t_start,
     }
-    md = [
-        f"# {NAME}: data-parallel fit, 1 vs 2 processes (gloo, CPU)",
-        "",
-        f"Random Llama (hidden {SHAPE['hidden']}, {SHAPE['layers']} layers, vocab "
-        f"{SHAPE['vocab']}, float32), LoRA r=8 on q_proj/v_proj, {N_CLASSES} choice tokens; "
-        f"N={args['n']} sequences x T={args['seq']} tokens, loader batch {args['batch']} per "
-        f"process; exact Fisher, KFAC expand. Median of {args['reps']} timed fits after a "
-        "warm-up, slowest rank; every configuration in fresh spawned processes. "
-        f"Machine: {os.cpu_count()} CPU cores, shared with other jobs (load averages before "
-        "each configuration are in the JSON).",
-        "",
-        C.md_table(
-            [
-                "posterior",
-                "configuration",
-                "fit wall (s)",
-                "of which combine (s)",
-                "CPU s (all procs)",
-                "CPU s (busiest proc)",
-                "max factor rel. diff vs 1 proc",
-                "marglik rel. diff",
-                "max factor rel. diff vs dense factors",
-            ],
-            rows,
-        ),
-        "",
-        "Speed-up of 2 processes x 1 thread:",
-        "",
-        C.md_table(
-            [
-                "posterior",
-                "wall: vs 1 proc x 1 thread",
-                "wall: vs 1 proc x 2 threads",
-                "CPU of the busiest process: vs 1 proc x 1 thread",
-            ],
-            speedups,
-        ),
-        "",
-        "Reading: on this 2-core machine the fair comparison for data parallelism is against "
-        "one process with one thread (same per-process compute budget). Wall-clock numbers "
-        "depend on how busy the shared cores were (load averages "
-        + ", ".join(f"{v[0]:.1f}" for v in load.values())
-        + " before the three configurations): when other jobs occupy the second core, two "
-        "ranks cannot run at the same time and the wall speed-up disappears. The CPU time of "
-        "the busiest process is what a rank needs on a free core, i.e. the wall time to "
-        "expect on an idle 2-core machine; CPU (all procs) vs 1 proc x 1 thread is the "
-        "total overhead of data parallelism. A single process with 2 intra-op threads on "
-        "busy cores can be much slower than with 1 thread (OpenMP threads wait for each "
-        "other). The combine step (one int all_gather, coalesced "
-        "all_reduce of the dense factors and the loss, all_gather of the low-rank roots + "
-        "QR/SVD re-truncation) is a small part of the fit. Dense factors agree with the "
-        "single-process fit to float32 rounding (different summation order); with "
-        "factor_rank=16 below the factors' true rank the two fits are different rank-16 "
-        "truncations (per-rank sums truncated, then truncated again), so their difference "
-        "is a truncation difference, not a rounding one; the last column shows both are "
-        "about equally far from the dense factors (best possible rank-16 error: "
-        + ", ".join(
-            f"{e['best_rank_k_rel_err']:.3f} ({e['config']})"
-            for e in payload_rows
-            if _rank_of(e["structure"])
-        )
-        + ").",
-    ]
-    jpath, mpath = C.write_results(NAME, payload, "\n".join(md))
-    print("\n".join(md))
+    md = render(payload)
+    jpath, mpath = C.write_results(NAME, payload, md)
+    print(md)
     print(f"wrote {jpath} and {mpath}")
 
 

@@ -311,9 +311,243 @@ WORKERS = {
 }
 
 
-# ---------------------------------------------------------------------- analysis
-def analyse(runs: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+# ---------------------------------------------------------------------- summary (pure)
+VOCAB_SQUARED = SHAPE["vocab"] ** 2
+BAR_STORAGE_BYTES = 100e6  # (a) all factors at 32 layers + lm_head
+BAR_FIT_RATIO = 2.0  # (b) fit / fwd+bwd, CPU time
+
+
+def summarize(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Every number of the report and its pass/fail checks (``res["bars"]``), from the
+    workers' results alone (``runs`` and ``args`` as stored in ``results/bench_scale.json``)."""
     res: dict[str, Any] = {}
+    ours = runs.get(f"ours_L{max(args.layers)}", {})
+    if ours.get("ok"):
+        res["storage"] = _storage_summary(ours)
+        w = ours.get("watch")
+        if w:
+            res["watch"] = {**w, "ok": not w["square_hits"] and w["max_numel"] < VOCAB_SQUARED}
+    res["time"] = {
+        f"L{L}": _time_summary(runs[f"ours_L{L}"], args)
+        for L in args.layers
+        if runs.get(f"ours_L{L}", {}).get("ok")
+    }
+    res["stock"] = _stock_summary(runs, args, res.get("storage", {}))
+    cs = _compression_summary(runs, args, res["time"])
+    if cs is not None:
+        res["compression_scaling"] = cs
+    res["bars"] = _bars(res, args)
+    return res
+
+
+def _storage_summary(ours: dict[str, Any]) -> dict[str, Any]:
+    per = {"layer0": 0, "lm_head": 0}
+    dense = {"layer0": 0, "lm_head": 0}
+    max_numel = 0
+    for row, db in zip(ours["storage"], ours["dense_bytes"], strict=True):
+        kind = _block_kind(row["name"])
+        if kind in per:
+            per[kind] += row["bytes"]
+            dense[kind] += db
+        max_numel = max(max_numel, row["max_numel"])
+    ext = FULL_DEPTH * per["layer0"] + per["lm_head"]
+    ext_dense = FULL_DEPTH * dense["layer0"] + dense["lm_head"]
+    return {
+        "per_layer_bytes": per["layer0"],
+        "lm_head_bytes": per["lm_head"],
+        "extrapolated_32_layers_bytes": ext,
+        "dense_per_layer_bytes": dense["layer0"],
+        "dense_lm_head_bytes": dense["lm_head"],
+        "dense_extrapolated_32_layers_bytes": ext_dense,
+        "ratio_dense_over_ours": ext_dense / ext,
+        "bar_bytes": BAR_STORAGE_BYTES,
+        "meets_bar": ext <= BAR_STORAGE_BYTES,
+        "largest_stored_tensor_numel": max_numel,
+        "no_vocab_squared_tensor_stored": max_numel < VOCAB_SQUARED,
+    }
+
+
+def _time_summary(r: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    nb, nt = args.train_batches, args.test_batches
+    fb, fbw = r["fwdbwd"]["cpu_seconds"], r["fwdbwd"]["seconds"]
+    d = {
+        "n_lora_params": r["n_params"],
+        "fwdbwd_cpu_s": fb,
+        "fwdbwd_wall_s": fbw,
+        "fit_cpu_s": r["fit"]["cpu_seconds"],
+        "fit_wall_s": r["fit"]["seconds"],
+        "fit_ratio_cpu": r["fit"]["cpu_seconds"] / fb,
+        "fit_ratio_wall": r["fit"]["seconds"] / fbw,
+        "fit_lowrank_compression_cpu_s": r["fit_lowrank_compression"]["cpu_seconds"],
+        "predictive_per_batch_cpu_s": r["predictive"]["cpu_seconds"] / nt,
+        "predictive_per_batch_wall_s": r["predictive"]["seconds"] / nt,
+        "predictive_ratio_cpu": (r["predictive"]["cpu_seconds"] / nt) / (fb / nb),
+        "predictive_ratio_wall": (r["predictive"]["seconds"] / nt) / (fbw / nb),
+        "fwdbwd_peak_delta": r["fwdbwd"]["peak_delta_bytes"],
+        "fit_peak_delta": r["fit"]["peak_delta_bytes"],
+        "predictive_peak_delta": r["predictive"]["peak_delta_bytes"],
+        "marglik_cpu_s": r["marglik"]["cpu_seconds"],
+        "mc_predict_batch_cpu_s": r["predict_mc_batch"]["cpu_seconds"],
+    }
+    if "fit_mc" in r:
+        d["fit_mc_cpu_s"] = r["fit_mc"]["cpu_seconds"]
+        d["fit_mc_ratio_cpu"] = r["fit_mc"]["cpu_seconds"] / fb
+        d["fit_mc_ratio_wall"] = r["fit_mc"]["seconds"] / fbw
+        d["fit_mc_lowrank_compression_cpu_s"] = r["fit_mc_lowrank_compression"]["cpu_seconds"]
+    return d
+
+
+def _stock_summary(
+    runs: dict[str, Any], args: argparse.Namespace, storage: dict[str, Any]
+) -> dict[str, Any]:
+    stock: dict[str, Any] = {}
+    nt = args.test_batches
+    for L in args.layers:
+        sj, ob = runs.get(f"stock_jac_L{L}", {}), runs.get(f"ours_L{L}", {})
+        if not (sj.get("ok") and ob.get("ok")):
+            continue
+        d = {
+            "jacobians_per_batch_cpu_s": sj["jacobians"]["cpu_seconds"] / nt,
+            "jacobians_per_batch_wall_s": sj["jacobians"]["seconds"] / nt,
+            "jacobians_peak_delta": sj["jacobians"]["peak_delta_bytes"],
+            "Js_bytes": sj["Js_bytes"],
+            "ours_predictive_per_batch_cpu_s": ob["predictive"]["cpu_seconds"] / nt,
+            "ours_predictive_per_batch_wall_s": ob["predictive"]["seconds"] / nt,
+            "ours_predictive_peak_delta": ob["predictive"]["peak_delta_bytes"],
+        }
+        d["time_ratio_stock_over_ours"] = (
+            d["jacobians_per_batch_cpu_s"] / d["ours_predictive_per_batch_cpu_s"]
+        )
+        d["mem_ratio_stock_over_ours"] = d["jacobians_peak_delta"] / max(
+            1, d["ours_predictive_peak_delta"]
+        )
+        stock[f"jac_L{L}"] = d
+    if len(args.layers) >= 2 and all(f"jac_L{L}" in stock for L in args.layers[:2]):
+        stock["extrapolated_32_layers"] = _extrapolate_stock(stock, args.layers[:2])
+    stock["dense"] = _dense_stock_summary(runs.get("stock_dense_init", {}), storage)
+    return stock
+
+
+def _extrapolate_stock(stock: dict[str, Any], layers: list[int]) -> dict[str, float]:
+    """Linear extrapolation in depth to 32 layers from two measured depths (rough)."""
+    L1, L2 = layers
+    a, b = stock[f"jac_L{L1}"], stock[f"jac_L{L2}"]
+
+    def lin(key: str) -> float:
+        slope = (b[key] - a[key]) / (L2 - L1)
+        return b[key] + slope * (FULL_DEPTH - L2)
+
+    return {
+        "stock_jac_peak_32": lin("jacobians_peak_delta"),
+        "ours_pred_peak_32": lin("ours_predictive_peak_delta"),
+        "stock_jac_cpu_s_32": lin("jacobians_per_batch_cpu_s"),
+        "ours_pred_cpu_s_32": lin("ours_predictive_per_batch_cpu_s"),
+    }
+
+
+N_SIDE_4096 = 4 * FULL_DEPTH + 1  # per layer: A of lora_A and G of lora_B (q, v); lm_head A
+
+
+def _dense_stock_summary(di: dict[str, Any], storage: dict[str, Any]) -> dict[str, Any]:
+    """Stock dense ``KronLaplace``: measured init memory, ``eigh`` time extrapolated
+    (cubically) to the 4096- and 32000-sided factors."""
+    d_info: dict[str, Any] = {
+        "dense_factor_bytes_32_layers": storage.get("dense_extrapolated_32_layers_bytes"),
+        "vocab_factor_bytes": VOCAB_SQUARED * 4,
+    }
+    if di.get("ok"):
+        e = di["eigh"]
+        t_side = e["cpu_seconds"]
+        est_4096 = t_side * (4096 / e["side"]) ** 3
+        est_32000 = t_side * (32000 / e["side"]) ** 3
+        d_info.update(
+            {
+                "init_peak_delta": di.get("init", {}).get("peak_delta_bytes"),
+                "init_error": di.get("init_error"),
+                "eigh_side": e["side"],
+                "eigh_cpu_s": t_side,
+                "eigh_peak_delta": e["peak_delta_bytes"],
+                "eigh_4096_est_cpu_s": est_4096,
+                "eigh_32000_est_cpu_s": est_32000,
+                "decompose_32_layers_est_cpu_s": N_SIDE_4096 * est_4096 + est_32000,
+            }
+        )
+    return d_info
+
+
+def _compression_summary(
+    runs: dict[str, Any], args: argparse.Namespace, time_rows: dict[str, Any]
+) -> dict[str, Any] | None:
+    """(e) measured ``from_root`` times, projected per layer against fwd+bwd per token."""
+    cp = runs.get("compress", {})
+    if not (
+        cp.get("ok")
+        and len(args.layers) >= 2
+        and all(f"L{L}" in time_rows for L in args.layers[:2])
+    ):
+        return None
+    L1, L2 = args.layers[:2]
+    t1, t2 = time_rows[f"L{L1}"], time_rows[f"L{L2}"]
+    tokens = args.batch * args.seq * args.train_batches
+    fb_layer_token = (t2["fwdbwd_cpu_s"] - t1["fwdbwd_cpu_s"]) / (L2 - L1) / tokens
+    ms = sorted(int(m) for m in cp["rows"])
+    ts = [cp["rows"][str(m)]["cpu_seconds"] for m in ms]
+    n_cls = 2
+    base_ratio = (t2["fit_cpu_s"] - t2["fit_lowrank_compression_cpu_s"]) / t2["fwdbwd_cpu_s"]
+    proj = []
+    for n_tok in args.project_tokens:
+        # q and v: A rows n_tok, G rows C*n_tok
+        comp = 2 * (_interpolate(ms, ts, n_tok) + _interpolate(ms, ts, n_cls * n_tok))
+        fb = fb_layer_token * n_tok
+        proj.append(
+            {
+                "tokens_per_batch": n_tok,
+                "compression_cpu_s_per_layer": comp,
+                "fwdbwd_cpu_s_per_layer": fb,
+                "compression_over_fwdbwd": comp / fb,
+                "projected_fit_ratio": base_ratio + comp / fb,
+            }
+        )
+    return {
+        "from_root": cp["rows"],
+        "fwdbwd_cpu_s_per_layer_token": fb_layer_token,
+        "fit_ratio_without_compression": base_ratio,
+        "projection": proj,
+    }
+
+
+def _interpolate(ms: list[int], ts: list[float], m: float) -> float:
+    """Log-log interpolation of the measured times ``ts`` at root sizes ``ms`` (linear
+    below the smallest, quadratic above the largest)."""
+    if m <= ms[0]:
+        return ts[0] * m / ms[0]
+    for (a, ta), (b, tb) in zip(
+        zip(ms, ts, strict=True), zip(ms[1:], ts[1:], strict=True), strict=False
+    ):
+        if m <= b:
+            w = math.log(m / a) / math.log(b / a)
+            return math.exp((1 - w) * math.log(max(ta, 1e-6)) + w * math.log(max(tb, 1e-6)))
+    return ts[-1] * (m / ms[-1]) ** 2
+
+
+def _bars(res: dict[str, Any], args: argparse.Namespace) -> dict[str, bool | None]:
+    """Pass/fail of the issue's bars (``None``: not measured)."""
+    st, w = res.get("storage"), res.get("watch")
+    t = res["time"].get(f"L{max(args.layers)}")
+    return {
+        "storage_le_100MB": st["meets_bar"] if st else None,
+        "no_factor_side_above_2048": w["ok"] if w else None,
+        "fit_le_2x_fwdbwd": t["fit_ratio_cpu"] <= BAR_FIT_RATIO if t else None,
+    }
+
+
+# ---------------------------------------------------------------------- report (markdown)
+def _met(ok: bool | None) -> str:
+    return "met" if ok else "NOT met"
+
+
+def render(res: dict[str, Any], runs: dict[str, Any], args: argparse.Namespace) -> str:
+    """The markdown report of :func:`summarize`'s ``res`` (``runs`` for failure messages)."""
     lines = [
         f"# {NAME}: Laplace-LoRA at LLaMA-2-7B shapes (CPU, float32, reduced depth)",
         "",
@@ -328,118 +562,76 @@ def analyse(runs: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, A
         "fresh subprocess per configuration (method in benchmarks/_common.py).",
         "",
     ]
-    deepest = max(args.layers)
-    ours = runs.get(f"ours_L{deepest}", {})
-    # ------------------------------------------------------------- (a) storage
-    if ours.get("ok"):
-        per = {"layer0": 0, "lm_head": 0}
-        dense = {"layer0": 0, "lm_head": 0}
-        max_numel = 0
-        for row, db in zip(ours["storage"], ours["dense_bytes"], strict=True):
-            kind = _block_kind(row["name"])
-            if kind in per:
-                per[kind] += row["bytes"]
-                dense[kind] += db
-            max_numel = max(max_numel, row["max_numel"])
-        ext = FULL_DEPTH * per["layer0"] + per["lm_head"]
-        ext_dense = FULL_DEPTH * dense["layer0"] + dense["lm_head"]
-        res["storage"] = {
-            "per_layer_bytes": per["layer0"],
-            "lm_head_bytes": per["lm_head"],
-            "extrapolated_32_layers_bytes": ext,
-            "dense_per_layer_bytes": dense["layer0"],
-            "dense_lm_head_bytes": dense["lm_head"],
-            "dense_extrapolated_32_layers_bytes": ext_dense,
-            "ratio_dense_over_ours": ext_dense / ext,
-            "bar_bytes": 100e6,
-            "meets_bar": ext <= 100e6,
-            "largest_stored_tensor_numel": max_numel,
-            "no_vocab_squared_tensor_stored": max_numel < 32000**2,
-        }
-        s = res["storage"]
-        lines += [
-            "## (a) Kronecker-factor storage (bar: <= 100 MB at 32 layers + lm_head)",
-            "",
-            C.md_table(
-                ["", f"ours (factor_rank={args.factor_rank})", "dense KFAC", "dense / ours"],
+    lines += _render_storage(res, args)
+    lines += _render_time(res, runs, args)
+    lines += _render_stock(res, runs, args)
+    lines += _render_compression(res, args)
+    return "\n".join(lines)
+
+
+def _render_storage(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    s = res.get("storage")
+    if not s:
+        return []
+    ext, ext_dense = s["extrapolated_32_layers_bytes"], s["dense_extrapolated_32_layers_bytes"]
+    max_numel = s["largest_stored_tensor_numel"]
+    lines = [
+        "## (a) Kronecker-factor storage (bar: <= 100 MB at 32 layers + lm_head)",
+        "",
+        C.md_table(
+            ["", f"ours (factor_rank={args.factor_rank})", "dense KFAC", "dense / ours"],
+            [
                 [
-                    [
-                        "per decoder layer (q, v: 4 LoRA matrices)",
-                        C.fmt_bytes(s["per_layer_bytes"]),
-                        C.fmt_bytes(s["dense_per_layer_bytes"]),
-                        s["dense_per_layer_bytes"] / s["per_layer_bytes"],
-                    ],
-                    [
-                        "lm_head (2 LoRA matrices)",
-                        C.fmt_bytes(s["lm_head_bytes"]),
-                        C.fmt_bytes(s["dense_lm_head_bytes"]),
-                        s["dense_lm_head_bytes"] / s["lm_head_bytes"],
-                    ],
-                    [
-                        "**32 layers + lm_head**",
-                        f"**{ext / 1e6:.1f} MB**",
-                        f"{ext_dense / 1e9:.2f} GB",
-                        s["ratio_dense_over_ours"],
-                    ],
+                    "per decoder layer (q, v: 4 LoRA matrices)",
+                    C.fmt_bytes(s["per_layer_bytes"]),
+                    C.fmt_bytes(s["dense_per_layer_bytes"]),
+                    s["dense_per_layer_bytes"] / s["per_layer_bytes"],
                 ],
-            ),
-            "",
-            f"Bar <= 100 MB: **{'met' if s['meets_bar'] else 'NOT met'}** ({ext / 1e6:.1f} MB). "
-            f"Largest stored factor tensor: {max_numel:,} elements (32000^2 = {32000**2:,}).",
+                [
+                    "lm_head (2 LoRA matrices)",
+                    C.fmt_bytes(s["lm_head_bytes"]),
+                    C.fmt_bytes(s["dense_lm_head_bytes"]),
+                    s["dense_lm_head_bytes"] / s["lm_head_bytes"],
+                ],
+                [
+                    "**32 layers + lm_head**",
+                    f"**{ext / 1e6:.1f} MB**",
+                    f"{ext_dense / 1e9:.2f} GB",
+                    s["ratio_dense_over_ours"],
+                ],
+            ],
+        ),
+        "",
+        f"Bar <= 100 MB: **{_met(res['bars']['storage_le_100MB'])}** ({ext / 1e6:.1f} MB). "
+        f"Largest stored factor tensor: {max_numel:,} elements (32000^2 = {VOCAB_SQUARED:,}).",
+        "",
+    ]
+    w = res.get("watch")
+    if w:
+        lines += [
+            f"Dispatch-mode check over one fit batch + one predictive batch: largest tensor "
+            f"produced by any op = {w['max_numel']:,} elements {tuple(w['max_shape'])} "
+            f"({w['max_op']}); tensors with two dims > 2048: "
+            f"{'none' if not w['square_hits'] else w['square_hits']}. "
+            f"No d x d factor for d > 2048: **{'verified' if w['ok'] else 'VIOLATED'}**.",
             "",
         ]
-        w = ours.get("watch")
-        if w:
-            ok = not w["square_hits"] and w["max_numel"] < 32000**2
-            res["watch"] = {**w, "ok": ok}
-            lines += [
-                f"Dispatch-mode check over one fit batch + one predictive batch: largest tensor "
-                f"produced by any op = {w['max_numel']:,} elements {tuple(w['max_shape'])} "
-                f"({w['max_op']}); tensors with two dims > 2048: "
-                f"{'none' if not w['square_hits'] else w['square_hits']}. "
-                f"No d x d factor for d > 2048: **{'verified' if ok else 'VIOLATED'}**.",
-                "",
-            ]
-    # ------------------------------------------------------------- (b)+(c) time
+    return lines
+
+
+def _render_time(res: dict[str, Any], runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
     rows = []
-    res["time"] = {}
     for L in args.layers:
-        r = runs.get(f"ours_L{L}", {})
-        if not r.get("ok"):
-            rows.append([f"{L}", "failed: " + r.get("error", "?")[:200]] + [""] * 7)
+        d = res["time"].get(f"L{L}")
+        if d is None:
+            err = runs.get(f"ours_L{L}", {}).get("error", "?")
+            rows.append([f"{L}", "failed: " + err[:200]] + [""] * 7)
             continue
-        nb, nt = args.train_batches, args.test_batches
-        fb, fbw = r["fwdbwd"]["cpu_seconds"], r["fwdbwd"]["seconds"]
-        d = {
-            "n_lora_params": r["n_params"],
-            "fwdbwd_cpu_s": fb,
-            "fwdbwd_wall_s": fbw,
-            "fit_cpu_s": r["fit"]["cpu_seconds"],
-            "fit_wall_s": r["fit"]["seconds"],
-            "fit_ratio_cpu": r["fit"]["cpu_seconds"] / fb,
-            "fit_ratio_wall": r["fit"]["seconds"] / fbw,
-            "fit_lowrank_compression_cpu_s": r["fit_lowrank_compression"]["cpu_seconds"],
-            "predictive_per_batch_cpu_s": r["predictive"]["cpu_seconds"] / nt,
-            "predictive_per_batch_wall_s": r["predictive"]["seconds"] / nt,
-            "predictive_ratio_cpu": (r["predictive"]["cpu_seconds"] / nt) / (fb / nb),
-            "predictive_ratio_wall": (r["predictive"]["seconds"] / nt) / (fbw / nb),
-            "fwdbwd_peak_delta": r["fwdbwd"]["peak_delta_bytes"],
-            "fit_peak_delta": r["fit"]["peak_delta_bytes"],
-            "predictive_peak_delta": r["predictive"]["peak_delta_bytes"],
-            "marglik_cpu_s": r["marglik"]["cpu_seconds"],
-            "mc_predict_batch_cpu_s": r["predict_mc_batch"]["cpu_seconds"],
-        }
-        if "fit_mc" in r:
-            d["fit_mc_cpu_s"] = r["fit_mc"]["cpu_seconds"]
-            d["fit_mc_ratio_cpu"] = r["fit_mc"]["cpu_seconds"] / fb
-            d["fit_mc_ratio_wall"] = r["fit_mc"]["seconds"] / fbw
-            d["fit_mc_lowrank_compression_cpu_s"] = r["fit_mc_lowrank_compression"]["cpu_seconds"]
-        res["time"][f"L{L}"] = d
         rows.append(
             [
                 f"{L}",
-                f"{r['n_params']:,}",
-                f"{fb:.1f} s",
+                f"{d['n_lora_params']:,}",
+                f"{d['fwdbwd_cpu_s']:.1f} s",
                 f"{d['fit_cpu_s']:.1f} s (**{d['fit_ratio_cpu']:.2f}x**; "
                 f"wall {d['fit_ratio_wall']:.2f}x)",
                 (
@@ -456,7 +648,7 @@ def analyse(runs: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, A
                 C.fmt_bytes(d["predictive_peak_delta"]),
             ]
         )
-    lines += [
+    lines = [
         "## (b) fit time and (c) GLM predictive vs a plain forward+backward",
         "",
         "Times are CPU seconds of the worker process (the 2-core machine was shared with other "
@@ -483,12 +675,13 @@ def analyse(runs: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, A
         ),
         "",
     ]
+    deepest = max(args.layers)
     t = res["time"].get(f"L{deepest}")
     if t:
         lines += [
             f"At {deepest} layer(s): fit/fwd+bwd = **{t['fit_ratio_cpu']:.2f}x** CPU "
             f"({t['fit_ratio_wall']:.2f}x wall); bar <= 2x: "
-            f"**{'met' if t['fit_ratio_cpu'] <= 2 else 'NOT met'}**"
+            f"**{_met(res['bars']['fit_le_2x_fwdbwd'])}**"
             + (f" (mc Fisher: {t['fit_mc_ratio_cpu']:.2f}x)" if "fit_mc_ratio_cpu" in t else "")
             + f". Of the fit, {t['fit_lowrank_compression_cpu_s']:.1f} s CPU "
             f"({100 * t['fit_lowrank_compression_cpu_s'] / t['fit_cpu_s']:.0f}%) is low-rank "
@@ -502,69 +695,34 @@ def analyse(runs: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, A
             "per batch.",
             "",
         ]
-    # ------------------------------------------------------------- (d) stock
-    lines += ["## (d) stock laplace-torch 0.3 at these shapes", ""]
-    res["stock"] = {}
+    return lines
+
+
+def _render_stock(res: dict[str, Any], runs: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    stock = res["stock"]
     rows = []
     for L in args.layers:
-        sj = runs.get(f"stock_jac_L{L}", {})
-        ob = runs.get(f"ours_L{L}", {})
-        if sj.get("ok") and ob.get("ok"):
-            nt = args.test_batches
-            d = {
-                "jacobians_per_batch_cpu_s": sj["jacobians"]["cpu_seconds"] / nt,
-                "jacobians_per_batch_wall_s": sj["jacobians"]["seconds"] / nt,
-                "jacobians_peak_delta": sj["jacobians"]["peak_delta_bytes"],
-                "Js_bytes": sj["Js_bytes"],
-                "ours_predictive_per_batch_cpu_s": ob["predictive"]["cpu_seconds"] / nt,
-                "ours_predictive_per_batch_wall_s": ob["predictive"]["seconds"] / nt,
-                "ours_predictive_peak_delta": ob["predictive"]["peak_delta_bytes"],
-            }
-            d["time_ratio_stock_over_ours"] = (
-                d["jacobians_per_batch_cpu_s"] / d["ours_predictive_per_batch_cpu_s"]
-            )
-            d["mem_ratio_stock_over_ours"] = d["jacobians_peak_delta"] / max(
-                1, d["ours_predictive_peak_delta"]
-            )
-            res["stock"][f"jac_L{L}"] = d
-            rows.append(
-                [
-                    f"{L}",
-                    f"{d['jacobians_per_batch_cpu_s']:.2f} s",
-                    C.fmt_bytes(d["jacobians_peak_delta"]),
-                    C.fmt_bytes(d["Js_bytes"]),
-                    f"{d['ours_predictive_per_batch_cpu_s']:.2f} s",
-                    C.fmt_bytes(d["ours_predictive_peak_delta"]),
-                    d["time_ratio_stock_over_ours"],
-                    d["mem_ratio_stock_over_ours"],
-                ]
-            )
-        else:
+        d = stock.get(f"jac_L{L}")
+        if d is None:
+            sj, ob = runs.get(f"stock_jac_L{L}", {}), runs.get(f"ours_L{L}", {})
             err = sj.get("error") or ob.get("error") or "not run"
             rows.append([f"{L}", "failed: " + err[:300]] + [""] * 6)
-    extra = ""
-    if len(args.layers) >= 2 and all(f"jac_L{L}" in res["stock"] for L in args.layers[:2]):
-        L1, L2 = args.layers[:2]
-        a, b = res["stock"][f"jac_L{L1}"], res["stock"][f"jac_L{L2}"]
-
-        def lin(key: str) -> float:
-            slope = (b[key] - a[key]) / (L2 - L1)
-            return b[key] + slope * (FULL_DEPTH - L2)
-
-        ext = {
-            "stock_jac_peak_32": lin("jacobians_peak_delta"),
-            "ours_pred_peak_32": lin("ours_predictive_peak_delta"),
-            "stock_jac_cpu_s_32": lin("jacobians_per_batch_cpu_s"),
-            "ours_pred_cpu_s_32": lin("ours_predictive_per_batch_cpu_s"),
-        }
-        res["stock"]["extrapolated_32_layers"] = ext
-        extra = (
-            f"Linear extrapolation in depth to 32 layers (from {L1} and {L2} layers; rough): "
-            f"stock Jacobians ~{C.fmt_bytes(ext['stock_jac_peak_32'])} and "
-            f"~{ext['stock_jac_cpu_s_32']:.0f} CPU s per batch; ours (whole predictive) "
-            f"~{C.fmt_bytes(ext['ours_pred_peak_32'])} and ~{ext['ours_pred_cpu_s_32']:.0f} CPU s."
+            continue
+        rows.append(
+            [
+                f"{L}",
+                f"{d['jacobians_per_batch_cpu_s']:.2f} s",
+                C.fmt_bytes(d["jacobians_peak_delta"]),
+                C.fmt_bytes(d["Js_bytes"]),
+                f"{d['ours_predictive_per_batch_cpu_s']:.2f} s",
+                C.fmt_bytes(d["ours_predictive_peak_delta"]),
+                d["time_ratio_stock_over_ours"],
+                d["mem_ratio_stock_over_ours"],
+            ]
         )
-    lines += [
+    lines = [
+        "## (d) stock laplace-torch 0.3 at these shapes",
+        "",
         "GLM predictive: stock `_glm_predictive_distribution` first builds the full Jacobian "
         "(B, C, P) with `torch.func.jacrev` (`CurvatureInterface.jacobians`); only that step is "
         "run here (its variance step needs the dense posterior, see below), so the stock "
@@ -585,153 +743,100 @@ def analyse(runs: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, A
         ),
         "",
     ]
-    if extra:
-        lines += [extra, ""]
-    di = runs.get("stock_dense_init", {})
-    n_side_4096 = 4 * FULL_DEPTH + 1  # per layer: A of lora_A and G of lora_B (q, v); lm_head A
-    dense_bytes_32 = res.get("storage", {}).get("dense_extrapolated_32_layers_bytes")
-    d_info: dict[str, Any] = {
-        "dense_factor_bytes_32_layers": dense_bytes_32,
-        "vocab_factor_bytes": 32000**2 * 4,
-    }
-    if di.get("ok"):
-        e = di["eigh"]
-        t_side = e["cpu_seconds"]
-        est_4096 = t_side * (4096 / e["side"]) ** 3
-        est_32000 = t_side * (32000 / e["side"]) ** 3
-        d_info.update(
-            {
-                "init_peak_delta": di.get("init", {}).get("peak_delta_bytes"),
-                "init_error": di.get("init_error"),
-                "eigh_side": e["side"],
-                "eigh_cpu_s": t_side,
-                "eigh_peak_delta": e["peak_delta_bytes"],
-                "eigh_4096_est_cpu_s": est_4096,
-                "eigh_32000_est_cpu_s": est_32000,
-                "decompose_32_layers_est_cpu_s": n_side_4096 * est_4096 + est_32000,
-            }
-        )
-        lines += [
-            "Dense stock `KronLaplace` (`subset_of_weights='all'`, only LoRA trainable, "
-            "`CurvlinopsGGN`): constructing it (`Kron.init_from_model`) alone allocated "
-            f"**{C.fmt_bytes(d_info['init_peak_delta'])}** at {min(args.layers)} layer(s) "
-            f"(the lm_head lora_B output factor is 32000 x 32000 = {C.fmt_bytes(32000**2 * 4)} "
-            "in float32)"
-            + (f"; error: {d_info['init_error']}" if d_info["init_error"] else "")
-            + ". Analytically its dense factors at 32 layers + lm_head take "
-            f"**{(dense_bytes_32 or float('nan')) / 1e9:.2f} GB** (the eigenvectors after "
-            f"`decompose` as much again). A measured dense `eigh` of side {e['side']} took "
-            f"{t_side:.1f} CPU s here; cubic extrapolation: ~{est_4096:.0f} s per 4096-side factor "
-            f"({n_side_4096} of them) and ~{est_32000 / 3600:.1f} h for the 32000-side factor, "
-            f"~{d_info['decompose_32_layers_est_cpu_s'] / 3600:.1f} h in all to decompose. "
-            "Not attempted.",
-            "",
-        ]
-    else:
-        lines += [f"Stock dense init run failed: {di.get('error', 'not run')[:500]}", ""]
-    res["stock"]["dense"] = d_info
-    # ------------------------------------------------------------- (e) compression scaling
-    cp = runs.get("compress", {})
-    if (
-        cp.get("ok")
-        and len(args.layers) >= 2
-        and all(f"L{L}" in res["time"] for L in args.layers[:2])
-    ):
+    ext = stock.get("extrapolated_32_layers")
+    if ext:
         L1, L2 = args.layers[:2]
-        t1, t2 = res["time"][f"L{L1}"], res["time"][f"L{L2}"]
-        tokens = args.batch * args.seq * args.train_batches
-        fb_layer_token = (t2["fwdbwd_cpu_s"] - t1["fwdbwd_cpu_s"]) / (L2 - L1) / tokens
-        ms = sorted(int(m) for m in cp["rows"])
-        ts = [cp["rows"][str(m)]["cpu_seconds"] for m in ms]
-
-        def fr(m: float) -> float:  # log-log interpolation of the measured times
-            if m <= ms[0]:
-                return ts[0] * m / ms[0]
-            for (a, ta), (b, tb) in zip(
-                zip(ms, ts, strict=True), zip(ms[1:], ts[1:], strict=True), strict=False
-            ):
-                if m <= b:
-                    w = math.log(m / a) / math.log(b / a)
-                    return math.exp((1 - w) * math.log(max(ta, 1e-6)) + w * math.log(max(tb, 1e-6)))
-            return ts[-1] * (m / ms[-1]) ** 2
-
-        n_cls = 2
-        base_ratio = (t2["fit_cpu_s"] - t2["fit_lowrank_compression_cpu_s"]) / t2["fwdbwd_cpu_s"]
-        proj = []
-        for n_tok in args.project_tokens:
-            comp = 2 * (fr(n_tok) + fr(n_cls * n_tok))  # q and v: A rows n_tok, G rows C*n_tok
-            fb = fb_layer_token * n_tok
-            proj.append(
-                {
-                    "tokens_per_batch": n_tok,
-                    "compression_cpu_s_per_layer": comp,
-                    "fwdbwd_cpu_s_per_layer": fb,
-                    "compression_over_fwdbwd": comp / fb,
-                    "projected_fit_ratio": base_ratio + comp / fb,
-                }
-            )
-        res["compression_scaling"] = {
-            "from_root": cp["rows"],
-            "fwdbwd_cpu_s_per_layer_token": fb_layer_token,
-            "fit_ratio_without_compression": base_ratio,
-            "projection": proj,
-        }
-        rows = [
-            [
-                f"{m:,}",
-                f"{cp['rows'][str(m)]['cpu_seconds']:.2f} s",
-                C.fmt_bytes(cp["rows"][str(m)]["peak_delta_bytes"]),
-                (
-                    "yes: " + ", ".join(cp["rows"][str(m)]["dxd_tensors"][:2])
-                    if cp["rows"][str(m)].get("dxd_tensors")
-                    else (
-                        "no"
-                        if "dxd_tensors" in cp["rows"][str(m)]
-                        else "not checked (m = d: its Q and triangle are d x d by construction)"
-                    )
-                ),
-            ]
-            for m in ms
-        ]
-        prow = [
-            [
-                f"{p['tokens_per_batch']:,}",
-                f"{p['compression_cpu_s_per_layer']:.2f} s",
-                f"{p['fwdbwd_cpu_s_per_layer']:.2f} s",
-                p["compression_over_fwdbwd"],
-                f"**{p['projected_fit_ratio']:.2f}x**",
-            ]
-            for p in proj
-        ]
         lines += [
-            "## (e) cost of the low-rank compression vs tokens per batch",
-            "",
-            f"`LowRankFactor.from_root` on a random (4096, m) root, factor_rank={args.factor_rank} "
-            "(thin QR + SVD of the m x m triangle when m <= d, else Gram R Rᵀ + eigh):",
-            "",
-            C.md_table(
-                ["root rows m", "CPU time", "peak memory", "creates a 4096 x 4096 tensor"], rows
-            ),
-            "",
-            "Projection per decoder layer (q and v adapters; exact Fisher with C=2, expand: the "
-            "lora_A input factor gets one root row per token, the lora_B output factor C rows "
-            f"per token) against the measured fwd+bwd cost per token and layer "
-            f"({1000 * fb_layer_token:.2f} ms); projected fit ratio = measured fit ratio without "
-            f"compression ({base_ratio:.2f}x) + compression / fwd+bwd:",
-            "",
-            C.md_table(
-                [
-                    "tokens per batch",
-                    "compression / layer",
-                    "fwd+bwd / layer",
-                    "compression / fwd+bwd",
-                    "projected fit / fwd+bwd",
-                ],
-                prow,
-            ),
+            f"Linear extrapolation in depth to 32 layers (from {L1} and {L2} layers; rough): "
+            f"stock Jacobians ~{C.fmt_bytes(ext['stock_jac_peak_32'])} and "
+            f"~{ext['stock_jac_cpu_s_32']:.0f} CPU s per batch; ours (whole predictive) "
+            f"~{C.fmt_bytes(ext['ours_pred_peak_32'])} and ~{ext['ours_pred_cpu_s_32']:.0f} CPU s.",
             "",
         ]
-    return res, "\n".join(lines)
+    return lines + _render_dense_stock(stock["dense"], runs.get("stock_dense_init", {}), args)
+
+
+def _render_dense_stock(
+    d_info: dict[str, Any], di: dict[str, Any], args: argparse.Namespace
+) -> list[str]:
+    if not di.get("ok"):
+        return [f"Stock dense init run failed: {di.get('error', 'not run')[:500]}", ""]
+    dense_bytes_32 = d_info["dense_factor_bytes_32_layers"]
+    return [
+        "Dense stock `KronLaplace` (`subset_of_weights='all'`, only LoRA trainable, "
+        "`CurvlinopsGGN`): constructing it (`Kron.init_from_model`) alone allocated "
+        f"**{C.fmt_bytes(d_info['init_peak_delta'])}** at {min(args.layers)} layer(s) "
+        f"(the lm_head lora_B output factor is 32000 x 32000 = {C.fmt_bytes(VOCAB_SQUARED * 4)} "
+        "in float32)"
+        + (f"; error: {d_info['init_error']}" if d_info["init_error"] else "")
+        + ". Analytically its dense factors at 32 layers + lm_head take "
+        f"**{(dense_bytes_32 or float('nan')) / 1e9:.2f} GB** (the eigenvectors after "
+        f"`decompose` as much again). A measured dense `eigh` of side {d_info['eigh_side']} took "
+        f"{d_info['eigh_cpu_s']:.1f} CPU s here; cubic extrapolation: "
+        f"~{d_info['eigh_4096_est_cpu_s']:.0f} s per 4096-side factor "
+        f"({N_SIDE_4096} of them) and ~{d_info['eigh_32000_est_cpu_s'] / 3600:.1f} h for the "
+        f"32000-side factor, ~{d_info['decompose_32_layers_est_cpu_s'] / 3600:.1f} h in all to "
+        "decompose. Not attempted.",
+        "",
+    ]
+
+
+def _render_compression(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    cs = res.get("compression_scaling")
+    if not cs:
+        return []
+    cp_rows = cs["from_root"]
+    ms = sorted(int(m) for m in cp_rows)
+    rows = [[f"{m:,}", *_compression_cells(cp_rows[str(m)])] for m in ms]
+    prow = [
+        [
+            f"{p['tokens_per_batch']:,}",
+            f"{p['compression_cpu_s_per_layer']:.2f} s",
+            f"{p['fwdbwd_cpu_s_per_layer']:.2f} s",
+            p["compression_over_fwdbwd"],
+            f"**{p['projected_fit_ratio']:.2f}x**",
+        ]
+        for p in cs["projection"]
+    ]
+    return [
+        "## (e) cost of the low-rank compression vs tokens per batch",
+        "",
+        f"`LowRankFactor.from_root` on a random (4096, m) root, factor_rank={args.factor_rank} "
+        "(thin QR + SVD of the m x m triangle when m <= d, else Gram R Rᵀ + eigh):",
+        "",
+        C.md_table(
+            ["root rows m", "CPU time", "peak memory", "creates a 4096 x 4096 tensor"], rows
+        ),
+        "",
+        "Projection per decoder layer (q and v adapters; exact Fisher with C=2, expand: the "
+        "lora_A input factor gets one root row per token, the lora_B output factor C rows "
+        f"per token) against the measured fwd+bwd cost per token and layer "
+        f"({1000 * cs['fwdbwd_cpu_s_per_layer_token']:.2f} ms); projected fit ratio = measured "
+        f"fit ratio without compression ({cs['fit_ratio_without_compression']:.2f}x) + "
+        "compression / fwd+bwd:",
+        "",
+        C.md_table(
+            [
+                "tokens per batch",
+                "compression / layer",
+                "fwd+bwd / layer",
+                "compression / fwd+bwd",
+                "projected fit / fwd+bwd",
+            ],
+            prow,
+        ),
+        "",
+    ]
+
+
+def _compression_cells(row: dict[str, Any]) -> list[str]:
+    if row.get("dxd_tensors"):
+        made = "yes: " + ", ".join(row["dxd_tensors"][:2])
+    elif "dxd_tensors" in row:
+        made = "no"
+    else:
+        made = "not checked (m = d: its Q and triangle are d x d by construction)"
+    return [f"{row['cpu_seconds']:.2f} s", C.fmt_bytes(row["peak_delta_bytes"]), made]
 
 
 def plot(res: dict[str, Any], path: str) -> bool:
@@ -861,7 +966,8 @@ def main() -> None:
     for k, v in runs.items():
         if not v.get("ok"):
             print(f"[{NAME}] {k} FAILED: {v.get('error', '')[:1000]}", flush=True)
-    res, md = analyse(runs, args)
+    res = summarize(runs, args)
+    md = render(res, runs, args)
     png = C.RESULTS_DIR / f"{NAME}.png"
     C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     if plot(res, str(png)):

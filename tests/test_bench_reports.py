@@ -1,0 +1,184 @@
+"""The benchmark reports' pure halves, on the committed results (no benchmark is run).
+
+Each long benchmark splits its report into ``summarize`` (every number and the pass/fail
+checks, from the workers' results alone) and ``render`` (the markdown). Both are checked
+against ``benchmarks/results/<name>.json`` and ``.md``: the summary must be the committed
+one and the markdown must be the committed report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def committed(name: str) -> tuple[dict, str]:
+    """``(payload, markdown)`` of a committed benchmark result."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path} not committed")
+    return json.loads(path.read_text()), (RESULTS / f"{name}.md").read_text()
+
+
+def report_body(md: str) -> str:
+    """The markdown before the plot link and the total wall time (both added by main())."""
+    return md.split("\n![")[0].split("\nTotal benchmark wall time")[0].rstrip()
+
+
+def as_json(obj):
+    return json.loads(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------- bench_scale
+
+
+def test_bench_scale_summary_and_report_are_the_committed_ones():
+    from benchmarks import bench_scale as B
+
+    payload, md = committed("bench_scale")
+    args = types.SimpleNamespace(**payload["args"])
+    res = B.summarize(payload["runs"], args)
+    assert res["bars"] == {
+        "storage_le_100MB": True,
+        "no_factor_side_above_2048": True,
+        "fit_le_2x_fwdbwd": True,
+    }
+    assert as_json({k: v for k, v in res.items() if k != "bars"}) == payload["summary"]
+    assert B.render(res, payload["runs"], args).rstrip() == report_body(md)
+
+
+def test_bench_scale_bars_fail_on_slow_fit_and_large_tensors():
+    from benchmarks import bench_scale as B
+
+    payload, _ = committed("bench_scale")
+    args = types.SimpleNamespace(**payload["args"])
+    runs = copy.deepcopy(payload["runs"])
+    deepest = runs[f"ours_L{max(args.layers)}"]
+    deepest["fit"]["cpu_seconds"] = 2.5 * deepest["fwdbwd"]["cpu_seconds"]
+    deepest["watch"]["square_hits"] = ["aten.mm.default: (4096, 4096)"]
+    res = B.summarize(runs, args)
+    assert res["bars"]["fit_le_2x_fwdbwd"] is False
+    assert res["bars"]["no_factor_side_above_2048"] is False
+    assert res["bars"]["storage_le_100MB"] is True
+    md = B.render(res, runs, args)
+    assert "bar <= 2x: **NOT met**" in md and "**VIOLATED**" in md
+
+
+def test_bench_scale_report_names_a_failed_worker():
+    from benchmarks import bench_scale as B
+
+    payload, _ = committed("bench_scale")
+    args = types.SimpleNamespace(**payload["args"])
+    runs = copy.deepcopy(payload["runs"])
+    runs[f"ours_L{min(args.layers)}"] = {"ok": False, "error": "MemoryError: boom"}
+    res = B.summarize(runs, args)
+    assert f"L{min(args.layers)}" not in res["time"]
+    assert "compression_scaling" not in res  # needs both depths
+    assert "failed: MemoryError: boom" in B.render(res, runs, args)
+
+
+# --------------------------------------------------------------------------- bench_peers
+
+
+def test_bench_peers_report_is_the_committed_one():
+    from benchmarks import bench_peers as B
+
+    payload, md = committed("bench_peers")
+    args = types.SimpleNamespace(**payload["args"])
+    assert B.render(payload["summary"], payload["runs"], args).rstrip() == report_body(md)
+    # without the saved curvatures only the run-level numbers remain
+    res = as_json(B.summarize(payload["runs"], args, load=lambda name: None))
+    assert res["lowrank"] == res["blora"] == {}
+    assert res["exact"] == payload["summary"]["exact"]
+    failed = {k: v for k, v in payload["summary"]["stock"].items() if not v["ok"]}
+    assert failed and {k: v for k, v in res["stock"].items() if not v["ok"]} == failed
+
+
+def test_bench_peers_summary_of_identical_curvatures():
+    """Every saved curvature equal to ours dense: zero errors, trace ratios and scale 1."""
+    import torch
+
+    from benchmarks import bench_peers as B
+
+    payload, _ = committed("bench_peers")
+    args = types.SimpleNamespace(**payload["args"])
+    g = torch.Generator().manual_seed(0)
+    blocks = []
+    for sides in ([2, 3], [4, 2], [3]):
+        roots = [torch.randn(n, n + 1, generator=g, dtype=torch.float64) for n in sides]
+        blocks.append([X @ X.T for X in roots])
+    saved = {"H": blocks, "f_var": torch.randn(4, 2, 2, generator=g, dtype=torch.float64)}
+    res = B.summarize(payload["runs"], args, load=lambda name: saved)
+    for d in res["lowrank"].values():
+        assert d["H_rel_frob_err"] == pytest.approx(0, abs=1e-7)
+        assert d["trace_ratio_vs_dense"] == pytest.approx(1) and d["f_var_rel_err"] == 0
+    for d in res["blora"].values():
+        assert d["rel_frob_err_vs_ours_dense"] == pytest.approx(0, abs=1e-7)
+        assert d["best_scale"] == pytest.approx(1)
+    for d in res["stock"].values():
+        assert not d["ok"] or d["rel_frob_err_vs_ours_dense"] == pytest.approx(0, abs=1e-7)
+    md = B.render(res, payload["runs"], args)
+    assert "## (a) ours: low-rank factors vs dense" in md and "worker failed" not in md
+
+
+# --------------------------------------------------------------------------- bench_distributed
+
+
+def test_bench_distributed_summary_and_report_are_the_committed_ones():
+    from benchmarks import bench_distributed as B
+
+    payload, md = committed("bench_distributed")
+    res = B.summarize(payload["rows"])
+    assert res["speedup_2procs_vs"] == payload["speedup_2procs_vs"]
+    assert all(res["checks"].values()), res["checks"]
+    assert B.render(payload).rstrip() == md.rstrip()
+
+
+def test_bench_distributed_checks_fail_on_disagreeing_ranks():
+    from benchmarks import bench_distributed as B
+
+    payload, _ = committed("bench_distributed")
+    rows = copy.deepcopy(payload["rows"])
+    two_dense = next(e for e in rows if e["structure"] == B.DENSE and e["processes"] == 2)
+    two_dense["max_factor_rel_diff_vs_1proc"] = 1e-3  # more than float32 rounding
+    two_dense["identical_on_all_ranks"] = False
+    two_low = next(e for e in rows if e["structure"] != B.DENSE and e["processes"] == 2)
+    two_low["max_factor_rel_diff_vs_dense_factors"] = 1.5  # much worse than one process
+    assert not any(B.summarize(rows)["checks"].values())
+
+
+def test_bench_distributed_measure_compares_factors_across_ranks_and_configs():
+    import torch
+
+    from benchmarks import bench_distributed as B
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(4, 4, generator=g), torch.randn(3, 3, generator=g)]
+
+    def rank(scale: float = 1.0) -> dict:
+        one = {
+            "wall_s": [1.0, 3.0, 2.0],
+            "combine_s": [0.1, 0.1, 0.1],
+            "cpu_s": [1.0, 1.0, 1.0],
+            "n_data": 8,
+            "loss": 1.0,
+            "lml": -2.0 * scale,
+            "factors": [scale * f for f in factors],
+        }
+        return {s: one for s in B.STRUCTURES}
+
+    runs = {label: [rank()] * world for label, world, _ in B.CONFIGS}
+    runs[B.CONFIGS[-1][0]] = [rank(2.0), rank(1.0)]  # rank 0 doubled, rank 1 not
+    rows = B.measure(runs, {"reps": 3}, {label: [0.0] * 3 for label, *_ in B.CONFIGS})
+    first, last = rows[0], rows[len(B.CONFIGS) - 1]
+    assert first["fit_wall_s_median"] == 2.0 and first["max_factor_rel_diff_vs_1proc"] == 0
+    assert last["fit_cpu_s_median_all_processes"] == 2.0  # summed over the two ranks
+    assert last["max_factor_rel_diff_vs_1proc"] == pytest.approx(1.0)
+    assert last["lml_rel_diff_vs_1proc"] == pytest.approx(1.0)
+    assert not last["identical_on_all_ranks"] and first["identical_on_all_ranks"]
