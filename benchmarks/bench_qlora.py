@@ -143,13 +143,8 @@ def worker_la(args: dict[str, Any]) -> dict[str, Any]:
     }
 
     # MAP
-    logits, labels = [], []
-    with PeakMeter() as m, torch.no_grad():
-        for batch in test_loader:
-            logits.append(model(batch).float())
-            labels.append(batch["labels"])
-    out.update(m.as_dict("map_predict_"))
-    logits, labels = torch.cat(logits), torch.cat(labels)
+    meter, logits, labels = _map_logits(model, test_loader)
+    out.update(meter)
     if quant.is_quantized_4bit(peft_model):  # a no-grad probe may repack (see quant.py)
         quant.prepare_4bit_for_laplace(peft_model)
     out["map"] = classification_metrics(logits.softmax(-1), labels)
@@ -171,20 +166,33 @@ def worker_la(args: dict[str, Any]) -> dict[str, Any]:
     out["log_marglik"] = float(la.log_marginal_likelihood())
 
     # GLM predictive (MC)
-    gen = torch.Generator().manual_seed(0)
-    probs = []
-    with PeakMeter() as m:
-        for batch in test_loader:
-            probs.append(
-                la(batch, link_approx="mc", n_samples=args["n_samples"], generator=gen).float()
-            )
-    out.update(m.as_dict("predict_"))
-    probs = torch.cat(probs)
+    meter, probs = _la_probs(la, test_loader, args["n_samples"])
+    out.update(meter)
     out["la"] = classification_metrics(probs, labels)
     out["map_probs"] = logits.softmax(-1).tolist()
     out["la_probs"] = probs.tolist()
     out["labels"] = labels.tolist()
     return out
+
+
+def _map_logits(model: torch.nn.Module, loader: Any) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """``(peak meter, logits (N, C), labels (N,))`` of the MAP model over ``loader``."""
+    logits, labels = [], []
+    with PeakMeter() as m, torch.no_grad():
+        for batch in loader:
+            logits.append(model(batch).float())
+            labels.append(batch["labels"])
+    return m.as_dict("map_predict_"), torch.cat(logits), torch.cat(labels)
+
+
+def _la_probs(la: Any, loader: Any, n_samples: int) -> tuple[dict, torch.Tensor]:
+    """``(peak meter, probabilities (N, C))`` of the GLM predictive, MC link (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    probs = []
+    with PeakMeter() as m:
+        for batch in loader:
+            probs.append(la(batch, link_approx="mc", n_samples=n_samples, generator=gen).float())
+    return m.as_dict("predict_"), torch.cat(probs)
 
 
 def worker_stock(args: dict[str, Any]) -> dict[str, Any]:

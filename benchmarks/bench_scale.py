@@ -174,17 +174,25 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
     }
     out["fwdbwd"]["peak_delta_bytes"] = max(out[k]["peak_delta_bytes"] for k in keys)
 
-    storage = C.kron_storage(la.H_facs, la.lora_param_names)
-    out["storage"] = storage
+    out["storage"] = C.kron_storage(la.H_facs, la.lora_param_names)
     out["dense_bytes"] = [sum(d * d for d in p.shape) * 4 for p in la.params]
     out["posterior_eig_bytes"] = sum(
         t.numel() * t.element_size() for Qs in la.H.eigenvectors for t in Qs
     ) + sum(t.numel() * t.element_size() for ls in la.H.eigenvalues for t in ls)
+    out.update(_prior_and_predictive(la, test, args["marglik_steps"]))
+    if args["watch"]:
+        gc.collect()
+        first = {k: v[: args["batch"]] for k, v in loader.dataset.batch.items()}
+        out["watch"] = _largest_tensors(la, C.make_loader(first, args["batch"]), test[0])
+    return out
 
+
+def _prior_and_predictive(la: Any, test: list[dict[str, torch.Tensor]], steps: int) -> dict:
+    """Time / memory of the marglik prior fit, the GLM predictive over ``test`` and one
+    MC-link prediction."""
+    out: dict[str, Any] = {}
     with C.PeakMeter() as m:
-        la.optimize_prior_precision(
-            method="marglik", pred_type="glm", n_steps=args["marglik_steps"]
-        )
+        la.optimize_prior_precision(method="marglik", pred_type="glm", n_steps=steps)
     out["marglik"] = m.as_dict()
     out["prior_precision"] = la.prior_precision.detach().reshape(-1).tolist()
 
@@ -202,21 +210,22 @@ def worker_ours(args: dict[str, Any]) -> dict[str, Any]:
         )
     out["predict_mc_batch"] = m.as_dict()
     out["probs_finite"] = bool(torch.isfinite(probs).all())
-
-    if args["watch"]:
-        gc.collect()
-        first = {k: v[: args["batch"]] for k, v in loader.dataset.batch.items()}
-        watch = C.LargestTensorWatch(square_side=2048)
-        with watch:
-            la.fit(C.make_loader(first, args["batch"]))
-            la.predictive_moments(test[0])
-        out["watch"] = {
-            "max_numel": watch.max_numel,
-            "max_shape": list(watch.max_shape),
-            "max_op": watch.max_op,
-            "square_hits": watch.square_hits,
-        }
     return out
+
+
+def _largest_tensors(la: Any, loader: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The largest tensor any ATen op outputs during one ``fit`` and one predictive batch,
+    and every tensor with two dimensions above 2048."""
+    watch = C.LargestTensorWatch(square_side=2048)
+    with watch:
+        la.fit(loader)
+        la.predictive_moments(batch)
+    return {
+        "max_numel": watch.max_numel,
+        "max_shape": list(watch.max_shape),
+        "max_op": watch.max_op,
+        "square_hits": watch.square_hits,
+    }
 
 
 def worker_stock_jacobians(args: dict[str, Any]) -> dict[str, Any]:

@@ -86,32 +86,12 @@ def collect_targets(
     """
     lora_layer_cls = _lora_layer_cls()
     targets: list[LoraTarget] = []
-    lora_param_ids: set[int] = set()
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
         if lora_modules is not None and re.search(lora_modules, name) is None:
             continue
-        for adapter in _active_adapters(module, adapter_name):
-            if module.use_dora.get(adapter, False):
-                raise ValueError(
-                    f"LoRA layer {name!r} uses DoRA, which laplace_lora_ext does not support; "
-                    "fine-tune with use_dora=False."
-                )
-            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-            for kind, sub in (("lora_A", lora_a), ("lora_B", lora_b)):
-                if not isinstance(sub, nn.Linear) or sub.bias is not None:
-                    raise ValueError(
-                        f"{name}.{kind}.{adapter} is a {type(sub).__name__}; only bias-free "
-                        "nn.Linear LoRA matrices are supported (not Conv or lora_bias=True)."
-                    )
-                targets.append(LoraTarget(f"{name}.{kind}.{adapter}", sub, kind))
-                lora_param_ids.add(id(sub.weight))
-        if len(getattr(module, "lora_embedding_A", {})) > 0:
-            raise ValueError(
-                f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "
-                "target linear layers only."
-            )
+        targets += _layer_targets(name, module, adapter_name)
     if not targets and lora_modules is not None:
         raise ValueError(f"No LoRA layer name matches lora_modules={lora_modules!r}.")
     if not targets:
@@ -121,7 +101,32 @@ def collect_targets(
             "approximation, or use laplace-torch's subset_of_weights='all'."
         )
     if include_extra_params:
-        targets.extend(_extra_targets(model, lora_param_ids))
+        targets.extend(_extra_targets(model, {id(t.module.weight) for t in targets}))
+    return targets
+
+
+def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> list[LoraTarget]:
+    """``lora_A`` and ``lora_B`` of each active adapter of one PEFT LoRA layer ``name``."""
+    targets = []
+    for adapter in _active_adapters(module, adapter_name):
+        if module.use_dora.get(adapter, False):
+            raise ValueError(
+                f"LoRA layer {name!r} uses DoRA, which laplace_lora_ext does not support; "
+                "fine-tune with use_dora=False."
+            )
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        for kind, sub in (("lora_A", lora_a), ("lora_B", lora_b)):
+            if not isinstance(sub, nn.Linear) or sub.bias is not None:
+                raise ValueError(
+                    f"{name}.{kind}.{adapter} is a {type(sub).__name__}; only bias-free "
+                    "nn.Linear LoRA matrices are supported (not Conv or lora_bias=True)."
+                )
+            targets.append(LoraTarget(f"{name}.{kind}.{adapter}", sub, kind))
+    if len(getattr(module, "lora_embedding_A", {})) > 0:
+        raise ValueError(
+            f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "
+            "target linear layers only."
+        )
     return targets
 
 

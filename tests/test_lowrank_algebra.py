@@ -264,6 +264,20 @@ def test_incremental_batches_equal_one_shot_sum(d, batch_cols, extra_rank, seed)
     assert_close(F.to_dense(), total, what="factor sum")
 
 
+def _batch_factors(params, m: int, k: int, threshold: int, g: torch.Generator):
+    """One batch's random factors ``R Rᵀ`` (roots ``(side, m)``) per parameter: as used in
+    a fit (low-rank above ``threshold``, rank ``k``) and dense."""
+    kfacs, dkfacs = [], []
+    for p in params:
+        sides = [p.shape[0]] if p.ndim == 1 else list(p.shape)
+        roots = [torch.randn(s, m, generator=g, dtype=DT) for s in sides]
+        kfacs.append(
+            [LowRankFactor.from_root(R, k) if len(R) > threshold else R @ R.T for R in roots]
+        )
+        dkfacs.append([R @ R.T for R in roots])
+    return kfacs, dkfacs
+
+
 @SETTINGS
 @given(
     st.lists(
@@ -291,14 +305,7 @@ def test_fit_loop_accumulation(layers, n_batches, threshold, plain_init, seed):
         H = LowRankKron.init_from_model(params, "cpu", DT, factor_rank=k, threshold=threshold)
     dense = Kron.init_from_model(params, "cpu", DT)
     for _ in range(n_batches):
-        kfacs, dkfacs = [], []
-        for p in params:
-            sides = [p.shape[0]] if p.ndim == 1 else list(p.shape)
-            roots = [torch.randn(s, m, generator=g, dtype=DT) for s in sides]
-            kfacs.append(
-                [LowRankFactor.from_root(R, k) if len(R) > threshold else R @ R.T for R in roots]
-            )
-            dkfacs.append([R @ R.T for R in roots])
+        kfacs, dkfacs = _batch_factors(params, m, k, threshold, g)
         H += LowRankKron(kfacs)
         dense += Kron(dkfacs)
     assert type(H) is LowRankKron
