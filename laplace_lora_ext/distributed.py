@@ -36,8 +36,14 @@ Which loaders are accepted (``len(loader.dataset)`` is N in single-process fits)
 
 Notes:
     * All ranks must call ``fit`` together (it runs collectives) with the same model
-      parameters (e.g. after DDP training); an exception on one rank during the loop leaves
-      the others waiting in the collective until the process-group timeout.
+      parameters (e.g. after DDP training). Before any data collective, one
+      ``all_gather_object`` compares a :func:`fingerprint` of every rank (posterior class,
+      options, LoRA parameter names/shapes/dtypes, a SHA-256 of the weights): a mismatch
+      raises the same :class:`DistributedFitError` on every rank. Failures are collective:
+      an exception on one rank while setting up or during its batches (a bad batch, NaN, an
+      empty shard, a failing loader) is exchanged at the next sync point and every rank
+      raises :class:`DistributedFitError` quoting it, instead of waiting in a collective until
+      the process-group timeout. (A rank that never calls ``fit`` still makes the others wait.)
     * ``fisher_type="mc"`` draws labels from the same seeded generator on every rank, so it
       is statistically but not bitwise equivalent to a single-process fit.
     * With ``factor_rank`` below a factor's true rank the result is the best rank-``k``
@@ -48,6 +54,7 @@ Notes:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -69,6 +76,10 @@ __all__ = [
     "mark_sharded",
     "data_size",
     "FitShard",
+    "DistributedFitError",
+    "agree",
+    "fingerprint",
+    "check_consistent",
     "all_reduce_curvature",
     "all_reduce_dense",
     "all_gather_lowrank",
@@ -223,12 +234,19 @@ class FitShard:
             )
 
     def _init_sharded(self, n_local: int) -> None:
-        device = torch.device("cpu")
-        dev = _comm_device(device, self.group)
-        counts = _all_gather_ints([n_local], dev, self.group)
-        if min(c[0] for c in counts) <= 0:
-            raise ValueError(f"Some rank's dataset shard is empty (lengths {counts}).")
-        self.n_total = sum(c[0] for c in counts)
+        # N is the sum over ranks: exchanged in the fit's first collective (see
+        # start_fit), which also reports a failure on any rank to all of them
+        self.shard_length: int | None = n_local
+        self.n_total = None
+
+    def set_shard_lengths(self, lengths: list[int]) -> None:
+        """N from every rank's ``len(loader.dataset)`` (``mark_sharded`` loaders)."""
+        if min(lengths) <= 0:
+            raise ValueError(
+                f"Some rank's dataset shard is empty (lengths per rank: {lengths}); every "
+                "rank needs data in a distributed fit."
+            )
+        self.n_total = sum(lengths)
 
     def batches(self) -> Any:
         """This rank's batches, without the sampler's padded duplicates (an iterable; counted
@@ -264,8 +282,105 @@ class FitShard:
 
 
 def data_size(loader: DataLoader, group: Any = None) -> int:
-    """N of ``loader`` over all ranks (``len(loader.dataset)`` when not distributed)."""
-    return FitShard(loader, group=group).n_total
+    """N of ``loader`` over all ranks (``len(loader.dataset)`` when not distributed; a
+    collective for ``mark_sharded`` loaders)."""
+    shard = FitShard(loader, group=group)
+    if shard.active and shard.n_total is None:
+        dev = _comm_device(torch.device("cpu"), group)
+        counts = _all_gather_ints([shard.shard_length or 0], dev, group)
+        shard.set_shard_lengths([c[0] for c in counts])
+    return shard.n_total
+
+
+# ---------------------------------------------------------------------- collective failures
+class DistributedFitError(RuntimeError):
+    """Raised on **every** rank, with the same message, when a distributed fit cannot go on:
+    a rank failed (its error is quoted), or the ranks' models, options or weights differ."""
+
+
+def agree(
+    error: BaseException | None, stage: str, payload: Any = None, group: Any = None
+) -> list[Any]:
+    """Exchange every rank's status (and a picklable ``payload``) in one ``all_gather_object``.
+
+    Args:
+        error: this rank's exception in ``stage``, or ``None``.
+        stage: what the ranks were doing (for the message).
+
+    Returns:
+        The payloads of all ranks, in rank order (when no rank failed).
+
+    Raises:
+        DistributedFitError: on every rank if any rank failed; chained to the local error.
+            When every rank failed with the same error, that error itself is raised.
+    """
+    status = None if error is None else f"{type(error).__name__}: {error}"
+    gathered: list[Any] = [None] * world_size(group)
+    _dist().all_gather_object(gathered, (status, payload), group=group)
+    failed = [(r, msg) for r, (msg, _) in enumerate(gathered) if msg is not None]
+    if error is not None and len(failed) == len(gathered) and len({m for _, m in failed}) == 1:
+        raise error  # the same error on every rank (e.g. a plain loader): raise it as it is
+    if failed:
+        text = "; ".join(f"rank {r} failed with {msg}" for r, msg in failed)
+        raise DistributedFitError(
+            f"Distributed fit stopped {stage} on all {len(gathered)} ranks: {text}"
+        ) from error
+    return [p for _, p in gathered]
+
+
+def _weights_digest(params: list[Tensor]) -> str:
+    """SHA-256 of the parameters' bytes (detects different weights with equal shapes)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(la: Any, override: bool) -> dict[str, Any]:
+    """What must agree across ranks before the data collectives: the posterior's class and
+    options, the parameter names, shapes and dtypes, a digest of the weights and, for
+    ``override=False``, the previous fit's data count."""
+    backend = getattr(la, "backend", None)
+    return {
+        "class": type(la).__name__,
+        "options": {
+            k: str(getattr(backend, k, getattr(la, k, None)))
+            for k in ("kfac_approx", "fisher_type", "mc_samples", "factor_rank", "rank_threshold")
+        },
+        "dtype": str(getattr(la, "_dtype", None)),
+        "parameters": [
+            (n, tuple(p.shape), str(p.dtype))
+            for n, p in zip(la.lora_param_names, la.params, strict=True)
+        ],
+        "weights": _weights_digest(la.params),
+        "override": bool(override),
+        "previous_n_data": None if override else getattr(la, "n_data", None),
+    }
+
+
+def check_consistent(prints: list[dict[str, Any]]) -> None:
+    """Raise the same :class:`DistributedFitError` on every rank when the ranks'
+    :func:`fingerprint` differ (all ranks hold the same list, so all raise)."""
+    for r, fp in enumerate(prints[1:], start=1):
+        diff = [k for k in prints[0] if fp.get(k) != prints[0][k]]
+        if not diff:
+            continue
+        detail = "; ".join(_difference(k, prints[0][k], fp.get(k), r) for k in diff)
+        raise DistributedFitError(
+            f"The ranks of the distributed fit differ in {diff} ({detail}). Every rank must fit "
+            "the same model (same LoRA layers and weights, e.g. after DDP training or "
+            "broadcasting the state dict) with the same Laplace options."
+        )
+
+
+def _difference(key: str, a: Any, b: Any, r: int) -> str:
+    """One line on how fingerprint entry ``key`` of rank 0 (``a``) and rank ``r`` differ."""
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{key}: {len(a)} tensors on rank 0 vs {len(b)} on rank {r}"
+        i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        return f"{key}: entry {i} is {a[i]} on rank 0 vs {b[i]} on rank {r}"
+    return f"{key}: {a!r:.120} on rank 0 vs {b!r:.120} on rank {r}"
 
 
 def _real_count(N: int, W: int, r: int) -> int:

@@ -217,11 +217,8 @@ class LoraLaplaceMixin:
         return H
 
     def _fit_loop(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
-        _dataset_size(train_loader)  # clear errors for loaders without data
-        # this rank's shard and the announced total N (a pass-through outside
-        # torch.distributed, see laplace_lora_ext/distributed.py); None: no __len__
-        shard = distributed.FitShard(train_loader, self.dict_key_y)
-        N = shard.n_total or 1
+        shard = self._start_fit(train_loader, override)
+        N = shard.n_total or 1  # None: no __len__ (N is counted below)
         # a previous fit (override=False) is kept aside and added after the ranks are
         # combined, so that only the new terms are summed across ranks
         previous = None if override or self.H is None else (self.H, self.loss)
@@ -230,6 +227,52 @@ class LoraLaplaceMixin:
         self._init_H()
         self.loss = 0.0
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
+        error, n_seen = None, 0
+        try:
+            n_seen = self._accumulate(shard, N, progress_bar)
+        except Exception as e:  # in a distributed fit: reported to every rank below
+            if not shard.active:
+                raise
+            error = e
+        if shard.active:
+            distributed.agree(error, "while fitting the batches")
+        self.H, self.loss = shard.combine(self.H, self.loss)
+        if not shard.active and n_seen != N:
+            # the loader yielded another number of examples than len(dataset) (drop_last,
+            # a subset sampler, no __len__): N is what was seen
+            self.H = self._renormalise(self.H, N / n_seen)
+            N = n_seen
+        if previous is not None:
+            self.H, self.loss = previous[0] + self.H, previous[1] + self.loss
+        self.n_data += N
+
+    def _start_fit(self, train_loader: DataLoader, override: bool) -> distributed.FitShard:
+        """This rank's :class:`~laplace_lora_ext.distributed.FitShard` (N, batches).
+
+        In a distributed fit this is the first collective: every rank's set-up error and
+        :func:`~laplace_lora_ext.distributed.fingerprint` (model, options, weights) are
+        exchanged, so a failure or a mismatch on any rank raises on all of them.
+        """
+        if not distributed.is_distributed():
+            _dataset_size(train_loader)  # clear errors for loaders without data
+            return distributed.FitShard(train_loader, self.dict_key_y)
+        shard, error = None, None
+        try:
+            _dataset_size(train_loader)
+            shard = distributed.FitShard(train_loader, self.dict_key_y)
+        except Exception as e:
+            error = e
+        length = getattr(shard, "shard_length", None)
+        payload = (distributed.fingerprint(self, override), length)
+        gathered = distributed.agree(error, "before fitting", payload)
+        distributed.check_consistent([g[0] for g in gathered])
+        if length is not None:  # mark_sharded: N is the sum of the shard lengths
+            shard.set_shard_lengths([g[1] for g in gathered])
+        return shard
+
+    def _accumulate(self, shard: distributed.FitShard, N: int, progress_bar: bool) -> int:
+        """Add every batch's loss and curvature to ``self.loss`` / ``self.H``; returns the
+        number of examples seen."""
         n_batches = n_seen = 0
         bar = tqdm.tqdm(shard.batches(), disable=not progress_bar, desc="[Computing Hessian]")
         for batch in bar:
@@ -251,15 +294,7 @@ class LoraLaplaceMixin:
             n_seen += _n_examples(y)
         if n_batches == 0:
             raise ValueError("train_loader yielded no batches; cannot fit on empty data.")
-        self.H, self.loss = shard.combine(self.H, self.loss)
-        if not shard.active and n_seen != N:
-            # the loader yielded another number of examples than len(dataset) (drop_last,
-            # a subset sampler, no __len__): N is what was seen
-            self.H = self._renormalise(self.H, N / n_seen)
-            N = n_seen
-        if previous is not None:
-            self.H, self.loss = previous[0] + self.H, previous[1] + self.loss
-        self.n_data += N
+        return n_seen
 
     def _check_curvature(self, H_batch: Any) -> None:
         raise NotImplementedError
