@@ -183,6 +183,9 @@ def test_kl_weight_schedule_is_geometric_within_cycles():
 def test_default_kl_cycle_and_bad_arguments():
     assert blob.default_kl_cycle(640, 4) == int(100 * 640 ** (math.pi / 8) / 4)
     assert blob.default_kl_cycle(1, 10_000) == 1
+    assert blob.default_kl_cycle(640, 4) == 316  # the paper's WG-S setting: 16 cycles in 5000
+    assert blob.scaled_kl_cycle(640, 4, 5000) == 312 and blob.scaled_kl_cycle(300, 8, 200) == 12
+    assert blob.scaled_kl_cycle(300, 8, 10) == 1 and blob.scaled_kl_cycle(8, 4, 10_000) == 56
     with pytest.raises(ValueError, match="cycle"):
         blob.kl_weight(0, 0)
     with pytest.raises(ValueError, match="positive"):

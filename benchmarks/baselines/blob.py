@@ -65,6 +65,7 @@ __all__ = [
     "blob_kl",
     "kl_weight",
     "default_kl_cycle",
+    "scaled_kl_cycle",
     "BlobTrainResult",
     "train_blob",
     "predict_probs",
@@ -224,6 +225,21 @@ def default_kl_cycle(n_train: int, batch_size: int, gamma: float = 8.0) -> int:
     if n_train < 1 or batch_size < 1 or gamma <= 0:
         raise ValueError("n_train, batch_size and gamma must be positive")
     return max(1, int(100 * n_train ** (math.pi / gamma) / batch_size))
+
+
+#: KL cycles in the paper's longest setting (5000 steps, M = 316 for N = 640, b = 4).
+PAPER_KL_CYCLES = 16
+
+
+def scaled_kl_cycle(n_train: int, batch_size: int, steps: int, gamma: float = 8.0) -> int:
+    """:func:`default_kl_cycle`, capped at ``steps // PAPER_KL_CYCLES`` (at least 1).
+
+    For runs much shorter than the paper's: a run then has at least as many KL cycles (and
+    KL-weighted updates of ``σ``) as the paper's 5000 steps, instead of fewer than one.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return max(1, min(default_kl_cycle(n_train, batch_size, gamma), steps // PAPER_KL_CYCLES))
 
 
 @dataclass
