@@ -18,8 +18,8 @@ from laplace.utils.matrix import Kron
 from torch import nn
 
 from ..guards import check_labels
-from ..lowrank.auto import FactorRank, resolve_factor_rank
 from ..inputs import attention_mask_of, forward_logits
+from ..lowrank.auto import FactorRank, resolve_factor_rank
 from ..targets import LoraTarget, target_params
 from .capture import Captured, capture_forward, output_gradients, token_weights
 from .fisher import FISHER_TYPES, grad_output_vectors
@@ -86,10 +86,10 @@ class LoraCurvature(CurvatureInterface):
         model_dtype = self.params[0].dtype
         self.curvature_dtype = curvature_dtype or (
             torch.float64 if model_dtype == torch.float64 else torch.float32
+        )
         # "auto" -> (rank, threshold) for these parameter shapes (lowrank/auto.py)
         self.factor_rank, self.rank_threshold = resolve_factor_rank(
             factor_rank, rank_threshold, self.params, self.curvature_dtype
-        )
         )
 
     # ------------------------------------------------------------------ helpers

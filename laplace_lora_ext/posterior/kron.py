@@ -10,8 +10,8 @@ from laplace.utils.matrix import Kron, KronDecomposed
 from torch import nn
 
 from ..curvature import DEFAULT_RANK_THRESHOLD
-from ..lowrank.auto import FactorRank, any_low_rank
 from ..guards import check_finite_curvature, check_n_samples
+from ..lowrank.auto import FactorRank, any_low_rank
 from .mixin import LoraLaplaceMixin
 
 __all__ = ["LoraKronLaplace"]
@@ -103,13 +103,13 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             dict_key_y=dict_key_y,
             damping=damping,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
         if damping and any_low_rank(self.params, *self._low_rank):
             raise ValueError(
                 "damping=True needs dense Kronecker factors, but factor_rank='auto' keeps the "
                 f"factors with a side above {self._low_rank[1]} low-rank for this model; pass "
                 "factor_rank=None to force dense factors (memory!) or use damping=False."
             )
-        )
 
     def _init_H(self) -> None:
         rank, threshold = self._low_rank
