@@ -27,7 +27,8 @@ NeurIPS 2024), on a peft LoRA model.
 * **KL weighting.** Minibatch ``i`` of each cycle of ``M`` steps weighs the KL by
   ``π_i = 2^i / (2^{M+1} − 1)`` (:func:`kl_weight`; the weights of a cycle sum to about 1),
   with ``M = ⌊100 · N^{π/γ} / b⌋`` (:func:`default_kl_cycle`, ``N`` training examples,
-  batch size ``b``, ``γ = 8``), as in the authors' reference implementation.
+  batch size ``b``, ``γ = 8``), as in the authors' reference implementation;
+  :func:`scaled_kl_cycle` caps ``M`` for runs much shorter than the paper's.
 * **Training** (:func:`train_blob`): AdamW with a linear warmup/decay schedule on the
   data term, then a separate SGD step (``kl_lr``, same schedule) on ``π_i · KL`` — the
   reference implementation's split, which keeps the KL gradient's scale (Adam would
