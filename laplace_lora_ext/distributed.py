@@ -61,11 +61,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from laplace.utils.matrix import Kron
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from .compat import Kron
 from .lowrank import LowRankFactor
 
 __all__ = [

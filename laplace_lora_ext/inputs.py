@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["split_batch", "model_inputs", "forward_logits", "attention_mask_of"]
+__all__ = [
+    "split_batch",
+    "model_inputs",
+    "forward_logits",
+    "call_model",
+    "is_hf_model",
+    "attention_mask_of",
+]
 
 Batch = torch.Tensor | MutableMapping[str, Any]
 
@@ -54,17 +62,24 @@ def attention_mask_of(x: Batch) -> torch.Tensor | None:
     return None
 
 
-def forward_logits(model: nn.Module, x: Batch, dict_key_y: str = "labels") -> torch.Tensor:
+def forward_logits(
+    model: nn.Module,
+    x: Batch,
+    dict_key_y: str = "labels",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
     """Run ``model`` on a batch and return logits ``(B, C)``.
 
-    Dict batches are passed as keyword arguments (labels removed); outputs may be a tensor
-    or an HF ``ModelOutput`` with ``.logits``.
+    The call follows laplace-torch (see :func:`call_model`): an arbitrary ``nn.Module``
+    gets ``model(batch)``, the whole dict batch as one argument; a ``PeftModel`` or HF
+    ``PreTrainedModel`` passed directly gets ``model(**inputs)`` (labels removed). Outputs
+    may be a tensor or an HF ``ModelOutput`` with ``.logits``.
 
     Raises:
+        TypeError: if the model's ``forward`` cannot take the batch as one argument.
         ValueError: if the logits are not 2-D (e.g. a causal LM's ``(B, T, V)``).
     """
-    inputs = model_inputs(x, dict_key_y)
-    out = _call(model, inputs)
+    out = call_model(model, x, dict_key_y, model_kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     if not torch.is_tensor(logits):
         raise TypeError(
@@ -79,9 +94,59 @@ def forward_logits(model: nn.Module, x: Batch, dict_key_y: str = "labels") -> to
     return logits
 
 
-def _call(model: nn.Module, inputs: Batch) -> Any:
-    if isinstance(inputs, Mapping):
-        if getattr(model, "accepts_batch_dict", False):
-            return model(inputs)
-        return model(**inputs)
-    return model(inputs)
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` or a ``transformers.PreTrainedModel``
+    (an ``isinstance`` check, not a guess from attributes or signatures)."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    return isinstance(model, (PeftModel, PreTrainedModel))
+
+
+def call_model(
+    model: nn.Module,
+    x: Batch,
+    dict_key_y: str = "labels",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Call ``model`` on a batch the way laplace-torch does, with one convenience.
+
+    * tensor ``x``: ``model(x, **model_kwargs)``;
+    * dict ``x`` and a ``PeftModel`` / HF ``PreTrainedModel``: ``model(**inputs,
+      **model_kwargs)`` with the labels (``dict_key_y``) removed;
+    * dict ``x`` and the package's own wrappers (``LastTokenChoiceLM``,
+      ``SequenceClassifier``): ``model(inputs, **model_kwargs)``, labels removed;
+    * dict ``x`` and any other module: ``model(x, **model_kwargs)``, the whole batch,
+      labels included, exactly as laplace-torch calls it (its documented HF wrapper has
+      ``def forward(self, data)`` and reads ``data["input_ids"]``).
+    """
+    kwargs = dict(model_kwargs or {})
+    if not isinstance(x, Mapping):
+        return model(x, **kwargs)
+    if is_hf_model(model):
+        return model(**model_inputs(x, dict_key_y), **kwargs)
+    from .wrappers import _DictModule
+
+    if isinstance(model, _DictModule):
+        return model(model_inputs(x, dict_key_y), **kwargs)
+    _check_takes_batch(model, x, kwargs)
+    return model(x, **kwargs)
+
+
+def _check_takes_batch(model: nn.Module, x: Batch, kwargs: dict[str, Any]) -> None:
+    """Clear error when ``model.forward`` cannot take the dict batch as one argument."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # builtins, C extensions: let the call decide
+        return
+    try:
+        signature.bind(x, **kwargs)
+    except TypeError as e:
+        raise TypeError(
+            f"{type(model).__name__}.forward{signature} cannot be called as model(batch) "
+            f"({e}). Like laplace-torch, laplace_lora_ext calls a custom module with the "
+            "whole dict batch as one argument; write the wrapper as `def forward(self, "
+            'data): return self.hf_model(input_ids=data["input_ids"], attention_mask='
+            'data["attention_mask"]).logits`, or pass the PeftModel itself, or wrap it in '
+            "laplace_lora_ext.SequenceClassifier / LastTokenChoiceLM."
+        ) from None

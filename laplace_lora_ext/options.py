@@ -22,6 +22,9 @@ __all__ = [
     "check_choice",
     "check_int",
     "validate_lora_options",
+    "check_backend",
+    "resolve_kfac_approx",
+    "check_unsupported_keywords",
 ]
 
 KfacApprox = Literal["expand", "reduce"]
@@ -83,3 +86,88 @@ def validate_lora_options(
         check_int("factor_rank", factor_rank, 1, allow_none=True)
     check_int("rank_threshold", rank_threshold, 0)
     check_int("seed", seed, -(2**63), allow_none=True)
+
+
+# --------------------------------------------------------------------------- laplace-torch
+# keywords that laplace-torch's classes take and that mean something else (or nothing) here
+
+_EQUIVALENT_FISHER = {"GGN": "exact", "EF": "empirical"}
+
+
+def check_backend(backend: Any, own: type) -> None:
+    """Refuse laplace-torch's curvature backends, naming the equivalent options.
+
+    ``own`` is :class:`~laplace_lora_ext.LoraCurvature`; it and its subclasses are accepted.
+    """
+    if backend is None or (isinstance(backend, type) and issubclass(backend, own)):
+        return
+    name = getattr(backend, "__name__", repr(backend))
+    kind = "EF" if name.endswith("EF") else "GGN"
+    stochastic = " (stochastic=True: fisher_type='mc')" if kind == "GGN" else ""
+    raise ValueError(
+        f"backend={name} is not supported with subset_of_weights='lora'. Leave backend=None: "
+        f"the built-in LoraCurvature computes the {kind} KFAC (or diagonal / full matrix) of "
+        f"the LoRA matrices, correctly scaled for sequences; the equivalent of {name} is "
+        f"fisher_type={_EQUIVALENT_FISHER[kind]!r}{stochastic}, with kfac_approx='expand' or "
+        "'reduce' as in curvlinops. (laplace-torch's ASDL KFAC is T times too large on "
+        "sequence inputs and fails on PEFT's ModulesToSaveWrapper; BackPACK rejects frozen "
+        "parameters and dict batches.)"
+    )
+
+
+def resolve_kfac_approx(
+    kfac_approx: KfacApprox, asdl_fisher_kwargs: dict[str, Any] | None, structure: str
+) -> KfacApprox:
+    """``kfac_approx`` after laplace-torch's idiom ``asdl_fisher_kwargs={"kfac_approx": ...}``.
+
+    The dict's value is used when ``kfac_approx`` is left at its default ``"expand"``;
+    a conflicting explicit value, another key, or the key with ``diag``/``full`` is refused.
+    """
+    if not asdl_fisher_kwargs:
+        return kfac_approx
+    if not isinstance(asdl_fisher_kwargs, dict):
+        raise TypeError(f"asdl_fisher_kwargs must be a dict, got {asdl_fisher_kwargs!r}.")
+    unknown = sorted(set(asdl_fisher_kwargs) - {"kfac_approx"})
+    if unknown:
+        raise ValueError(
+            f"asdl_fisher_kwargs keys {unknown} are not supported with "
+            "subset_of_weights='lora' (only 'kfac_approx' is; it is the same as the "
+            "kfac_approx=... keyword). Use fisher_type=/mc_samples= for the Fisher options."
+        )
+    value = check_choice(
+        "asdl_fisher_kwargs['kfac_approx']", asdl_fisher_kwargs["kfac_approx"], KFAC_APPROX
+    )
+    if structure != "kron":
+        raise ValueError(
+            f"asdl_fisher_kwargs={{'kfac_approx': {value!r}}} only applies to "
+            f"hessian_structure='kron', not {structure!r}; remove it."
+        )
+    if kfac_approx != "expand" and kfac_approx != value:
+        raise ValueError(
+            f"kfac_approx={kfac_approx!r} conflicts with asdl_fisher_kwargs={{'kfac_approx': "
+            f"{value!r}}}; give one of them."
+        )
+    return value
+
+
+def check_unsupported_keywords(*, enable_backprop: Any, dict_key_x: Any) -> None:
+    """Refuse laplace-torch keywords that would otherwise be silently ignored.
+
+    * ``enable_backprop=True``: the LoRA predictives return detached values (no gradients
+      to the inputs through the predictive).
+    * ``dict_key_x`` other than its default ``"input_ids"``: the whole dict batch goes to
+      the model (laplace-torch's convention), so no input key is ever looked up.
+    """
+    if enable_backprop:
+        raise ValueError(
+            "enable_backprop=True is not supported with subset_of_weights='lora': the GLM "
+            "and nn predictives return detached tensors. Leave enable_backprop=False; for "
+            "gradients w.r.t. the inputs differentiate the model itself."
+        )
+    if dict_key_x != "input_ids":
+        raise ValueError(
+            f"dict_key_x={dict_key_x!r} has no effect with subset_of_weights='lora': the "
+            "whole dict batch is passed to the model (model(batch), as laplace-torch does; a "
+            "PeftModel gets model(**batch) without the labels), so your model reads its "
+            "inputs itself. Remove dict_key_x (labels are still found under dict_key_y)."
+        )

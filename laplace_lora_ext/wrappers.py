@@ -36,8 +36,6 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class _DictModule(nn.Module):
     """Base: accepts ``forward(batch_dict)``, ``forward(**batch)`` or ``forward(input_ids)``."""
 
-    accepts_batch_dict = True
-
     def __init__(self, model: nn.Module, label_key: str = "labels") -> None:
         super().__init__()
         self.model = model

@@ -5,8 +5,12 @@ construction-time validation and the laplace-torch compatibility layer."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.models import lora_laplace, tiny_llama
+from laplace_lora_ext import compat
+from laplace_lora_ext.inputs import forward_logits, is_hf_model
+from tests.cases import make_case
+from tests.models import TARGET_IDS, loader, lora_laplace, tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -25,3 +29,332 @@ from tests.models import lora_laplace, tiny_llama
 def test_unknown_options_fail_at_construction(structure, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lora_laplace(tiny_llama(), structure, **kwargs)  # no fit needed
+
+
+# --------------------------------------------------------------------------- model call
+
+
+class DocWrapper(torch.nn.Module):
+    """laplace-torch's documented HuggingFace pattern: ``forward(self, data)``."""
+
+    def __init__(self, hf_model, target_ids=None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.target_ids = target_ids
+        self.seen_keys: set[str] = set()
+
+    def forward(self, data, temperature: float = 1.0):
+        self.seen_keys.update(data)
+        logits = self.hf_model(
+            input_ids=data["input_ids"], attention_mask=data["attention_mask"]
+        ).logits
+        if self.target_ids is not None:  # causal LM, left padding: the last position
+            logits = logits[:, -1, self.target_ids]
+        return logits / temperature
+
+
+def doc_and_own(name: str):
+    """The same tiny model as laplace-torch's documented wrapper and as our own wrapper."""
+    case = make_case(name)
+    if name == "llama":
+        # no padding: the documented wrapper passes no position_ids, LastTokenChoiceLM
+        # derives them from the mask (same logits only up to RoPE's float32 tables)
+        case.batch["attention_mask"] = torch.ones_like(case.batch["attention_mask"])
+    hf = case.model.model
+    doc = DocWrapper(hf, TARGET_IDS if name == "llama" else None)
+    return doc, case
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_documented_wrapper_equals_own_wrapper(name, structure):
+    doc, case = doc_and_own(name)
+    results = []
+    for model in (doc, case.model):
+        la = lora_laplace(model, structure, include_extra_params=case.include_extra_params)
+        la.fit(loader(case.batch, 4))
+        lml = la.log_marginal_likelihood(torch.tensor(0.7)).item()
+        la.optimize_prior_precision(method="marglik", n_steps=5)
+        probs = la(case.batch)
+        gen = torch.Generator().manual_seed(0)
+        probs_nn = la(case.batch, pred_type="nn", link_approx="mc", n_samples=3, generator=gen)
+        results.append((la.n_params, lml, la.prior_precision.clone(), probs, probs_nn))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1:], results[1][1:], strict=True):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-8, atol=1e-10)
+    assert "labels" in doc.seen_keys  # the whole batch, as laplace-torch passes it
+
+
+def test_hf_models_are_detected_by_type():
+    case = make_case("gpt2")
+    peft_model = case.model.model
+    assert is_hf_model(peft_model) and is_hf_model(peft_model.get_base_model())
+    assert not is_hf_model(case.model) and not is_hf_model(DocWrapper(peft_model))
+
+
+def test_keyword_only_forward_gets_a_clear_error():
+    class KwargsOnly(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, **inputs):
+            return self.hf(**inputs).logits
+
+    case = make_case("gpt2")
+    la = lora_laplace(KwargsOnly(case.model.model))
+    with pytest.raises(TypeError, match=r"model\(batch\)"):
+        la.fit(loader(case.batch, 4))
+
+
+# --------------------------------------------------------------------------- pred_type="nn"
+
+
+def fitted(name: str = "llama", structure: str = "kron", **kwargs):
+    case = make_case(name)
+    la = lora_laplace(
+        case.model, structure, include_extra_params=case.include_extra_params, **kwargs
+    )
+    la.fit(loader(case.batch, 4))
+    return la, case
+
+
+def weights(la) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in la.params]
+
+
+def nn_reference(la, batch, samples: torch.Tensor, **model_kwargs) -> torch.Tensor:
+    """Logits ``(S, B, C)`` by writing each sample into a deep copy of the model."""
+    import copy
+
+    model = copy.deepcopy(la.model)
+    params = [dict(model.named_parameters())[n] for n in _param_names(la)]
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            torch.nn.utils.vector_to_parameters(s.clone(), params)
+            out.append(forward_logits(model, batch, la.dict_key_y, model_kwargs))
+    return torch.stack(out)
+
+
+def _param_names(la) -> list[str]:
+    ids = {id(p): n for n, p in la.model.named_parameters()}
+    return [ids[id(p)] for p in la.params]
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_stock_nn_sampling_then_nn_predictive_keeps_mean_and_weights(structure):
+    la, case = fitted("llama", structure)
+    mean, w = la.mean.clone(), weights(la)
+    gen = torch.Generator().manual_seed(3)
+    samples = la.sample(4, generator=gen)
+    fs = la.functional_samples(
+        case.batch, pred_type="nn", n_samples=4, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(fs, nn_reference(la, case.batch, samples), rtol=1e-10, atol=1e-12)
+    ps = la.predictive_samples(
+        case.batch, pred_type="nn", n_samples=4, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(ps, fs.softmax(-1), rtol=1e-10, atol=1e-12)
+    la(case.batch, pred_type="nn", link_approx="mc", n_samples=4)
+    assert torch.equal(la.mean, mean)
+    for p, q in zip(la.params, w, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_nn_predictive_after_stock_vector_to_parameters_does_not_touch_mean():
+    la, case = fitted("llama", "kron")
+    torch.nn.utils.vector_to_parameters(la.mean, la.params)  # params now view la.mean
+    mean = la.mean.clone()
+    la(case.batch, pred_type="nn", link_approx="mc", n_samples=3)
+    assert torch.equal(la.mean, mean)
+    for p, q in zip(la.params, la.mean.split([p.numel() for p in la.params]), strict=True):
+        assert torch.equal(p.flatten(), q)
+
+
+def test_nn_predictive_restores_the_callers_weights_not_the_mean():
+    la, case = fitted("llama", "kron")
+    with torch.no_grad():  # e.g. more fine-tuning after the fit
+        for p in la.params:
+            p.add_(0.01)
+    w = weights(la)
+    la(case.batch, pred_type="nn", link_approx="mc", n_samples=3)
+    la.functional_samples(case.batch, pred_type="nn", n_samples=2)
+    for p, q in zip(la.params, w, strict=True):
+        assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- keywords
+
+
+def test_asdl_fisher_kwargs_kfac_approx_is_honoured():
+    la_idiom, _ = fitted("llama", "kron", asdl_fisher_kwargs={"kfac_approx": "reduce"})
+    la_reduce, _ = fitted("llama", "kron", kfac_approx="reduce")
+    la_expand, _ = fitted("llama", "kron")
+    assert la_idiom.kfac_approx == "reduce"
+    for F1, F2 in zip(la_idiom.H_facs.kfacs, la_reduce.H_facs.kfacs, strict=True):
+        for a, b in zip(F1, F2, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    lml = [la.log_marginal_likelihood().item() for la in (la_idiom, la_reduce, la_expand)]
+    assert lml[0] == pytest.approx(lml[1], rel=1e-12) and lml[0] != pytest.approx(lml[2])
+
+
+@pytest.mark.parametrize(
+    "structure, kwargs, match",
+    [
+        ("kron", {"asdl_fisher_kwargs": {"kfac_approx": "mean"}}, "must be one of"),
+        ("kron", {"asdl_fisher_kwargs": {"fisher_type": "emp"}}, "not supported"),
+        (
+            "kron",
+            {"kfac_approx": "reduce", "asdl_fisher_kwargs": {"kfac_approx": "expand"}},
+            "conflicts",
+        ),
+        ("diag", {"asdl_fisher_kwargs": {"kfac_approx": "reduce"}}, "only applies"),
+        ("kron", {"enable_backprop": True}, "enable_backprop"),
+        ("diag", {"enable_backprop": True}, "enable_backprop"),
+        ("kron", {"dict_key_x": "x"}, "dict_key_x"),
+    ],
+)
+def test_laplace_torch_keywords_refused_at_construction(structure, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lora_laplace(tiny_llama(), structure, **kwargs)
+
+
+def test_default_laplace_torch_keywords_accepted():
+    lora_laplace(
+        tiny_llama(), "kron", enable_backprop=False, dict_key_x="input_ids", asdl_fisher_kwargs={}
+    )
+
+
+def test_model_kwargs_reach_the_model_with_pred_type_nn():
+    doc, case = doc_and_own("gpt2")
+    la = lora_laplace(doc, "kron", include_extra_params=True)
+    la.fit(loader(case.batch, 4))
+    probs = la(
+        case.batch,
+        pred_type="nn",
+        link_approx="mc",
+        n_samples=3,
+        generator=torch.Generator().manual_seed(1),
+        temperature=2.0,
+    )
+    samples = la.sample(3, generator=torch.Generator().manual_seed(1))
+    ref = nn_reference(la, case.batch, samples, temperature=2.0).softmax(-1).mean(0)
+    torch.testing.assert_close(probs, ref, rtol=1e-10, atol=1e-12)
+    without = la(
+        case.batch,
+        pred_type="nn",
+        link_approx="mc",
+        n_samples=3,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert not torch.allclose(probs, without)
+    with pytest.raises(TypeError, match="pred_type='nn' only"):
+        la(case.batch, temperature=2.0)
+
+
+# --------------------------------------------------------------------------- stock backends
+
+
+@pytest.mark.parametrize(
+    "backend_name, fisher",
+    [("AsdlGGN", "exact"), ("AsdlEF", "empirical"), ("CurvlinopsGGN", "exact")],
+)
+def test_stock_backends_are_refused_with_the_equivalent_options(backend_name, fisher):
+    import laplace.curvature
+
+    backend = getattr(laplace.curvature, backend_name)
+    with pytest.raises(ValueError, match=rf"backend=None.*fisher_type='{fisher}'"):
+        lora_laplace(tiny_llama(), "kron", backend=backend)
+
+
+# --------------------------------------------------------------------------- Jacobians
+
+
+def brute_jacobians(model, batch, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(B, C)`` and ``(B, C, P)`` Jacobians, one autograd call per entry."""
+    logits = forward_logits(model, batch)
+    rows = []
+    for n in range(logits.shape[0]):
+        for c in range(logits.shape[1]):
+            grads = torch.autograd.grad(logits[n, c], params, retain_graph=True)
+            rows.append(torch.cat([g.flatten() for g in grads]))
+    return logits.detach(), torch.stack(rows).reshape(*logits.shape, -1)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_jacobians_and_functional_variance_cover_la_params_only(structure):
+    case = make_case("gpt2")  # its classifier head is trainable (modules_to_save)
+    la = lora_laplace(case.model, structure, include_extra_params=False)
+    la.fit(loader(case.batch, 4))
+    n_trainable = sum(p.numel() for p in case.model.parameters() if p.requires_grad)
+    assert la.n_params < n_trainable
+    Js, f = la.backend.jacobians(case.batch)
+    f_ref, J_ref = brute_jacobians(case.model, case.batch, la.params)
+    assert Js.shape == (len(f_ref), f_ref.shape[1], la.n_params)
+    torch.testing.assert_close(Js, J_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(f, f_ref)
+    f_var = la.functional_variance(Js)
+    if structure == "kron":  # dense inverse of the Kronecker posterior precision
+        cov = torch.linalg.inv(la.posterior_precision.to_matrix())
+    elif structure == "diag":
+        cov = torch.diag(1.0 / la.posterior_precision)
+    else:
+        cov = torch.linalg.inv(la.posterior_precision)
+    ref = torch.einsum("bcp,pq,bkq->bck", J_ref, cov, J_ref)
+    torch.testing.assert_close(f_var, ref, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(la.predictive_moments(case.batch)[1], ref, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="la.params"):
+        la.functional_variance(Js[..., :-1])
+
+
+# --------------------------------------------------------------------------- laplace-torch pin
+
+
+def test_compat_accepts_the_installed_laplace_torch():
+    assert compat.missing_names() == []
+    compat.check_laplace_torch()
+
+
+@pytest.mark.parametrize(
+    "cls_name, member", [("KronLaplace", "_rescale_factors"), ("BaseLaplace", "_H_factor")]
+)
+def test_compat_fails_loudly_on_a_missing_private_name(monkeypatch, cls_name, member):
+    monkeypatch.delattr(getattr(compat, cls_name), member)
+    with pytest.raises(compat.IncompatibleLaplaceTorch, match=rf"Laplace\.{member}.*pip"):
+        compat.check_laplace_torch()
+
+
+def test_compat_fails_loudly_on_a_changed_signature(monkeypatch):
+    monkeypatch.setattr(compat.ParametricLaplace, "_curv_closure", lambda self, batch: None)
+    with pytest.raises(compat.IncompatibleLaplaceTorch, match=r"_curv_closure\(X, y, N\)"):
+        compat.check_laplace_torch()
+
+
+def test_compat_fails_loudly_on_a_missing_module_name(monkeypatch):
+    import importlib.util
+
+    import laplace.utils.utils
+
+    monkeypatch.delattr(laplace.utils.utils, "_is_valid_scalar")
+    spec = importlib.util.spec_from_file_location("compat_copy", compat.__file__)
+    module = importlib.util.module_from_spec(spec)  # a fresh copy, not in sys.modules
+    with pytest.raises(ImportError, match="incompatible.*cannot import name '_is_valid_scalar'"):
+        spec.loader.exec_module(module)
+
+
+def test_compat_warns_outside_the_tested_versions():
+    with pytest.warns(UserWarning, match="tested with laplace-torch>=0.3,<0.4"):
+        compat.check_laplace_torch(version="0.4.1")
+
+
+def test_pyproject_bounds_laplace_torch_like_compat():
+    import importlib.metadata
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    deps = pyproject["project"]["dependencies"]
+    assert f"laplace-torch{','.join(compat.SUPPORTED_VERSIONS)}" in deps
+    assert compat._version_supported(importlib.metadata.version("laplace-torch"))

@@ -13,10 +13,9 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import torch
-from laplace.curvature import CurvatureInterface
-from laplace.utils.matrix import Kron
 from torch import nn
 
+from ..compat import CurvatureInterface, Kron
 from ..guards import check_labels
 from ..inputs import attention_mask_of, forward_logits
 from ..lowrank.auto import FactorRank, resolve_factor_rank
@@ -177,6 +176,20 @@ class LoraCurvature(CurvatureInterface):
         from ..lowrank import LowRankKron
 
         return LowRankKron
+
+    def jacobians(self, x: Any, enable_backprop: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(B, C, P)`` of the logits and the logits ``(B, C)``.
+
+        Over the posterior's parameters only (``la.params`` order), not every trainable
+        parameter as laplace-torch's ``torch.func`` version: a trainable head left out of the
+        posterior has no columns. Built from the hook-captured per-example gradients.
+        """
+        if enable_backprop:
+            raise ValueError("enable_backprop=True is not supported by LoraCurvature.jacobians.")
+        from ..predictive import logit_jacobian_blocks
+
+        f, blocks = logit_jacobian_blocks(self, x)
+        return torch.cat(blocks, dim=-1), f
 
     def per_example_gradients(self, cap: Captured, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-example gradients ``φ_l`` ``(B, p_l)`` of every parameter tensor, from one

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from laplace.utils.matrix import Kron, KronDecomposed
-from laplace.utils.utils import _is_valid_scalar, block_diag, kron, symeig
 from torch import Tensor, nn
 
+from ..compat import Kron, KronDecomposed, block_diag, kron, symeig
+from ..compat import is_valid_scalar as _is_valid_scalar
 from .factor import LowRankFactor
 
 __all__ = [

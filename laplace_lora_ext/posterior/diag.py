@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from laplace.baselaplace import DiagLaplace
 from torch import nn
 
+from ..compat import DiagLaplace
 from ..curvature import DEFAULT_RANK_THRESHOLD
 from .mixin import LoraLaplaceMixin
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from laplace.baselaplace import FullLaplace
 from torch import nn
 
+from ..compat import FullLaplace
 from .diag import _reject_kron_options
 from .mixin import LoraLaplaceMixin
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from laplace.baselaplace import KronLaplace
-from laplace.utils.matrix import Kron, KronDecomposed
 from torch import nn
 
+from ..compat import Kron, KronDecomposed, KronLaplace
 from ..curvature import DEFAULT_RANK_THRESHOLD
 from ..guards import check_finite_curvature, check_n_samples
 from ..lowrank.auto import FactorRank, any_low_rank

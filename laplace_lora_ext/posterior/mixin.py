@@ -8,22 +8,28 @@ batches, the Jacobian-free GLM predictive and the link approximations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import tqdm
-from laplace.utils.enums import Likelihood
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from .. import distributed, guards  # issue 8
+from ..compat import Likelihood
 from ..curvature import LoraCurvature
 from ..inputs import forward_logits, split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
 from ..lowrank.auto import FactorRank, resolve_factor_rank
-from ..options import validate_lora_options
+from ..options import (
+    check_backend,
+    check_unsupported_keywords,
+    resolve_kfac_approx,
+    validate_lora_options,
+)
 from ..predictive import logit_jacobian_blocks
 from ..targets import check_same_device, collect_targets, param_names, target_params
 
@@ -75,13 +81,16 @@ class LoraLaplaceMixin:
                 f"subset_of_weights='lora' supports likelihood='classification' only, got "
                 f"{likelihood!r}. For regression use laplace-torch's own classes."
             )
-        if backend is not None and not (
-            isinstance(backend, type) and issubclass(backend, LoraCurvature)
-        ):
-            raise ValueError(
-                f"backend={getattr(backend, '__name__', backend)} is not supported with "
-                "subset_of_weights='lora'; leave backend=None (LoraCurvature is used)."
-            )
+        check_backend(backend, LoraCurvature)
+        check_unsupported_keywords(
+            enable_backprop=base_kwargs.get("enable_backprop", False),
+            dict_key_x=base_kwargs.get("dict_key_x", "input_ids"),
+        )
+        # laplace-torch's idiom asdl_fisher_kwargs={"kfac_approx": ...}; nothing is left to
+        # forward to the backend's kron() after this
+        kfac_approx = resolve_kfac_approx(
+            kfac_approx, base_kwargs.pop("asdl_fisher_kwargs", None), self._structure
+        )
         validate_lora_options(
             kfac_approx=kfac_approx,
             fisher_type=fisher_type,
@@ -342,6 +351,25 @@ class LoraLaplaceMixin:
             f_var = f_var.diagonal(dim1=-2, dim2=-1)
         return f_mu, f_var
 
+    def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
+        """``J Σ Jᵀ`` ``(B, C, C)`` for Jacobians ``Js`` ``(B, C, P)`` over ``la.params``.
+
+        ``Js`` is what ``la.backend.jacobians(x)`` returns: columns in ``la.params`` order,
+        only the posterior's parameters (a trainable head left out with
+        ``include_extra_params=False`` has no columns).
+
+        Raises:
+            ValueError: if ``Js`` does not have ``la.n_params`` columns.
+        """
+        if Js.ndim != 3 or Js.shape[-1] != self.n_params:
+            raise ValueError(
+                f"Js has shape {tuple(Js.shape)}; expected (batch, outputs, {self.n_params}) "
+                "with one column per posterior parameter (la.params order), as returned by "
+                "la.backend.jacobians(x)."
+            )
+        sizes = [p.numel() for p in self.params]
+        return self._functional_variance_blocks(list(Js.to(self._dtype).split(sizes, dim=-1)))
+
     def _functional_variance_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         """``Σ_l W_l Σ_l W_lᵀ`` ``(B, C, C)`` for the Jacobian blocks ``W_l`` ``(B, C, p_l)``.
 
@@ -387,28 +415,55 @@ class LoraLaplaceMixin:
             raise ValueError("joint=True is only meaningful for regression; not supported here.")
         guards.check_n_samples(n_samples)
         if pred_type == "nn":
-            return self._nn_predictive_classification(x, n_samples, generator)
+            return self._nn_predictive_classification(x, n_samples, generator, **model_kwargs)
+        if model_kwargs:
+            raise TypeError(
+                f"Keyword arguments {sorted(model_kwargs)} are passed to the model with "
+                "pred_type='nn' only (as in laplace-torch); for the GLM predictive put them "
+                "in the batch dict or in your model wrapper."
+            )
         f_mu, f_var = self._glm_predictive_distribution(x)
         if diagonal_output:
             f_var = torch.diag_embed(f_var.diagonal(dim1=-2, dim2=-1))
         return apply_link(link_approx, f_mu, f_var, n_samples, generator)
 
     def _nn_predictive_classification(
-        self, X: Any, n_samples: int = 100, generator: torch.Generator | None = None, **_: Any
+        self,
+        X: Any,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
     ) -> torch.Tensor:
         """Average of softmax outputs over posterior weight samples ``(B, C)``."""
+        logits = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
+        return torch.softmax(logits, dim=-1).mean(dim=0)
+
+    def _nn_functional_samples(
+        self,
+        X: Any,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits ``(n_samples, B, C)`` of the network at posterior weight samples.
+
+        Replaces laplace-torch's version (behind ``functional_samples`` /
+        ``predictive_samples(..., pred_type="nn")`` and ``la(x, pred_type="nn")``): the
+        model is called as in ``fit`` (``model_kwargs`` go to the model), and afterwards
+        the LoRA weights are exactly the caller's, not ``la.mean``, and own their storage
+        (laplace-torch's ``vector_to_parameters`` leaves them as views of ``la.mean``).
+        """
         self._check_H_init()
         guards.check_n_samples(n_samples)
-        probs = 0.0
-        try:
-            with torch.no_grad(), guards.eval_mode(self.model):
-                for sample in self.sample(n_samples, generator=generator):
-                    _write_params(sample, self.params)
-                    logits = forward_logits(self.model, X, self.dict_key_y)
-                    probs = probs + torch.softmax(logits.to(self._dtype), dim=-1) / n_samples
-        finally:
-            _write_params(self.mean, self.params)
-        return probs
+        samples = self.sample(n_samples, generator=generator)
+        logits = []
+        keep = _callers_weights(self.params, self.mean)
+        with torch.no_grad(), guards.eval_mode(self.model), keep:
+            for sample in samples:
+                _write_params(sample, self.params)
+                f = forward_logits(self.model, X, self.dict_key_y, model_kwargs)
+                logits.append(f.to(self._dtype))
+        return torch.stack(logits)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -466,6 +521,27 @@ class LoraLaplaceMixin:
                 f"but the model's is {shapes[bad]} (another LoRA rank?); rebuild the model "
                 "with the same LoraConfig."
             )
+
+
+@contextlib.contextmanager
+def _callers_weights(params: list[torch.Tensor], mean: torch.Tensor) -> Iterator[None]:
+    """Run the block, then put back the exact values ``params`` had before it.
+
+    Parameters that share storage with ``mean`` (laplace-torch's ``vector_to_parameters``
+    makes them views of ``la.mean``) first get their own copy, so that writing samples
+    into them cannot change the posterior mean.
+    """
+    mean_storage = mean.untyped_storage().data_ptr()
+    for p in params:
+        if p.untyped_storage().data_ptr() == mean_storage:
+            p.data = p.data.clone()
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
 
 
 def _write_params(vector: torch.Tensor, params: list[torch.Tensor]) -> None:
