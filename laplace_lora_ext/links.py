@@ -9,6 +9,15 @@ probabilities.
 * ``"probit"``: ``softmax(f_mu / sqrt(1 + π/8 diag(f_var)))``.
 * ``"bridge"`` / ``"bridge_norm"``: the Laplace bridge to a Dirichlet (Hobbhahn et al.,
   2022), optionally with the variance normalisation; returns the Dirichlet mean.
+
+Why not laplace-torch's own (``BaseLaplace._glm_forward_call``, 0.3): there they are
+methods of a fitted ``Laplace`` object, not functions of ``(f_mu, f_var)``; its "mc" samples
+through ``torch.linalg.cholesky``, which raises on the singular (PSD) logit covariances a
+LoRA posterior gives (e.g. when a logit does not depend on the adapters), reuses one normal
+draw for every example of the batch, and drops the caller's ``generator``; its bridge
+updates ``f_mu`` and ``f_var`` in place and fills NaN rows with 1 (not ``1/C``); and the
+paper's "MC indep" is missing. The formulas are short, and each is tested against a
+brute-force reference (``tests/test_links.py``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lowrank.factor import compute_dtype
 from ..options import FISHER_TYPES
 
 __all__ = ["FISHER_TYPES", "grad_output_vectors"]
@@ -28,10 +29,7 @@ def grad_output_vectors(
     * ``"mc"``: ``K = mc_samples``, ``V_s = (p - e_{y_s}) / sqrt(S)``, ``y_s ~ Cat(p)``.
     * ``"empirical"``: ``K = 1``, ``V = p - e_y`` (empirical Fisher, uses the labels).
     """
-    p = torch.softmax(
-        logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32),
-        dim=-1,
-    )
+    p = torch.softmax(logits.detach().to(compute_dtype(logits.dtype)), dim=-1)
     B, C = p.shape
     eye = torch.eye(C, dtype=p.dtype, device=p.device)
     if fisher_type == "exact":

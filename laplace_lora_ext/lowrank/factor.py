@@ -32,7 +32,9 @@ __all__ = ["LowRankFactor", "buffer_columns", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype used for decompositions: ``dtype`` promoted to at least ``float32``."""
+    """The package's one dtype rule: curvature, decompositions and predictive moments are
+    computed in ``dtype`` promoted to at least ``float32`` (float16 / bfloat16 -> float32,
+    float64 stays float64; a non-float dtype gives the default dtype)."""
     if not dtype.is_floating_point:
         return torch.get_default_dtype()
     if torch.finfo(dtype).bits < 32:
