@@ -23,6 +23,7 @@ from torch import nn
 __all__ = [
     "NonFiniteError",
     "check_finite",
+    "check_all_finite",
     "check_finite_curvature",
     "check_positive",
     "check_n_samples",
@@ -58,6 +59,19 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     )
 
 
+def check_all_finite(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """:func:`check_finite` on several ``(name, tensor)`` pairs with one device sync when
+    all are finite (the common case)."""
+    named = list(named)
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if bool(flags.all()):
+        return
+    for name, t in named:
+        check_finite(name, t)
+
+
 def _curvature_tensors(H: Any) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(H, torch.Tensor):
         yield "curvature", H
@@ -80,8 +94,7 @@ def check_finite_curvature(H: Any, loss: Any = None) -> None:
         check_finite("The loss values", loss)
     elif isinstance(loss, float) and not torch.isfinite(torch.tensor(loss)):
         raise NonFiniteError(f"The loss is {loss}.")
-    for name, t in _curvature_tensors(H):
-        check_finite(f"The entries of the {name}", t)
+    check_all_finite((f"The entries of the {name}", t) for name, t in _curvature_tensors(H))
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -178,8 +191,8 @@ def _nested_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, dict):
         for x in obj.values():
             yield from _nested_tensors(x)
-    elif hasattr(obj, "U") and hasattr(obj, "s"):  # LowRankFactor
-        yield from _nested_tensors([obj.U, obj.s])
+    elif callable(getattr(obj, "stored_tensors", None)):  # LowRankFactor (no compression)
+        yield from _nested_tensors(obj.stored_tensors())
 
 
 def check_finite_saved(state_dict: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..guards import check_finite
+from ..guards import check_all_finite
 from ..quant import missing_gradient_error
 from ..targets import LoraTarget
 
@@ -89,10 +89,12 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
             f"LoRA layers {missing[:5]}{'...' if len(missing) > 5 else ''} were not called "
             "in the forward pass; is the adapter active and the layer used by the model?"
         )
+    named = [
+        (f"The inputs of LoRA layer {t.name}", a) for t, a in zip(targets, inputs, strict=True)
+    ]
     if torch.is_tensor(logits):
-        check_finite("The model's logits", logits.detach())
-    for t, a in zip(targets, inputs, strict=True):
-        check_finite(f"The inputs of LoRA layer {t.name}", a)  # type: ignore[arg-type]
+        named.insert(0, ("The model's logits", logits.detach()))
+    check_all_finite(named)  # type: ignore[arg-type]
     return Captured(logits, inputs, outputs)  # type: ignore[arg-type]
 
 
@@ -122,8 +124,10 @@ def output_gradients(
         if none:
             raise missing_gradient_error(none, "computing the curvature")
         out = [_as_3d(g.detach()) for g in grads]
-        for t, g in zip(targets, out, strict=True):
-            check_finite(f"The output gradients of LoRA layer {t.name}", g)
+        check_all_finite(
+            (f"The output gradients of LoRA layer {t.name}", g)
+            for t, g in zip(targets, out, strict=True)
+        )
         yield out
 
 
