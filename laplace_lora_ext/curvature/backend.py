@@ -18,16 +18,14 @@ from torch import nn
 from ..compat import CurvatureInterface, Kron
 from ..guards import check_labels
 from ..inputs import attention_mask_of, forward_logits
-from ..lowrank.auto import FactorRank, resolve_factor_rank
+from ..lowrank.auto import DEFAULT_RANK_THRESHOLD, FactorRank, resolve_factor_rank
+from ..lowrank.factor import compute_dtype
 from ..targets import LoraTarget, target_params
 from .capture import Captured, capture_forward, output_gradients, token_weights
 from .fisher import FISHER_TYPES, grad_output_vectors
 from .kfac import KFAC_APPROX, drop_zero_rows, input_root, output_root
 
 __all__ = ["LoraCurvature", "DEFAULT_RANK_THRESHOLD"]
-
-DEFAULT_RANK_THRESHOLD = 2048
-"""Factor sides above this are kept low-rank when ``factor_rank`` is set."""
 
 
 class LoraCurvature(CurvatureInterface):
@@ -83,9 +81,7 @@ class LoraCurvature(CurvatureInterface):
         self.seed = seed
         self._generator: torch.Generator | None = None
         model_dtype = self.params[0].dtype
-        self.curvature_dtype = curvature_dtype or (
-            torch.float64 if model_dtype == torch.float64 else torch.float32
-        )
+        self.curvature_dtype = curvature_dtype or compute_dtype(model_dtype)
         # "auto" -> (rank, threshold) for these parameter shapes (lowrank/auto.py)
         self.factor_rank, self.rank_threshold = resolve_factor_rank(
             factor_rank, rank_threshold, self.params, self.curvature_dtype

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DEFAULT_RANK_THRESHOLD",
     "AUTO_RANK",
     "AUTO_DENSE_BUDGET",
     "AUTO_MIN_SIDE",
@@ -35,6 +36,9 @@ __all__ = [
     "factor_bytes",
 ]
 
+DEFAULT_RANK_THRESHOLD = 2048
+"""Default ``rank_threshold``: factor sides above it are low-rank when ``factor_rank`` is set
+(the one definition; the backend, the posteriors and ``LowRankKron`` use it)."""
 AUTO_RANK = 256
 """Rank of a low-rank factor under ``factor_rank="auto"``."""
 AUTO_DENSE_BUDGET = 256 * 2**20
@@ -102,7 +106,7 @@ def any_low_rank(
 def factor_bytes(
     params: Iterable[torch.Tensor | Sequence[int]],
     factor_rank: FactorRank = "auto",
-    rank_threshold: int = 2048,
+    rank_threshold: int = DEFAULT_RANK_THRESHOLD,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, int]:
     """Bytes of the fitted Kronecker factors for these parameters (tensors or shapes).

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..compat import Kron, KronDecomposed, block_diag, kron, symeig
 from ..compat import is_valid_scalar as _is_valid_scalar
+from .auto import DEFAULT_RANK_THRESHOLD
 from .factor import LowRankFactor
 
 __all__ = [
@@ -38,13 +39,9 @@ __all__ = [
     "LowRankKronDecomposed",
     "to_dense_kron",
     "kron_from_dense",
-    "DEFAULT_THRESHOLD",
 ]
 
 Factor = Tensor | LowRankFactor
-
-DEFAULT_THRESHOLD = 2048
-"""Default side above which ``init_from_model`` makes a factor low-rank (as the backend)."""
 
 
 # ---------------------------------------------------------------------- factor helpers
@@ -148,7 +145,7 @@ class LowRankKron(Kron):
         device: torch.device,
         dtype: torch.dtype,
         factor_rank: int | None = None,
-        threshold: int = DEFAULT_THRESHOLD,
+        threshold: int = DEFAULT_RANK_THRESHOLD,
     ) -> LowRankKron:
         """Zero factors mirroring ``Kron.init_from_model``: weights ``[G (out×out),
         A (in×in)]`` (conv: ``in = prod(shape[1:])``), 1-D params ``[M]``. When
