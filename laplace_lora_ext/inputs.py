@@ -95,11 +95,14 @@ def forward_logits(
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` or a ``transformers.PreTrainedModel``
-    (an ``isinstance`` check, not a guess from attributes or signatures)."""
+    """Whether ``model`` is a ``peft.PeftModel`` or a ``transformers.PreTrainedModel``, also
+    inside ``DataParallel`` / ``DistributedDataParallel`` (an ``isinstance`` check, not a
+    guess from attributes or signatures)."""
     from peft import PeftModel
     from transformers import PreTrainedModel
 
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
     return isinstance(model, (PeftModel, PreTrainedModel))
 
 

@@ -89,6 +89,7 @@ def test_hf_models_are_detected_by_type():
     case = make_case("gpt2")
     peft_model = case.model.model
     assert is_hf_model(peft_model) and is_hf_model(peft_model.get_base_model())
+    assert is_hf_model(torch.nn.DataParallel(peft_model))
     assert not is_hf_model(case.model) and not is_hf_model(DocWrapper(peft_model))
 
 

@@ -20,6 +20,7 @@ from ..guards import check_labels
 from ..inputs import attention_mask_of, forward_logits
 from ..lowrank.auto import DEFAULT_RANK_THRESHOLD, FactorRank, resolve_factor_rank
 from ..lowrank.factor import compute_dtype
+from ..options import FisherType, KfacApprox
 from ..targets import LoraTarget, target_params
 from .capture import Captured, capture_forward, output_gradients, token_weights
 from .fisher import FISHER_TYPES, grad_output_vectors
@@ -56,8 +57,8 @@ class LoraCurvature(CurvatureInterface):
         dict_key_y: str = "labels",
         *,
         targets: list[LoraTarget],
-        kfac_approx: str = "expand",
-        fisher_type: str = "exact",
+        kfac_approx: KfacApprox = "expand",
+        fisher_type: FisherType = "exact",
         mc_samples: int = 1,
         factor_rank: FactorRank = None,
         rank_threshold: int = DEFAULT_RANK_THRESHOLD,

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..compat import DiagLaplace
 from ..curvature import DEFAULT_RANK_THRESHOLD
+from ..options import FisherType
 from .mixin import LoraLaplaceMixin
 
 __all__ = ["LoraDiagLaplace"]
@@ -38,7 +39,7 @@ class LoraDiagLaplace(LoraLaplaceMixin, DiagLaplace):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        fisher_type: str = "exact",
+        fisher_type: FisherType = "exact",
         mc_samples: int = 1,
         adapter_name: str | None = None,
         include_extra_params: bool = False,

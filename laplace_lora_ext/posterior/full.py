@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..compat import FullLaplace
+from ..options import FisherType
 from .diag import _reject_kron_options
 from .mixin import LoraLaplaceMixin
 
@@ -38,7 +39,7 @@ class LoraFullLaplace(LoraLaplaceMixin, FullLaplace):
         backend: type | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         *,
-        fisher_type: str = "exact",
+        fisher_type: FisherType = "exact",
         mc_samples: int = 1,
         adapter_name: str | None = None,
         include_extra_params: bool = False,

@@ -11,6 +11,7 @@ from ..compat import Kron, KronDecomposed, KronLaplace
 from ..curvature import DEFAULT_RANK_THRESHOLD
 from ..guards import check_finite_curvature, check_n_samples
 from ..lowrank.auto import FactorRank, any_low_rank
+from ..options import FisherType, KfacApprox
 from .mixin import LoraLaplaceMixin
 
 __all__ = ["LoraKronLaplace"]
@@ -64,8 +65,8 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        kfac_approx: str = "expand",
-        fisher_type: str = "exact",
+        kfac_approx: KfacApprox = "expand",
+        fisher_type: FisherType = "exact",
         mc_samples: int = 1,
         factor_rank: FactorRank = "auto",
         rank_threshold: int = DEFAULT_RANK_THRESHOLD,

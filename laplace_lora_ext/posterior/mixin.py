@@ -25,6 +25,10 @@ from ..inputs import forward_logits, split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
 from ..lowrank.auto import FactorRank, resolve_factor_rank
 from ..options import (
+    FisherType,
+    KfacApprox,
+    LinkApprox,
+    PredType,
     check_backend,
     check_unsupported_keywords,
     resolve_kfac_approx,
@@ -67,8 +71,8 @@ class LoraLaplaceMixin:
         backend_kwargs: dict[str, Any] | None,
         adapter_name: str | None,
         include_extra_params: bool,
-        kfac_approx: str,
-        fisher_type: str,
+        kfac_approx: KfacApprox,
+        fisher_type: FisherType,
         mc_samples: int,
         factor_rank: FactorRank,
         rank_threshold: int,
@@ -384,9 +388,9 @@ class LoraLaplaceMixin:
     def __call__(
         self,
         x: torch.Tensor | Mapping[str, Any],
-        pred_type: str = "glm",
+        pred_type: PredType = "glm",
         joint: bool = False,
-        link_approx: str = "probit",
+        link_approx: LinkApprox = "probit",
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
