@@ -84,6 +84,7 @@ REQUIRED: dict[type, dict[str, tuple[str, ...] | None]] = {
     # member -> parameter names that must appear in its signature (None: just present)
     BaseLaplace: {
         "_device": None,
+        "_dtype": None,  # overridden: the posterior's dtype (float32 or better)
         "prior_precision": None,
         "prior_precision_diag": None,
     },
@@ -102,8 +103,15 @@ REQUIRED: dict[type, dict[str, tuple[str, ...] | None]] = {
         "load_state_dict": ("state_dict",),
     },
     KronLaplace: {"_rescale_factors": ("kron", "factor"), "posterior_precision": None},
-    Kron: {"init_from_model": None, "decompose": ("damping",), "__add__": None},
-    KronDecomposed: {"bmm": ("W", "exponent"), "logdet": (), "inv_square_form": ("W",)},
+    # lowrank/kron.py overrides _bmm (called by the stock bmm) and uses _check_deltas
+    Kron: {"init_from_model": None, "decompose": ("damping",), "__add__": None, "_bmm": ("W",)},
+    KronDecomposed: {
+        "bmm": ("W", "exponent"),
+        "_bmm": ("W", "exponent"),
+        "_check_deltas": ("deltas",),
+        "logdet": (),
+        "inv_square_form": ("W",),
+    },
     CurvatureInterface: {"kron": ("x", "y", "N"), "diag": ("x", "y"), "full": ("x", "y")},
 }
 """The laplace-torch members the ``lora`` classes call or override."""
