@@ -109,9 +109,10 @@ def check_backend(backend: Any, own: type) -> None:
         f"the built-in LoraCurvature computes the {kind} KFAC (or diagonal / full matrix) of "
         f"the LoRA matrices, correctly scaled for sequences; the equivalent of {name} is "
         f"fisher_type={_EQUIVALENT_FISHER[kind]!r}{stochastic}, with kfac_approx='expand' or "
-        "'reduce' as in curvlinops. (laplace-torch's ASDL KFAC is T times too large on "
-        "sequence inputs and fails on PEFT's ModulesToSaveWrapper; BackPACK rejects frozen "
-        "parameters and dict batches.)"
+        "'reduce' as in curvlinops; backend=CurvlinopsGGN / CurvlinopsEF also run on the "
+        "LoRA matrices with hessian_structure='kron'. (laplace-torch's ASDL KFAC is T times "
+        "too large on sequence inputs and fails on PEFT's ModulesToSaveWrapper; BackPACK "
+        "rejects frozen parameters and dict batches.)"
     )
 
 

@@ -257,16 +257,72 @@ def test_model_kwargs_reach_the_model_with_pred_type_nn():
 # --------------------------------------------------------------------------- stock backends
 
 
-@pytest.mark.parametrize(
-    "backend_name, fisher",
-    [("AsdlGGN", "exact"), ("AsdlEF", "empirical"), ("CurvlinopsGGN", "exact")],
-)
-def test_stock_backends_are_refused_with_the_equivalent_options(backend_name, fisher):
+@pytest.mark.parametrize("backend_name, fisher", [("AsdlGGN", "exact"), ("AsdlEF", "empirical")])
+def test_asdl_backends_are_refused_with_the_equivalent_options(backend_name, fisher):
     import laplace.curvature
 
     backend = getattr(laplace.curvature, backend_name)
     with pytest.raises(ValueError, match=rf"backend=None.*fisher_type='{fisher}'"):
         lora_laplace(tiny_llama(), "kron", backend=backend)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize(
+    "backend_name, fisher", [("CurvlinopsGGN", "exact"), ("CurvlinopsEF", "empirical")]
+)
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_curvlinops_backends_run_on_the_lora_matrices(name, backend_name, fisher, approx):
+    """laplace-torch's LLM-docs backends: their KFAC on la.params equals LoraCurvature's
+    (GPT-2: with the SEQ_CLS head in PEFT's ModulesToSaveWrapper in the posterior)."""
+    import laplace.curvature
+
+    case = make_case(name)
+    case.batch["attention_mask"] = torch.ones_like(case.batch["attention_mask"])  # see below
+    backend = getattr(laplace.curvature, backend_name)
+    las = []
+    for kwargs in ({"backend": backend}, {"fisher_type": fisher}):
+        la = lora_laplace(
+            case.model,
+            "kron",
+            include_extra_params=case.include_extra_params,
+            asdl_fisher_kwargs={"kfac_approx": approx},
+            **kwargs,
+        )
+        la.fit(loader(case.batch, 4))
+        las.append(la)
+    assert las[0].fisher_type == fisher
+    for F1, F2 in zip(las[0].H_facs.kfacs, las[1].H_facs.kfacs, strict=True):
+        for a, b in zip(F1, F2, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    lml = [la.log_marginal_likelihood().item() for la in las]
+    assert lml[0] == pytest.approx(lml[1], rel=1e-10)
+    torch.testing.assert_close(las[0](case.batch), las[1](case.batch), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "structure, kwargs, match",
+    [
+        ("diag", {}, "hessian_structure='kron' only"),
+        ("kron", {"fisher_type": "mc"}, "computes fisher_type='exact'"),
+        ("kron", {"backend_kwargs": {"stochastic": True}}, "backend_kwargs"),
+        ("kron", {"factor_rank": 2, "rank_threshold": 4}, "factor_rank=None"),
+    ],
+)
+def test_curvlinops_backend_misuse_is_refused(structure, kwargs, match):
+    from laplace.curvature import CurvlinopsGGN
+
+    with pytest.raises(ValueError, match=match):
+        lora_laplace(tiny_llama(), structure, backend=CurvlinopsGGN, **kwargs)
+
+
+def test_curvlinops_backend_refuses_padded_batches():
+    """curvlinops does not read the attention_mask: it would average padding tokens into A."""
+    from laplace.curvature import CurvlinopsGGN
+
+    case = make_case("llama")
+    la = lora_laplace(case.model, "kron", backend=CurvlinopsGGN)
+    with pytest.raises(ValueError, match="padding"):
+        la.fit(loader(case.batch, 4))
 
 
 # --------------------------------------------------------------------------- Jacobians

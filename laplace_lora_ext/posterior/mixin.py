@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 from .. import distributed, guards  # issue 8
 from ..compat import Likelihood
 from ..curvature import LoraCurvature
+from ..curvature.stock import StockKfacCurvature, resolve_stock_backend
 from ..inputs import forward_logits, split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
-from ..lowrank.auto import FactorRank, resolve_factor_rank
+from ..lowrank.auto import FactorRank, any_low_rank, resolve_factor_rank
 from ..options import (
     FisherType,
     KfacApprox,
@@ -85,7 +86,12 @@ class LoraLaplaceMixin:
                 f"subset_of_weights='lora' supports likelihood='classification' only, got "
                 f"{likelihood!r}. For regression use laplace-torch's own classes."
             )
-        check_backend(backend, LoraCurvature)
+        # laplace-torch's CurvlinopsGGN / CurvlinopsEF run on the LoRA matrices (kron only)
+        stock, fisher_type = resolve_stock_backend(
+            backend, self._structure, fisher_type, backend_kwargs
+        )
+        if stock is None:
+            check_backend(backend, LoraCurvature)
         check_unsupported_keywords(
             enable_backprop=base_kwargs.get("enable_backprop", False),
             dict_key_x=base_kwargs.get("dict_key_x", "input_ids"),
@@ -119,6 +125,14 @@ class LoraLaplaceMixin:
         self._low_rank = resolve_factor_rank(
             factor_rank, rank_threshold, params, self._curvature_dtype
         )
+        if stock is not None:
+            if any_low_rank(params, *self._low_rank):
+                raise ValueError(
+                    f"backend={stock.__name__} computes dense Kronecker factors, but "
+                    f"factor_rank={factor_rank!r} keeps some low-rank for this model; pass "
+                    "factor_rank=None (dense) or leave backend=None."
+                )
+            self._low_rank = (None, self._low_rank[1])
         kwargs = dict(
             targets=targets,
             kfac_approx=kfac_approx,
@@ -129,6 +143,8 @@ class LoraLaplaceMixin:
             seed=seed,
             curvature_dtype=self._curvature_dtype,
         )
+        if stock is not None:
+            kwargs["stock_backend"] = stock
         kwargs.update(backend_kwargs or {})
         self.H = None  # keep ParametricLaplace from initialising H before params are set
         base_init(
@@ -136,7 +152,7 @@ class LoraLaplaceMixin:
             likelihood,
             prior_precision=1.0,
             prior_mean=0.0,
-            backend=backend or LoraCurvature,
+            backend=StockKfacCurvature if stock is not None else backend or LoraCurvature,
             backend_kwargs=kwargs,
             **base_kwargs,
         )
