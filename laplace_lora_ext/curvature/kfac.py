@@ -60,4 +60,4 @@ def output_root(g: torch.Tensor, approx: str) -> torch.Tensor:
 def drop_zero_rows(rows: torch.Tensor) -> torch.Tensor:
     """Remove all-zero rows (padding, positions that do not reach the output)."""
     keep = rows.abs().amax(dim=1) > 0
-    return rows[keep]
+    return rows if bool(keep.all()) else rows[keep]

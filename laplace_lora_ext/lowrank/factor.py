@@ -207,14 +207,14 @@ class LowRankFactor:
         cdt = compute_dtype(self.dtype)
         parts = [] if self._pending is None else [self._pending]
         parts += [R.to(self.device, cdt) for R in roots if R.shape[1] > 0]
-        P = torch.cat(parts, dim=1) if parts else None
+        P = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) if parts else None
         G, n_gram = self._gram, self._gram_cols
         if gram is not None:
             gram = gram.to(self.device, cdt)
             G, n_gram = (gram if G is None else G + gram), n_gram + gram_cols
         m = 0 if P is None else P.shape[1]
         if P is not None and self._gram_ok and (G is not None or m > self._buffer):
-            G = P @ P.T if G is None else G + P @ P.T
+            G = P @ P.T if G is None else torch.addmm(G, P, P.T)
             P, n_gram = None, n_gram + m
         out = LowRankFactor(self._U, self._s, self.max_rank)
         out._pending, out._gram, out._gram_cols = P, G, n_gram
