@@ -30,6 +30,8 @@ __all__ = [
     "DiagLaplace",
     "FullLaplace",
     "CurvatureInterface",
+    "CurvlinopsGGN",
+    "CurvlinopsEF",
     "Likelihood",
     "Kron",
     "KronDecomposed",
@@ -71,7 +73,7 @@ try:
         KronLaplace,
         ParametricLaplace,
     )
-    from laplace.curvature import CurvatureInterface
+    from laplace.curvature import CurvatureInterface, CurvlinopsEF, CurvlinopsGGN
     from laplace.utils.enums import Likelihood
     from laplace.utils.matrix import Kron, KronDecomposed
     from laplace.utils.utils import _is_valid_scalar as is_valid_scalar
@@ -112,6 +114,9 @@ REQUIRED: dict[type, dict[str, tuple[str, ...] | None]] = {
         "logdet": (),
         "inv_square_form": ("W",),
     },
+    # curvature/stock.py: backend=CurvlinopsGGN / CurvlinopsEF, its KFAC over .params
+    CurvlinopsGGN: {"kron": ("x", "y", "N"), "_get_kron_factors": ("linop",)},
+    CurvlinopsEF: {"kron": ("x", "y", "N"), "_get_kron_factors": ("linop",)},
     CurvatureInterface: {"kron": ("x", "y", "N"), "diag": ("x", "y"), "full": ("x", "y")},
 }
 """The laplace-torch members the ``lora`` classes call or override."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compat import Kron
+from ..compat import CurvlinopsEF, CurvlinopsGGN, Kron
 from ..inputs import attention_mask_of, forward_logits
 from .backend import LoraCurvature
 
@@ -30,8 +30,6 @@ __all__ = ["StockKfacCurvature", "stock_fisher_type"]
 def stock_fisher_type(backend: type) -> str | None:
     """The ``fisher_type`` a laplace-torch curvlinops backend computes (``None``: not one
     this module runs; ``CurvlinopsHessian`` and ASDL / BackPACK are refused elsewhere)."""
-    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
-
     if isinstance(backend, type) and issubclass(backend, CurvlinopsEF):
         return "empirical"
     if isinstance(backend, type) and issubclass(backend, CurvlinopsGGN):
