@@ -37,6 +37,7 @@ from ..options import (
 )
 from ..predictive import logit_jacobian_blocks
 from ..targets import check_same_device, collect_targets, param_names, target_params
+from .tuning import PriorTuningMixin
 
 __all__ = ["LoraLaplaceMixin"]
 
@@ -54,7 +55,7 @@ _FIT_STATE = (
 """Attributes a failed ``fit`` puts back (``fit`` rebinds them, never mutates in place)."""
 
 
-class LoraLaplaceMixin:
+class LoraLaplaceMixin(PriorTuningMixin):
     """Mixin for Laplace over LoRA matrices (see the concrete classes for the arguments)."""
 
     _structure: str = ""
