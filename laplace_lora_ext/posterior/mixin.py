@@ -25,6 +25,7 @@ from ..curvature.stock import StockKfacCurvature, resolve_stock_backend
 from ..inputs import forward_logits, split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
 from ..lowrank.auto import FactorRank, any_low_rank, resolve_factor_rank
+from ..lowrank.factor import compute_dtype
 from ..options import (
     FisherType,
     KfacApprox,
@@ -121,7 +122,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
         self.mc_samples = mc_samples
         self.factor_rank = factor_rank
         self.rank_threshold = rank_threshold
-        self._curvature_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        self._curvature_dtype = compute_dtype(params[0].dtype)
         # "auto" -> (rank, threshold) for these parameter shapes (lowrank/auto.py)
         self._low_rank = resolve_factor_rank(
             factor_rank, rank_threshold, params, self._curvature_dtype
