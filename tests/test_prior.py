@@ -192,3 +192,20 @@ def test_gridsearch_needs_validation_data_and_methods_are_checked():
         la.optimize_prior_precision(method="gridsearch")
     with pytest.raises(ValueError, match="method must be one of"):
         la.optimize_prior_precision(method="cv")
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_lora_marglik_fixes_lora_a_and_maximises_the_evidence_over_the_rest(structure):
+    la = fitted(structure)
+    la.optimize_prior_precision(method="lora_marglik", n_steps=400, lr=0.1)
+    is_a = P.lora_a_mask(la.lora_param_names)
+    assert is_a.any() and not is_a.all()
+    offset, want = 0, []
+    for p in la.params:
+        w = la.mean[offset : offset + p.numel()]
+        want.append(p.numel() / w.square().sum())
+        offset += p.numel()
+    torch.testing.assert_close(la.prior_precision[is_a], torch.stack(want)[is_a])
+    log_d = la.prior_precision.log().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(la.log_marginal_likelihood(prior_precision=log_d.exp()), log_d)
+    assert grad[~is_a].abs().max() < 1e-2

@@ -30,7 +30,7 @@ from ..predictive import logit_jacobian_blocks
 
 __all__ = ["PriorTuningMixin", "TUNING_METHODS"]
 
-TUNING_METHODS = ("linearised", "marglik", "gridsearch")
+TUNING_METHODS = ("lora_marglik", "linearised", "marglik", "gridsearch")
 #: |d log Z / d log δ| per data point above which the marglik optimiser has not converged.
 MARGLIK_GRAD_TOL = 1e-3
 #: Validation Jacobian blocks larger than this are recomputed per grid value.
@@ -80,7 +80,9 @@ class PriorTuningMixin:
         """
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
-        if method == "linearised":
+        if method == "lora_marglik":
+            self._optimize_lora_marglik(max(n_steps, 200), lr)
+        elif method == "linearised":
             self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
         elif method == "marglik":
             structure = {} if prior_structure is None else {"prior_structure": prior_structure}
@@ -117,11 +119,43 @@ class PriorTuningMixin:
         if verbose:
             print(f"linearised evidence: prior precision {self.prior_precision.tolist()}")
 
+    # ------------------------------------------------------------------ lora_marglik
+    def _optimize_lora_marglik(self, n_steps: int, lr: float) -> None:
+        """``lora_A``: spread-matched prior; every other tensor: layerwise marglik.
+
+        The ``lora_A`` precisions are fixed at
+        :func:`laplace_lora_ext.prior.spread_matched_precision`; the others maximise
+        laplace-torch's log marginal likelihood (Adam on ``log δ``, as ``method="marglik"``)
+        with the ``lora_A`` ones held fixed.
+        """
+        fixed = linearised.lora_a_mask(self.lora_param_names).to(self._device)
+        if bool(fixed.all()):
+            raise ValueError("method='lora_marglik' needs parameters other than lora_A.")
+        delta_a = linearised.spread_matched_precision(self).to(self._device, self._dtype)
+        log_free = torch.zeros(int((~fixed).sum()), device=self._device, dtype=self._dtype)
+        log_free.requires_grad_(True)
+        optimizer = torch.optim.Adam([log_free], lr=lr)
+
+        def precision() -> torch.Tensor:
+            full = delta_a.clone()
+            full[~fixed] = log_free.exp()
+            return full
+
+        for _ in range(n_steps):
+            optimizer.zero_grad()
+            (-self.log_marginal_likelihood(prior_precision=precision())).backward()
+            optimizer.step()
+        self.prior_precision = precision().detach()
+        self._warn_if_marglik_not_converged(n_steps, free=~fixed)
+
     # ------------------------------------------------------------------ marglik
-    def _warn_if_marglik_not_converged(self, n_steps: int) -> None:
+    def _warn_if_marglik_not_converged(
+        self, n_steps: int, free: torch.Tensor | None = None
+    ) -> None:
         log_prec = self.prior_precision.detach().log().requires_grad_(True)
         lml = self.log_marginal_likelihood(prior_precision=log_prec.exp())
         (grad,) = torch.autograd.grad(lml, log_prec)
+        grad = grad if free is None else grad[free]
         worst = float(grad.abs().max()) / max(self.n_data, 1)
         if worst > MARGLIK_GRAD_TOL:
             rising = "rising" if float(grad.sum()) < 0 else "changing"

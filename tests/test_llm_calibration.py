@@ -1,0 +1,45 @@
+"""Pure parts of benchmarks.llm_calibration (no model): AUROC, summary over seeds, report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.llm_calibration import auroc, entropy, render, summarize
+
+
+def test_auroc_and_entropy():
+    assert auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])) == pytest.approx(1.0)
+    assert auroc(torch.tensor([0.3, 0.4]), torch.tensor([0.1, 0.2])) == pytest.approx(0.0)
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    torch.testing.assert_close(entropy(p), torch.tensor([0.6931471805599453, 0.0]))
+
+
+def _metrics(acc):
+    return {"acc": acc, "ece": 0.1, "nll": 0.5, "brier": 0.2, "conf": 0.9, "n": 10}
+
+
+def test_summarize_means_over_seeds_and_renders():
+    runs = {
+        "task": {
+            s: {
+                "checkpoints": {
+                    32: {
+                        "test": {"map": _metrics(0.5 + 0.1 * s), "_entropy": {}},
+                        "shift": {"map": _metrics(0.4), "_entropy": {}},
+                        "shift_auroc": {"map": 0.6 + 0.1 * s},
+                    }
+                }
+            }
+            for s in (0, 1)
+        }
+    }
+    out = summarize(runs)
+    mean, std, n = out["task"][32]["test"]["map"]["acc"]
+    assert mean == pytest.approx(0.55) and n == 2
+    assert std == pytest.approx(float(torch.tensor([0.5, 0.6]).std()))
+    assert out["task"][32]["auroc"]["map"] == pytest.approx(0.65)
+    text = render(
+        out, {"n_train": 1, "n_test": 1, "steps": 32, "early": 32, "lr": 1e-3, "seeds": [0, 1]}
+    )
+    assert "| map | 55.0 ± 7.1 |" in text and "task, step 32, shift" in text
