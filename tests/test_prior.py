@@ -141,9 +141,9 @@ def test_rejects_unknown_structure_and_damping():
 
 # ------------------------------------------------------------------ optimize_prior_precision
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
-def test_default_method_is_the_linearised_evidence(structure):
+def test_linearised_method_is_the_linearised_evidence(structure):
     la = fitted(structure)
-    la.optimize_prior_precision()
+    la.optimize_prior_precision(method="linearised")
     want = P.fit_prior_precision(P.curvature_spectra(la), "layerwise").deltas
     assert la.prior_precision.shape == (len(la.params),)
     torch.testing.assert_close(la.prior_precision, want)
@@ -197,7 +197,7 @@ def test_gridsearch_needs_validation_data_and_methods_are_checked():
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 def test_lora_marglik_fixes_lora_a_and_maximises_the_evidence_over_the_rest(structure):
     la = fitted(structure)
-    la.optimize_prior_precision(method="lora_marglik", n_steps=400, lr=0.1)
+    la.optimize_prior_precision(n_steps=400)  # the default method
     is_a = P.lora_a_mask(la.lora_param_names)
     assert is_a.any() and not is_a.all()
     offset, want = 0, []

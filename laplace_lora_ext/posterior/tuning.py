@@ -1,10 +1,17 @@
 """``optimize_prior_precision`` for the ``lora`` classes: the validation-free default and
 laplace-torch's two methods.
 
-* ``method="linearised"`` (default): maximise the linearised evidence
-  (:mod:`laplace_lora_ext.prior`). No validation data; directions the data do not
-  inform do not pull the prior wide, which is what breaks ``"marglik"`` on overfit
-  adapters.
+* ``method="lora_marglik"`` (default): ``lora_A``'s prior is matched to its own spread
+  (PEFT draws ``lora_A`` at random and training barely moves it; see
+  :func:`laplace_lora_ext.prior.spread_matched_precision`), every other tensor's prior
+  precision maximises laplace-torch's evidence with those held fixed. No validation data.
+  Plain ``"marglik"`` spends most of the prior's budget on ``lora_A``'s random start
+  (‖θ‖² is dominated by it) and leaves a wide prior in directions that only feed noise
+  into the predictive; on overfit SmolLM2 adapters this default lowered the validation
+  NLL and ECE against ``"marglik"`` (docs/benchmarks.md).
+* ``method="linearised"``: the linearised evidence (:mod:`laplace_lora_ext.prior`). Kept as
+  an option: on saturated (memorising) adapters the curvature collapses and it returns
+  the MAP (prior precision at its upper bound), so it is not the default.
 * ``method="marglik"``: laplace-torch's own optimiser, unchanged, followed by a
   convergence check: on a saturated softmax (memorised training data) its evidence keeps
   rising as the prior precision falls and the answer is set by ``n_steps``; we warn.
@@ -23,7 +30,7 @@ import tqdm
 from torch.utils.data import DataLoader
 
 from .. import guards
-from .. import prior as linearised
+from .. import prior as priors
 from ..inputs import split_batch
 from ..links import apply_link
 from ..predictive import logit_jacobian_blocks
@@ -43,7 +50,7 @@ class PriorTuningMixin:
     def optimize_prior_precision(
         self,
         pred_type: str = "glm",
-        method: str = "linearised",
+        method: str = "lora_marglik",
         n_steps: int = 100,
         lr: float = 1e-1,
         init_prior_prec: float | torch.Tensor = 1.0,
@@ -62,9 +69,9 @@ class PriorTuningMixin:
         """Set ``la.prior_precision`` (laplace-torch's signature; defaults differ, see below).
 
         Args:
-            method: ``"linearised"`` (default, no validation data), ``"marglik"``
-                (laplace-torch's evidence, unchanged) or ``"gridsearch"`` (needs
-                ``val_loader``).
+            method: ``"lora_marglik"`` (default, no validation data), ``"linearised"``,
+                ``"marglik"`` (laplace-torch's evidence, unchanged) or ``"gridsearch"``
+                (needs ``val_loader``).
             prior_structure: ``"layerwise"`` (the default of ``"linearised"``: one precision
                 per parameter tensor, so ``lora_A`` and ``lora_B`` get their own) or
                 ``"scalar"``; with ``"marglik"`` laplace-torch's default and ``"diag"`` too.
@@ -111,8 +118,8 @@ class PriorTuningMixin:
 
     # ------------------------------------------------------------------ linearised
     def _optimize_linearised(self, prior_structure: str, n_steps: int, verbose: bool) -> None:
-        fit = linearised.fit_prior_precision(
-            linearised.curvature_spectra(self), prior_structure, n_steps=n_steps
+        fit = priors.fit_prior_precision(
+            priors.curvature_spectra(self), prior_structure, n_steps=n_steps
         )
         self.prior_precision = fit.deltas.to(self._device, self._dtype)
         self.prior_fit = fit
@@ -128,10 +135,10 @@ class PriorTuningMixin:
         laplace-torch's log marginal likelihood (Adam on ``log δ``, as ``method="marglik"``)
         with the ``lora_A`` ones held fixed.
         """
-        fixed = linearised.lora_a_mask(self.lora_param_names).to(self._device)
+        fixed = priors.lora_a_mask(self.lora_param_names).to(self._device)
         if bool(fixed.all()):
             raise ValueError("method='lora_marglik' needs parameters other than lora_A.")
-        delta_a = linearised.spread_matched_precision(self).to(self._device, self._dtype)
+        delta_a = priors.spread_matched_precision(self).to(self._device, self._dtype)
         log_free = torch.zeros(int((~fixed).sum()), device=self._device, dtype=self._dtype)
         log_free.requires_grad_(True)
         optimizer = torch.optim.Adam([log_free], lr=lr)
@@ -165,7 +172,7 @@ class PriorTuningMixin:
                 f"{float(grad.abs().max()):.3g}). With a saturated softmax (training data "
                 "memorised) it keeps rising as the prior precision falls and the answer is set "
                 "by n_steps, which makes predictions underconfident. Use the default "
-                "method='linearised', or 'gridsearch' with a validation loader.",
+                "method='lora_marglik', or 'gridsearch' with a validation loader.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -183,7 +190,7 @@ class PriorTuningMixin:
         if val_loader is None:
             raise ValueError(
                 "method='gridsearch' needs val_loader=... (validation data); for a "
-                "validation-free prior use the default method='linearised'."
+                "validation-free prior use the default method='lora_marglik'."
             )
         self._check_H_init()
         cached = _ValidationBlocks(self, val_loader)
