@@ -178,8 +178,8 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
         n_test=args.n_test,
         steps=args.steps,
         lr=args.lr,
-        save_every=args.early,
-        run_name=f"llmcal-{task}-seed{seed}-lr{args.lr:g}-s{args.steps}-n{args.n_train}",
+        save_every=args.early or args.steps,
+        run_name=args.run_name.format(task=task, seed=seed) if args.run_name else None,
     )
     data = load_task(task, args.n_train, None, args.n_test, seed=seed)
     shifted = None
@@ -190,7 +190,7 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
     finetune_s = time.perf_counter() - t0
     collate = make_collate(tokenizer, data.kind, cfg.seq_len)
     out = {"finetune_s": finetune_s, "checkpoints": {}}
-    for step in (args.early, args.steps):
+    for step in [s for s in (args.early, args.steps) if s]:
         ckpt = torch.load(cfg.run_dir / f"step{step}.pt", map_location="cpu", weights_only=False)
         load_trainable_state_dict(peft_model, ckpt["trainable"])
         wrapper.eval()
@@ -278,7 +278,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--early", type=int, default=32)
+    p.add_argument("--early", type=int, default=32, help="early checkpoint (0: none)")
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="fine-tuning cache name, e.g. 'x-{task}-seed{seed}' (default: finetune's)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--la-batch-size", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=1000)
