@@ -62,11 +62,13 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 def check_all_finite(named: Iterable[tuple[str, torch.Tensor]]) -> None:
     """:func:`check_finite` on several ``(name, tensor)`` pairs with one device sync when
     all are finite (the common case)."""
-    named = list(named)
+    named = [(n, t) for n, t in named if t.numel() > 0]
     if not named:
         return
-    flags = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
-    if bool(flags.all()):
+    device = named[0][1].device
+    # max and min propagate NaN and reach ±inf: two reductions, no (numel,) bool temporary
+    extremes = [x.to(device) for _, t in named for x in (t.amax(), t.amin())]
+    if bool(torch.isfinite(torch.stack(extremes)).all()):
         return
     for name, t in named:
         check_finite(name, t)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from laplace_lora_ext import LastTokenChoiceLM
-from laplace_lora_ext.guards import NonFiniteError
+from laplace_lora_ext.guards import NonFiniteError, check_all_finite
 from tests.models import (
     TARGET_IDS,
     VOCAB,
@@ -89,6 +89,19 @@ def test_nan_reaching_only_the_output_gradients_is_not_dropped(structure, kw):
     la = lora_laplace(_NanGradientRow(tiny_llama(), row=1), structure, **kw)
     with pytest.raises(NonFiniteError, match="Batch 0 .*output gradients"):
         la.fit(loader(random_batch(4, 5, 3), 4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_check_all_finite_finds_every_kind_of_non_finite(bad, dtype):
+    t = torch.randn(4, 5).to(dtype)
+    t[2, 3] = bad
+    named = [("ok", torch.randn(3)), ("bad", t), ("empty", torch.empty(0, 3))]
+    with pytest.raises(
+        NonFiniteError, match=r"bad contain 1 NaN/inf value\(s\) in example\(s\) \[2\]"
+    ):
+        check_all_finite(named)
+    check_all_finite([named[0], named[2]])  # finite and empty: fine
 
 
 def test_nan_in_a_saved_posterior_is_refused_before_decomposition():
