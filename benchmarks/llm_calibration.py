@@ -21,21 +21,29 @@ With ``--shift``, a model fine-tuned on ``fine_foods_mc`` is also scored on
 per method and the AUROC of telling shifted from in-domain test inputs by predictive
 entropy.
 
-Writes ``results/llm_calibration.{json,md}``. Run (defaults: 2 tasks, 1 seed)::
+Writes ``results/llm_calibration.{json,md}`` and a reliability plot. The defaults are the
+demo (one task, one seed, 64 training examples, 80 steps = 10 epochs; about 15 minutes on
+2 CPU cores)::
 
-    python -m benchmarks.llm_calibration --seeds 0 1 2
+    python -m benchmarks.llm_calibration
+
+The issue-13 benchmark::
+
+    python -m benchmarks.llm_calibration --tasks fine_foods_mc,tweet_sentiment_mc \
+        --seeds 0 1 2 --n-train 128 --n-val 100 --n-test 200 --steps 160 --early 32 --shift \
+        --out benchmarks/results/llm_calibration_full
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from laplace import Laplace
 from tqdm.auto import tqdm
 
@@ -114,15 +122,23 @@ def prior_rules(la: Any, val_loader: Any, args: argparse.Namespace) -> dict[str,
     return rules
 
 
+@torch.no_grad()
+def validation_logits(la: Any, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAP logits ``(N, C)`` and labels of the validation split (a forward only)."""
+    logits, labels = [], []
+    with guards.eval_mode(la.model):
+        for batch in loader:
+            logits.append(la.model(batch).float())
+            labels.append(batch["labels"])
+    return torch.cat(logits), torch.cat(labels)
+
+
 def score(
-    la: Any, caches: dict[str, GLMCache], rules: dict, last: set[int], args, seed: int
+    la: Any, caches: dict[str, GLMCache], rules: dict, last: set[int], args, seed: int, T: float
 ) -> dict[str, dict[str, dict]]:
-    """split -> method -> metrics (+ probabilities for the shift AUROC)."""
+    """split -> method -> metrics (+ entropies for the shift AUROC, probabilities on test)."""
     out: dict[str, dict[str, dict]] = {}
-    T = temperature(caches["validation"].logits.float(), caches["validation"].labels)
     for split, cache in caches.items():
-        if split == "validation":
-            continue
         probs = {"map": cache.logits.softmax(-1).float(), "temp": (cache.logits / T).softmax(-1)}
         la.prior_precision = rules["la"]
         both = cache.probs(la, ("mc", "probit"), args.n_samples, seed, None)
@@ -133,6 +149,9 @@ def score(
             probs[name] = cache.probs(la, ("mc",), args.n_samples, seed, None)["mc"]
         out[split] = {m: classification_metrics(p.float(), cache.labels) for m, p in probs.items()}
         out[split]["_entropy"] = {m: entropy(p).tolist() for m, p in probs.items()}
+        if split == "test":
+            out[split]["_probs"] = {m: probs[m].tolist() for m in ("map", "la")}
+            out[split]["_labels"] = cache.labels.tolist()
     out["_temperature"] = T
     out["_prior"] = {k: v.tolist() for k, v in rules.items()}
     return out
@@ -145,7 +164,8 @@ def evaluate_checkpoint(model, data, shifted, collate, args, seed: int) -> dict:
     t0 = time.perf_counter()
     la.fit(train_loader, progress_bar=True)
     fit_s = time.perf_counter() - t0
-    splits = {"validation": data.validation, "test": data.test}
+    T = temperature(*validation_logits(la, val_loader))
+    splits = {"test": data.test}
     if shifted is not None:
         splits["shift"] = shifted.test
     caches = {
@@ -153,10 +173,8 @@ def evaluate_checkpoint(model, data, shifted, collate, args, seed: int) -> dict:
     }
     rules = prior_rules(la, val_loader, args)
     regex = last_block_regex(model)
-    import re
-
     last = {i for i, n in enumerate(la.lora_param_names) if re.search(regex, n)}
-    result = score(la, caches, rules, last, args, seed)
+    result = score(la, caches, rules, last, args, seed, T)
     result["_fit_s"] = fit_s
     result["_train_nll"] = float(la.loss) / la.n_data
     if shifted is not None:
@@ -175,13 +193,14 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
         seed=seed,
         data_seed=seed,
         n_train=args.n_train,
+        n_val=args.n_val,
         n_test=args.n_test,
         steps=args.steps,
         lr=args.lr,
         save_every=args.early or args.steps,
         run_name=args.run_name.format(task=task, seed=seed) if args.run_name else None,
     )
-    data = load_task(task, args.n_train, None, args.n_test, seed=seed)
+    data = load_task(task, args.n_train, args.n_val, args.n_test, seed=seed)
     shifted = None
     if args.shift and task in SHIFT:
         shifted = load_task(SHIFT[task], 0, 0, args.n_test, seed=seed)
@@ -273,12 +292,13 @@ def render(summary: dict, args: dict) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", default="fine_foods_mc,tweet_sentiment_mc")
+    p.add_argument("--tasks", default="fine_foods_mc", help="comma-separated causal tasks")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--n-train", type=int, default=128)
-    p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--early", type=int, default=32, help="early checkpoint (0: none)")
+    p.add_argument("--n-train", type=int, default=64)
+    p.add_argument("--n-val", type=int, default=50)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--steps", type=int, default=80, help="fine-tuning steps (batch 8)")
+    p.add_argument("--early", type=int, default=16, help="early checkpoint (0: none)")
     p.add_argument(
         "--run-name",
         default=None,
@@ -288,7 +308,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--la-batch-size", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=1000)
     p.add_argument("--grid-size", type=int, default=41)
-    p.add_argument("--no-shift", dest="shift", action="store_false")
+    p.add_argument("--shift", action="store_true", help="also score fine_foods_mc models on tweets")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "llm_calibration"))
     args = p.parse_args(argv)
@@ -296,10 +316,37 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def reliability_plot(runs: dict, path: Path) -> Path:
+    """MAP vs the default Laplace-LoRA at the last checkpoint of the first task and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from laplace_lora_ext.evaluation import reliability_diagram
+
+    task, per_seed = next(iter(runs.items()))
+    seed, run = next(iter(per_seed.items()))
+    step = max(run["checkpoints"])
+    test = run["checkpoints"][step]["test"]
+    labels = torch.tensor(test["_labels"])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), sharey=True)
+    for ax, (m, title) in zip(axes, (("map", "MAP"), ("la", "Laplace-LoRA")), strict=True):
+        reliability_diagram(torch.tensor(test["_probs"][m]), labels, ax=ax, title=title)
+    fig.suptitle(f"{task}, seed {seed}, step {step} (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from benchmarks.offline import CAUSAL_ASSETS, ensure_packages
+
+    ensure_packages(CAUSAL_ASSETS)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -309,10 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     payload["wall_s"] = time.perf_counter() - t0
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     out.with_suffix(".md").write_text(render(summary, vars(args)))
+    png = reliability_plot(runs, out.with_name(out.name + "_reliability.png"))
     print(render(summary, vars(args)))
+    print(f"wall time {payload['wall_s'] / 60:.1f} min; wrote {out}.json, {out}.md, {png}")
 
 
 if __name__ == "__main__":
     main()
-
-__all__ = ["GLMCache", "auroc", "summarize", "render", "main", "F"]

