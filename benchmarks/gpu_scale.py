@@ -231,7 +231,14 @@ def posterior_bytes(la: Any) -> dict[str, Any]:
                 if len(f) > 2048:
                     dense_above.append(len(f))
     mean = la.mean.numel() * la.mean.element_size()
-    return {"factors": factors, "mean": mean, "total": factors + mean, "dense_above": dense_above}
+    total = factors + mean
+    return {
+        "factors": factors,
+        "mean": mean,
+        "total": total,
+        "bar_1GB_met": total <= 1e9,  # issue bar: the fitted posterior takes <= 1 GB
+        "dense_above": dense_above,
+    }
 
 
 # ---------------------------------------------------------------------- one base
@@ -385,7 +392,9 @@ def render(res: dict[str, Any]) -> str:
             f"| {base} | {_gb(r['model_bytes'])} | {r['fwd_bwd']['seconds']:.2f} s "
             f"| {r['fit']['seconds']:.2f} s ({rt['fit_vs_fwd_bwd']:.2f}x) "
             f"| {_gb(r['fit']['peak_bytes'])} ({rt['fit_peak_vs_model']:.2f}x) "
-            f"| {_gb(r['posterior']['total'])} | {r['marglik']['seconds']:.2f} s "
+            f"| {_gb(r['posterior']['total'])} "
+            f"({'<=' if r['posterior']['bar_1GB_met'] else '>'} 1 GB) "
+            f"| {r['marglik']['seconds']:.2f} s "
             f"| {r['glm_predictive']['seconds'] / nb:.2f} s "
             f"({rt['glm_predictive_per_batch_vs_fwd_bwd_per_batch']:.2f}x) "
             f"| {_gb(r['glm_predictive']['peak_bytes'])} "

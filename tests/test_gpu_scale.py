@@ -16,6 +16,7 @@ def test_gpu_scale_tiny_smoke(tmp_path):
         r = res["bases"][base]
         assert r.get("ok", True), r
         assert r["posterior"]["dense_above"] == []  # the 3000-sided factor is low-rank
+        assert r["posterior"]["bar_1GB_met"]
         assert r["fit"]["seconds"] > 0 and r["ratios"]["fit_vs_fwd_bwd"] > 0
         assert len(r["prior_precision"]) >= 1 and min(r["prior_precision"]) > 0
     written = list(tmp_path.glob("gpu_scale_tiny_*.json"))
