@@ -98,7 +98,7 @@ def predict(
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, list[torch.Tensor]] = {link: [] for link in links}
     for batch in loader:
-        f_mu, f_var = la._glm_predictive_distribution(batch)
+        f_mu, f_var = la.predictive_moments(batch)
         for link in links:
             probs = apply_link(link, f_mu, f_var, n_samples, gen)
             out[link].append(probs.float())

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import offline
 from benchmarks.tasks import TASKS, TaskData, load_task, make_collate
+from laplace_lora_ext.evaluation import classification_metrics  # re-exported for the benchmarks
 from laplace_lora_ext.wrappers import LastTokenChoiceLM as ChoiceHead
 from laplace_lora_ext.wrappers import SequenceClassifier as EncoderHead
 
@@ -370,23 +371,6 @@ def predict_probs(
         labels.append(batch["labels"])
     wrapper.train(was_training)
     return torch.cat(probs), torch.cat(labels)
-
-
-def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict:
-    """Accuracy, ECE (torchmetrics, 15 equal-width bins, fraction not %), NLL, Brier."""
-    from torchmetrics.classification import MulticlassCalibrationError
-
-    n_classes = probs.shape[1]
-    ece = MulticlassCalibrationError(num_classes=n_classes, n_bins=n_bins, norm="l1")
-    onehot = F.one_hot(labels, n_classes).to(probs.dtype)
-    return {
-        "acc": float((probs.argmax(-1) == labels).float().mean()),
-        "ece": float(ece(probs, labels)),
-        "nll": float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()),
-        "brier": float(((probs - onehot) ** 2).sum(-1).mean()),
-        "conf": float(probs.max(-1).values.mean()),
-        "n": int(len(labels)),
-    }
 
 
 def evaluate(wrapper: nn.Module, examples: Sequence[dict], collate, batch_size: int = 16) -> dict:

@@ -279,7 +279,7 @@ def run_base(base: str, args: argparse.Namespace, device: torch.device) -> dict[
 
     def predictive() -> None:
         for b in test_batches:
-            la._glm_predictive_distribution(b)
+            la.predictive_moments(b)
 
     predictive()  # warm-up
     out["glm_predictive"] = _measure(device, predictive)

@@ -84,7 +84,7 @@ class GLMCache:
         for f_mu, blocks, _ in self.items:
             if keep is not None:
                 blocks = [b if i in keep else torch.zeros_like(b) for i, b in enumerate(blocks)]
-            f_var = la._functional_variance_blocks(blocks)
+            f_var = la.functional_variance(torch.cat(blocks, dim=-1))
             for link in links:
                 out[link].append(apply_link(link, f_mu, f_var, n_samples, gen).float())
         return {link: torch.cat(v) for link, v in out.items()}
@@ -117,6 +117,7 @@ def prior_rules(la: Any, val_loader: Any, args: argparse.Namespace) -> dict[str,
         link_approx="mc",
         n_samples=args.n_samples,
         grid_size=args.grid_size,
+        progress_bar=True,
     )
     rules["la_val"] = la.prior_precision.clone()
     return rules
@@ -307,7 +308,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--la-batch-size", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=1000)
-    p.add_argument("--grid-size", type=int, default=41)
+    p.add_argument("--grid-size", type=int, default=21)
     p.add_argument("--shift", action="store_true", help="also score fine_foods_mc models on tweets")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "llm_calibration"))
