@@ -209,3 +209,13 @@ def test_lora_marglik_fixes_lora_a_and_maximises_the_evidence_over_the_rest(stru
     log_d = la.prior_precision.log().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(la.log_marginal_likelihood(prior_precision=log_d.exp()), log_d)
     assert grad[~is_a].abs().max() < 1e-2
+
+
+def test_options_a_method_would_ignore_are_refused():
+    la = fitted("kron")
+    with pytest.raises(ValueError, match="prior_structure"):
+        la.optimize_prior_precision(prior_structure="diag")
+    with pytest.raises(ValueError, match="prior_structure"):
+        la.optimize_prior_precision(method="gridsearch", prior_structure="layerwise")
+    with pytest.raises(ValueError, match="custom loss"):
+        la.optimize_prior_precision(method="marglik", loss=lambda p: p)

@@ -22,6 +22,7 @@ laplace-torch's two methods.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -42,6 +43,26 @@ TUNING_METHODS = ("lora_marglik", "linearised", "marglik", "gridsearch")
 MARGLIK_GRAD_TOL = 1e-3
 #: Validation Jacobian blocks larger than this are recomputed per grid value.
 GRID_CACHE_BYTES = 2 * 1024**3
+
+
+def _refuse_ignored_options(method: str, prior_structure: str | None, loss: Any) -> None:
+    """Raise for options the chosen method would otherwise ignore silently."""
+    allowed = {
+        "lora_marglik": (None, "layerwise"),
+        "gridsearch": (None, "scalar"),
+        "linearised": (None, "scalar", "layerwise"),
+    }
+    if method in allowed and prior_structure not in allowed[method]:
+        raise ValueError(
+            f"method={method!r} supports prior_structure in "
+            f"{[s for s in allowed[method] if s]}, got {prior_structure!r}; use "
+            "method='marglik' for other prior structures."
+        )
+    if loss is not None:
+        raise ValueError(
+            "A custom loss is not supported: method='gridsearch' scores the validation NLL "
+            "of the predictive; leave loss=None."
+        )
 
 
 class PriorTuningMixin:
@@ -87,8 +108,9 @@ class PriorTuningMixin:
         """
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
+        _refuse_ignored_options(method, prior_structure, loss)
         if method == "lora_marglik":
-            self._optimize_lora_marglik(max(n_steps, 200), lr)
+            self._optimize_lora_marglik(max(n_steps, 200), lr, float(init_prior_prec))
         elif method == "linearised":
             self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
         elif method == "marglik":
@@ -127,7 +149,7 @@ class PriorTuningMixin:
             print(f"linearised evidence: prior precision {self.prior_precision.tolist()}")
 
     # ------------------------------------------------------------------ lora_marglik
-    def _optimize_lora_marglik(self, n_steps: int, lr: float) -> None:
+    def _optimize_lora_marglik(self, n_steps: int, lr: float, init: float) -> None:
         """``lora_A``: spread-matched prior; every other tensor: layerwise marglik.
 
         The ``lora_A`` precisions are fixed at
@@ -139,7 +161,9 @@ class PriorTuningMixin:
         if bool(fixed.all()):
             raise ValueError("method='lora_marglik' needs parameters other than lora_A.")
         delta_a = priors.spread_matched_precision(self).to(self._device, self._dtype)
-        log_free = torch.zeros(int((~fixed).sum()), device=self._device, dtype=self._dtype)
+        log_free = torch.full(
+            (int((~fixed).sum()),), math.log(init), device=self._device, dtype=self._dtype
+        )
         log_free.requires_grad_(True)
         optimizer = torch.optim.Adam([log_free], lr=lr)
 
