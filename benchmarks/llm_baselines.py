@@ -23,11 +23,14 @@ costs nothing, so only runs trained here are timed) and prediction seconds per e
     python -m benchmarks.llm_baselines --tasks fine_foods_mc --seeds 0 1 2 \\
         --run-name 'demo-{task}-seed{seed}' --shift \\
         --merge benchmarks/results/llm_calibration_fine_foods_mc_3seeds.json
+
+``--load RESULTS.json --merge ...`` merges an earlier run without running it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -102,11 +105,11 @@ def train_blob_run(cfg: Any, data: Any, steps: list[int], args: Any) -> dict:
     }
 
 
-def score_states(wrapper, peft_model, loaders, states, predict) -> dict[str, dict]:
-    """split -> metrics (+ seconds per example, entropies) of ``predict(loader)``."""
+def score_states(wrapper, loaders, predict) -> dict[str, dict]:
+    """split -> metrics (+ seconds per example, entropies) of ``predict(wrapper, loader)``."""
     out = {}
     for split, loader in loaders.items():
-        probs, s_per_ex = timed_probs(lambda ld: predict(wrapper, ld, states), loader)
+        probs, s_per_ex = timed_probs(lambda ld: predict(wrapper, ld), loader)
         labels = torch.cat([b["labels"] for b in loader])
         out[split] = classification_metrics(probs, labels) | {"s_per_example": s_per_ex}
         out[split]["_entropy"] = calib.entropy(probs).tolist()
@@ -124,7 +127,10 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
     collate = make_collate(tokenizer, data.kind, cfg.seq_len)
     loaders = split_loaders(data, shifted, collate, args.la_batch_size)
     for s in steps:
-        res = score_states(wrapper, peft_model, loaders, ens["states"][s], ensembles.predict_probs)
+        predict = functools.partial(
+            ensembles.predict_probs, states=ens["states"][s], owner=peft_model
+        )
+        res = score_states(wrapper, loaders, predict)
         out["checkpoints"][s]["deep_ens"] = res
     out["cost"]["deep_ens_train_s"] = ens["train_s"]
     del ens, peft_model, wrapper
@@ -132,12 +138,11 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
     bl = train_blob_run(cfg, data, steps, args)
     peft_model, _, wrapper = bl["model"]
 
-    def blob_predict(model, loader, state):
-        load_state(peft_model, state)
-        return blob.predict_probs(model, loader, BLOB_SAMPLES, seed)
-
     for s in steps:
-        res = score_states(wrapper, peft_model, loaders, bl["states"][s], blob_predict)
+        load_state(peft_model, bl["states"][s])
+        res = score_states(
+            wrapper, loaders, lambda m, ld: blob.predict_probs(m, ld, BLOB_SAMPLES, seed)
+        )
         out["checkpoints"][s]["blob"] = res
     out["cost"] |= {"blob_train_s": bl["train_s"], "blob_kl_cycle": bl["kl_cycle"]}
     out["cost"]["blob_final_train_nll"] = bl["final_nll"]
@@ -171,6 +176,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--members", type=int, default=3, help="deep-ensemble size")
     p.add_argument("--blob-eps", type=float, default=0.05)
     p.add_argument("--merge", default=None, help="llm_calibration JSON to add these methods to")
+    p.add_argument("--load", default=None, help="skip the runs: merge this llm_baselines JSON")
     args = calib.parse(argv, p)
     if args.out == str(calib.RESULTS / "llm_calibration"):
         args.out = str(calib.RESULTS / "llm_baselines")
@@ -183,12 +189,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    runs = {task: {seed: run_task(task, seed, args) for seed in args.seeds} for task in args.tasks}
-    payload = {"args": vars(args), "runs": runs, "wall_s": time.perf_counter() - t0}
-    payload = json.loads(json.dumps(payload, default=str))  # int keys -> str, as on disk
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    print(f"wall time {payload['wall_s'] / 60:.1f} min; wrote {out}.json")
+    if args.load:  # merge an earlier run's results only
+        payload = json.loads(Path(args.load).read_text())
+    else:
+        t0 = time.perf_counter()
+        runs = {t: {seed: run_task(t, seed, args) for seed in args.seeds} for t in args.tasks}
+        payload = {"args": vars(args), "runs": runs, "wall_s": time.perf_counter() - t0}
+        payload = json.loads(json.dumps(payload, default=str))  # int keys -> str, as on disk
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+        print(f"wall time {payload['wall_s'] / 60:.1f} min; wrote {out}.json")
     if args.merge:
         merged = merge(json.loads(Path(args.merge).read_text()), payload)
         dest = Path(args.merge).with_name(Path(args.merge).stem + "_all")

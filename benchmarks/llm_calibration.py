@@ -153,16 +153,17 @@ def fit_diag(model: Any, train_loader: Any) -> Any:
 
 
 def baseline_probs(
-    model: Any, loaders: dict[str, Any], states: list | None, seed: int
+    model: Any, loaders: dict[str, Any], states: list | None, seed: int, owner: Any = None
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """split -> {"mc_dropout": (N, C), "ckpt_ens": (N, C) if ``states``} probabilities."""
+    """split -> {"mc_dropout": (N, C), "ckpt_ens": (N, C) if ``states``} probabilities;
+    ``owner``: the PEFT model the checkpoint states belong to (inside ``model``)."""
     out = {}
     for split, loader in loaders.items():
         out[split] = {
             "mc_dropout": mc_dropout.predict_probs(model, loader, MC_DROPOUT_SAMPLES, seed)
         }
         if states:
-            out[split]["ckpt_ens"] = ensembles.predict_probs(model, loader, states)
+            out[split]["ckpt_ens"] = ensembles.predict_probs(model, loader, states, owner)
     return out
 
 
@@ -205,8 +206,11 @@ def score(
     return out
 
 
-def evaluate_checkpoint(model, data, shifted, collate, args, seed: int, states=None) -> dict:
-    """Every method at one checkpoint; ``states``: checkpoint-ensemble members (or None)."""
+def evaluate_checkpoint(
+    model, data, shifted, collate, args, seed: int, states=None, owner=None
+) -> dict:
+    """Every method at one checkpoint; ``states``: checkpoint-ensemble members (or None)
+    of ``owner``, the PEFT model inside ``model``."""
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     val_loader = make_loader(data.validation, collate, args.la_batch_size)
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
@@ -225,7 +229,7 @@ def evaluate_checkpoint(model, data, shifted, collate, args, seed: int, states=N
     t0 = time.perf_counter()
     la_diag = fit_diag(model, train_loader) if args.diag else None
     diag_s = time.perf_counter() - t0
-    extra = baseline_probs(model, loaders, states, seed) if args.baselines else None
+    extra = baseline_probs(model, loaders, states, seed, owner) if args.baselines else None
     result = score(la, caches, rules, last, args, seed, T, la_diag, extra)
     result["_fit_s"], result["_diag_fit_s"] = fit_s, diag_s
     result["_train_nll"] = float(la.loss) / la.n_data
@@ -279,7 +283,7 @@ def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:
         states = None
         if step == args.steps and args.baselines:
             states = ensembles.checkpoint_states(cfg.run_dir, last=CKPT_ENSEMBLE)
-        res = evaluate_checkpoint(wrapper, data, shifted, collate, args, seed, states)
+        res = evaluate_checkpoint(wrapper, data, shifted, collate, args, seed, states, peft_model)
         out["checkpoints"][step] = res
         tqdm.write(f"{task} seed {seed} step {step}: " + summary_line(res["test"]))
     return out

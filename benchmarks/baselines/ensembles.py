@@ -75,11 +75,15 @@ def checkpoint_states(
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, loader: Iterable, states: Sequence[State]) -> torch.Tensor:
+def predict_probs(
+    model: nn.Module, loader: Iterable, states: Sequence[State], owner: nn.Module | None = None
+) -> torch.Tensor:
     """Ensemble predictive ``(N, C)``: the mean of each member's softmax probabilities.
 
     Each state is loaded with :func:`benchmarks.finetune.load_trainable_state_dict` into
-    ``model`` (eval mode); the model's own trainable weights are restored afterwards.
+    ``owner`` (default ``model``: the module whose ``trainable_state_dict`` the states are,
+    e.g. the PEFT model inside a ``ChoiceHead`` wrapper) and ``model`` predicts (eval
+    mode); the owner's own trainable weights are restored afterwards.
 
     Raises:
         ValueError: if ``states`` is empty.
@@ -87,16 +91,17 @@ def predict_probs(model: nn.Module, loader: Iterable, states: Sequence[State]) -
     """
     if not states:
         raise ValueError("an ensemble needs at least one state dict")
-    saved = trainable_state_dict(model)
+    owner = model if owner is None else owner
+    saved = trainable_state_dict(owner)
     was_training = model.training
     model.eval()
     try:
         total = None
         for state in states:
-            load_trainable_state_dict(model, state)
+            load_trainable_state_dict(owner, state)
             p = mc_predict_probs(model, loader, n_samples=1).double()
             total = p if total is None else total + p
     finally:
-        load_trainable_state_dict(model, saved)
+        load_trainable_state_dict(owner, saved)
         model.train(was_training)
     return (total / len(states)).float()
