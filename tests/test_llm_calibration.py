@@ -100,3 +100,29 @@ def test_llm_baselines_merge_adds_methods_and_auroc():
     assert merged["summary"]["task"]["80"]["test"]["blob"]["acc"] == (0.7, 0.0, 1)
     assert "blob" not in merged["summary"]["task"]["16"]["test"]
     assert merged["runs"]["task"]["0"]["baseline_cost"] == {"x": 1}
+
+
+def test_llm_bars_check_each_regime():
+    from benchmarks.llm_bars import check, render
+
+    def split(**methods):
+        return {m: {k: (v, 0.0, 3) for k, v in ms.items()} for m, ms in methods.items()}
+
+    good = {"acc": 0.80, "ece": 0.05, "nll": 0.40, "conf": 0.82}
+    map_ = {"acc": 0.80, "ece": 0.15, "nll": 0.60, "conf": 0.95}
+    summary = {
+        "t": {
+            "16": {"test": split(map=map_ | {"ece": 0.04}, la=good)},
+            "80": {
+                "test": split(map=map_, la=good | {"conf": 0.70}),
+                "shift": split(la={"nll": 0.7}, temp={"nll": 0.8}),
+            },
+        }
+    }
+    rows = check(summary)
+    met = {(r["regime"], r["bar"]): r["met"] for r in rows}
+    assert met[("early", "ECE ≤ MAP + 2")] and met[("early", "NLL ≤ 1.02 × MAP")]
+    assert met[("overfit", "ECE ≤ 0.6 × MAP")] and met[("overfit", "NLL ≤ 0.9 × MAP")]
+    assert not met[("overfit", "conf within 5 points of ACC")]  # 70 vs 80
+    assert met[("shift", "NLL ≤ temperature's")]
+    assert "6 of 7 bars met." in render(rows, {"t": 3})

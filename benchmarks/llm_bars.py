@@ -1,0 +1,117 @@
+"""Issue 13's bars, checked on :mod:`benchmarks.llm_calibration` results (means over seeds).
+
+For the default Laplace-LoRA (``la``: no validation data, joint MC) against MAP:
+
+* overfit (last) checkpoint: ACC within 1 point of MAP's, ECE ≤ 0.6 × MAP's, NLL ≤ 0.9 ×
+  MAP's, mean confidence within 5 points of accuracy;
+* early checkpoint (no harm): ECE ≤ MAP's + 2 points, NLL ≤ 1.02 × MAP's;
+* shift: NLL ≤ temperature scaling's.
+
+    python -m benchmarks.llm_bars benchmarks/results/llm_calibration_*_3seeds.json \\
+        --out benchmarks/results/llm_calibration_bars
+
+writes a JSON and a markdown table (one row per task and bar, with the numbers compared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+METHOD = "la"
+
+
+def _mean(summary_split: dict, method: str, metric: str) -> float:
+    return float(summary_split[method][metric][0])
+
+
+def overfit_bars(test: dict, method: str = METHOD) -> list[dict]:
+    """The four overfit-checkpoint bars on one task's test summary."""
+    m = {k: _mean(test, "map", k) for k in ("acc", "ece", "nll")}
+    la = {k: _mean(test, method, k) for k in ("acc", "ece", "nll", "conf")}
+    return [
+        _bar("ACC within 1 point of MAP", 100 * la["acc"], f"≥ {100 * m['acc'] - 1:.1f}",
+             la["acc"] >= m["acc"] - 0.01),
+        _bar("ECE ≤ 0.6 × MAP", 100 * la["ece"], f"≤ {60 * m['ece']:.1f}",
+             la["ece"] <= 0.6 * m["ece"]),
+        _bar("NLL ≤ 0.9 × MAP", la["nll"], f"≤ {0.9 * m['nll']:.3f}", la["nll"] <= 0.9 * m["nll"]),
+        _bar("conf within 5 points of ACC", 100 * la["conf"], f"{100 * la['acc']:.1f} ± 5",
+             abs(la["conf"] - la["acc"]) <= 0.05),
+    ]  # fmt: skip
+
+
+def early_bars(test: dict, method: str = METHOD) -> list[dict]:
+    """The two no-harm bars at the early checkpoint."""
+    m_ece, m_nll = _mean(test, "map", "ece"), _mean(test, "map", "nll")
+    ece, nll = _mean(test, method, "ece"), _mean(test, method, "nll")
+    return [
+        _bar("ECE ≤ MAP + 2", 100 * ece, f"≤ {100 * m_ece + 2:.1f}", ece <= m_ece + 0.02),
+        _bar("NLL ≤ 1.02 × MAP", nll, f"≤ {1.02 * m_nll:.3f}", nll <= 1.02 * m_nll),
+    ]
+
+
+def shift_bars(shift: dict, method: str = METHOD) -> list[dict]:
+    """Under shift, the default's NLL against temperature scaling's."""
+    nll, t_nll = _mean(shift, method, "nll"), _mean(shift, "temp", "nll")
+    return [_bar("NLL ≤ temperature's", nll, f"≤ {t_nll:.3f}", nll <= t_nll)]
+
+
+def _bar(name: str, value: float, target: str, met: bool) -> dict:
+    return {"bar": name, "value": round(value, 3), "target": target, "met": bool(met)}
+
+
+def check(summary: dict, method: str = METHOD) -> list[dict]:
+    """Rows ``{task, regime, bar, value, target, met}`` for every task in ``summary``
+    (``task -> step -> split -> method -> metric -> (mean, std, n)``)."""
+    rows = []
+    for task, steps in summary.items():
+        ordered = sorted(steps, key=int)
+        last = steps[ordered[-1]]
+        regimes = [("overfit", overfit_bars(last["test"], method))]
+        if len(ordered) > 1:
+            regimes.insert(0, ("early", early_bars(steps[ordered[0]]["test"], method)))
+        if "shift" in last:
+            regimes.append(("shift", shift_bars(last["shift"], method)))
+        for regime, bars in regimes:
+            rows += [{"task": task, "regime": regime, **b} for b in bars]
+    return rows
+
+
+def render(rows: list[dict], seeds: dict[str, int]) -> str:
+    lines = [
+        "# Issue 13's bars: the default Laplace-LoRA (no validation data, joint MC)",
+        "",
+        "Means over seeds (" + ", ".join(f"{t}: {n}" for t, n in seeds.items()) + "). "
+        "ECE and confidence in points (×100).",
+        "",
+        "| task | regime | bar | default | target | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        mark = "yes" if r["met"] else "**no**"
+        cells = (r["task"], r["regime"], r["bar"], f"{r['value']:.4g}", r["target"], mark)
+        lines.append("| " + " | ".join(cells) + " |")
+    n_met = sum(r["met"] for r in rows)
+    return "\n".join([*lines, "", f"{n_met} of {len(rows)} bars met."]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+", help="llm_calibration JSON files")
+    p.add_argument("--method", default=METHOD)
+    p.add_argument("--out", default="benchmarks/results/llm_calibration_bars")
+    args = p.parse_args(argv)
+    rows, seeds = [], {}
+    for path in args.results:
+        payload = json.loads(Path(path).read_text())
+        rows += check(payload["summary"], args.method)
+        seeds |= {task: len(per_seed) for task, per_seed in payload["runs"].items()}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "seeds": seeds}, indent=1))
+    out.with_suffix(".md").write_text(render(rows, seeds))
+    print(render(rows, seeds))
+
+
+if __name__ == "__main__":
+    main()
