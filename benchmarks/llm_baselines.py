@@ -24,7 +24,8 @@ costs nothing, so only runs trained here are timed) and prediction seconds per e
         --run-name 'demo-{task}-seed{seed}' --shift \\
         --merge benchmarks/results/llm_calibration_fine_foods_mc_3seeds.json
 
-``--load RESULTS.json --merge ...`` merges an earlier run without running it again.
+``--load A.json B.json --merge ...`` merges earlier runs (e.g. one file per seed) without
+running them again.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--members", type=int, default=3, help="deep-ensemble size")
     p.add_argument("--blob-eps", type=float, default=0.05)
     p.add_argument("--merge", default=None, help="llm_calibration JSON to add these methods to")
-    p.add_argument("--load", default=None, help="skip the runs: merge this llm_baselines JSON")
+    p.add_argument(
+        "--load", nargs="+", default=None, help="skip the runs: merge these llm_baselines JSONs"
+    )
     args = calib.parse(argv, p)
     if args.out == str(calib.RESULTS / "llm_calibration"):
         args.out = str(calib.RESULTS / "llm_baselines")
@@ -189,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.load:  # merge an earlier run's results only
-        payload = json.loads(Path(args.load).read_text())
+    if args.load:  # merge earlier runs' results only (e.g. one file per seed)
+        payload = {"runs": {}}
+        for path in args.load:
+            for task, per_seed in json.loads(Path(path).read_text())["runs"].items():
+                payload["runs"].setdefault(task, {}).update(per_seed)
     else:
         t0 = time.perf_counter()
         runs = {t: {seed: run_task(t, seed, args) for seed in args.seeds} for t in args.tasks}
