@@ -222,16 +222,25 @@ def evaluate_checkpoint(
     if shifted is not None:
         splits["shift"] = shifted.test
     loaders = {s: make_loader(ex, collate, args.la_batch_size) for s, ex in splits.items()}
+    t0 = time.perf_counter()
     caches = {s: GLMCache(la, loader) for s, loader in loaders.items()}
+    glm_s = time.perf_counter() - t0
     rules = prior_rules(la, val_loader, args)
     regex = last_block_regex(model)
     last = {i for i, n in enumerate(la.lora_param_names) if re.search(regex, n)}
     t0 = time.perf_counter()
     la_diag = fit_diag(model, train_loader) if args.diag else None
     diag_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     extra = baseline_probs(model, loaders, states, seed, owner) if args.baselines else None
+    baselines_s = time.perf_counter() - t0
     result = score(la, caches, rules, last, args, seed, T, la_diag, extra)
     result["_fit_s"], result["_diag_fit_s"] = fit_s, diag_s
+    n_scored = sum(len(c.labels) for c in caches.values())
+    result["_seconds_per_example"] = {  # wall seconds, shared machine
+        "glm_pass": glm_s / n_scored,  # logits + Jacobian blocks, before any link
+        "mc_dropout_and_ckpt_ens": baselines_s / n_scored,
+    }
     result["_train_nll"] = float(la.loss) / la.n_data
     if shifted is not None:
         ent_in, ent_out = result["test"]["_entropy"], result["shift"]["_entropy"]
