@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from laplace import Laplace
 
 from laplace_lora_ext.testing import exact_ggn, explicit_jacobians, kfac_reference, rel
@@ -149,3 +151,25 @@ def test_mc_grad_output_vectors_are_unbiased():
     assert (torch.einsum("sbc,sbd->bcd", V, V) - Lam).abs().max() < 0.01
     E = grad_output_vectors(f, None, "exact")
     assert torch.allclose(torch.einsum("kbc,kbd->bcd", E, E), Lam, atol=1e-15)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_classes=st.integers(2, 12),
+    scale=st.floats(0.0, 30.0),
+    seed=st.integers(0, 2**16),
+    saturate=st.booleans(),
+)
+def test_exact_fisher_factor_is_exact_with_one_vector_fewer(n_classes, scale, seed, saturate):
+    """Σ_k V_k V_kᵀ = diag(p) - p pᵀ with K = C - 1 vectors, also at saturated or uniform p."""
+    from laplace_lora_ext.curvature.fisher import exact_fisher_factor
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(5, n_classes, generator=gen, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    if saturate:
+        p[0] = torch.nn.functional.one_hot(torch.tensor(n_classes - 1), n_classes)
+    V = exact_fisher_factor(p)
+    assert V.shape == (n_classes - 1, 5, n_classes)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert (torch.einsum("kbc,kbd->bcd", V, V) - lam).abs().max() < 1e-14

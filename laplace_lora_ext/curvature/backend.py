@@ -37,7 +37,7 @@ class LoraCurvature(CurvatureInterface):
         likelihood: only ``"classification"``.
         targets: the posterior's layers (see :func:`laplace_lora_ext.targets.collect_targets`).
         kfac_approx: ``"expand"`` (default) or ``"reduce"``.
-        fisher_type: ``"exact"`` (default; ``C`` backward passes per batch), ``"mc"`` or
+        fisher_type: ``"exact"`` (default; ``C - 1`` backward passes per batch), ``"mc"`` or
             ``"empirical"``.
         mc_samples: label samples per example for ``fisher_type="mc"``.
         factor_rank: if set, Kronecker factors with a side above ``rank_threshold`` are kept
