@@ -96,21 +96,43 @@ def render(rows: list[dict], seeds: dict[str, int]) -> str:
     return "\n".join([*lines, "", f"{n_met} of {len(rows)} bars met."]) + "\n"
 
 
+def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: str = "test") -> str:
+    """Methods × tasks, ``ACC / ECE / NLL`` means over seeds, at the last (``"overfit"``) or
+    first (``"early"``) checkpoint; ``summaries``: task -> that task's summary block."""
+    cells: dict[str, dict[str, str]] = {}
+    for task, steps in summaries.items():
+        ordered = sorted(steps, key=int)
+        block = steps[ordered[-1] if regime == "overfit" else ordered[0]].get(split, {})
+        for method, v in block.items():
+            acc, ece, nll = (v[k][0] for k in ("acc", "ece", "nll"))
+            cells.setdefault(method, {})[task] = f"{100 * acc:.1f} / {100 * ece:.1f} / {nll:.3f}"
+    tasks = list(summaries)
+    lines = ["| method | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for method, row in cells.items():
+        lines.append(f"| {method} | " + " | ".join(row.get(t, "") for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="llm_calibration JSON files")
     p.add_argument("--method", default=METHOD)
     p.add_argument("--out", default="benchmarks/results/llm_calibration_bars")
     args = p.parse_args(argv)
-    rows, seeds = [], {}
+    rows, seeds, summaries = [], {}, {}
     for path in args.results:
         payload = json.loads(Path(path).read_text())
         rows += check(payload["summary"], args.method)
         seeds |= {task: len(per_seed) for task, per_seed in payload["runs"].items()}
+        summaries |= payload["summary"]
+    md = render(rows, seeds)
+    for regime, split in (("overfit", "test"), ("early", "test"), ("overfit", "shift")):
+        md += f"\n## {regime} checkpoint, {split}: ACC / ECE / NLL (means over seeds)\n\n"
+        md += compact_table(summaries, regime, split)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "seeds": seeds}, indent=1))
-    out.with_suffix(".md").write_text(render(rows, seeds))
-    print(render(rows, seeds))
+    out.with_suffix(".md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
