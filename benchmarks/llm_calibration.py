@@ -321,23 +321,23 @@ def summarize(runs: dict) -> dict:
                     continue
                 out[task][step][split] = {}
                 for m in (m for m in first[split] if not m.startswith("_")):
-                    out[task][step][split][m] = {}
-                    for k in METRICS:
-                        vals = torch.tensor(
-                            [per_seed[s]["checkpoints"][step][split][m][k] for s in seeds]
-                        )
-                        std = float(vals.std()) if len(vals) > 1 else 0.0
-                        out[task][step][split][m][k] = (float(vals.mean()), std, len(vals))
+                    runs_m = [per_seed[s]["checkpoints"][step][split] for s in seeds]
+                    runs_m = [r[m] for r in runs_m if m in r]  # a baseline may lack seeds
+                    out[task][step][split][m] = {k: _mean_std(runs_m, k) for k in METRICS}
             if "shift_auroc" in first:
+                aurocs = [per_seed[s]["checkpoints"][step]["shift_auroc"] for s in seeds]
                 out[task][step]["auroc"] = {
-                    m: float(
-                        torch.tensor(
-                            [per_seed[s]["checkpoints"][step]["shift_auroc"][m] for s in seeds]
-                        ).mean()
-                    )
+                    m: float(torch.tensor([a[m] for a in aurocs if m in a]).mean())
                     for m in first["shift_auroc"]
                 }
     return out
+
+
+def _mean_std(runs: list[dict], key: str) -> tuple[float, float, int]:
+    """``(mean, std, n)`` of ``key`` over the seeds' metric dicts (std 0 for one seed)."""
+    vals = torch.tensor([r[key] for r in runs])
+    std = float(vals.std()) if len(vals) > 1 else 0.0
+    return float(vals.mean()), std, len(vals)
 
 
 def render(summary: dict, args: dict) -> str:
@@ -356,10 +356,12 @@ def render(summary: dict, args: dict) -> str:
                 lines += ["", f"## {task}, step {step}, {split}", ""]
                 lines += ["| method | ACC (%) | ECE | NLL | Brier | conf (%) |"]
                 lines += ["| --- | --- | --- | --- | --- | --- |"]
+                n_seeds = max(v["acc"][2] for v in splits[split].values())
                 for m, v in splits[split].items():
                     acc, ece, nll, brier, conf = (v[k] for k in METRICS)
+                    label = m if acc[2] == n_seeds else f"{m} ({acc[2]} seed(s))"
                     lines.append(
-                        f"| {m} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | "
+                        f"| {label} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | "
                         f"{100 * ece[0]:.1f} ± {100 * ece[1]:.1f} | {nll[0]:.3f} ± {nll[1]:.3f} | "
                         f"{brier[0]:.3f} ± {brier[1]:.3f} | {100 * conf[0]:.1f} |"
                     )
