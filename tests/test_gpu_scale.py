@@ -22,3 +22,16 @@ def test_gpu_scale_tiny_smoke(tmp_path):
     written = list(tmp_path.glob("gpu_scale_tiny_*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["args"]["tiny"]
     assert (tmp_path / written[0].name.replace(".json", ".md")).read_text().startswith("# ")
+
+
+def test_committed_cuda_run_meets_the_memory_bars():
+    """The committed H200 run (the one the docs quote): both bases ran at full depth, the
+    posterior took <= 1 GB and no factor side above 2048 was dense."""
+    path = gpu_scale.RESULTS_DIR / "gpu_scale_nvidia_h200_2026-11-30.json"
+    res = json.loads(path.read_text())
+    assert res["shape"]["layers"] == 32 and not res["args"]["tiny"]
+    for base in ("bf16", "nf4"):
+        r = res["bases"][base]
+        assert r.get("ok", True), r
+        assert r["posterior"]["bar_1GB_met"] and r["posterior"]["dense_above"] == []
+    assert (path.with_suffix(".md")).read_text().startswith("# gpu_scale")

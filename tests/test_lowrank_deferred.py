@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laplace_lora_ext.lowrank import LowRankFactor
-from laplace_lora_ext.lowrank.factor import buffer_columns
+from laplace_lora_ext.lowrank.factor import CUDA_MERGE_COLUMNS, buffer_columns, merge_columns
 from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
 DT = torch.float64
@@ -105,3 +105,21 @@ def test_fit_compresses_each_factor_once(monkeypatch):
     assert n_low >= 8
     assert calls["n"] == n_low  # each factor's 3 batches compressed together, once
     assert rel(low.H_facs.to_matrix(), dense.H_facs.to_matrix()) < 1e-10
+
+
+@SETTINGS
+@given(st.integers(1, 700), st.integers(0, 2**31 - 1))
+def test_from_root_chunk_size_keeps_the_represented_matrix(chunk, seed):
+    """Any merge chunk (the GPU's larger one included) gives ``R Rᵀ`` exactly when the
+    rank suffices."""
+    g = torch.Generator().manual_seed(seed)
+    d, m, r = 300, 650, 5
+    R = low_rank_root(torch.randn(d, r, generator=g, dtype=DT), m, g)
+    F = LowRankFactor.from_root(R, r + 2, chunk=chunk)
+    assert rel(F.to_dense(), R @ R.T) < 1e-10
+
+
+def test_merge_columns_is_larger_on_cuda_only():
+    assert merge_columns(256, "cpu") == buffer_columns(256) == 512
+    assert merge_columns(256, "cuda") == CUDA_MERGE_COLUMNS >= 2048
+    assert merge_columns(2000, "cuda") == buffer_columns(2000)

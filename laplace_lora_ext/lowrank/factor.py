@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LowRankFactor", "buffer_columns", "compute_dtype"]
+__all__ = ["LowRankFactor", "buffer_columns", "compute_dtype", "merge_columns"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +45,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def buffer_columns(max_rank: int) -> int:
     """Root columns merged per compression (and deferred before one): ``max(256, 2 max_rank)``."""
     return max(256, 2 * int(max_rank))
+
+
+CUDA_MERGE_COLUMNS = 2048
+"""Root columns one QR + eigh may merge on a GPU (see :func:`merge_columns`)."""
+
+
+def merge_columns(max_rank: int, device: torch.device | str) -> int:
+    """Columns that :meth:`LowRankFactor.from_root` merges per thin QR + ``eigh``.
+
+    On a CPU, :func:`buffer_columns` (cost ``O(d c²)`` per chunk of ``c``: small chunks are
+    cheapest). On CUDA at least ``CUDA_MERGE_COLUMNS``: there the QR and ``eigh`` of a few
+    hundred columns are bound by latency, not arithmetic (H200, side 4096, fp32: ``eigh``
+    of 512² took 13 ms and of 1280² 14 ms; ``benchmarks/results/gpu_fit_profile_*.txt``),
+    so one merge of a whole batch costs half of three chunked ones. Both are the same
+    incremental truncation; fewer chunks truncate less often.
+    """
+    chunk = buffer_columns(max_rank)
+    if torch.device(device).type == "cuda":
+        return max(chunk, CUDA_MERGE_COLUMNS)
+    return chunk
 
 
 def _check_scalar(scalar: Any) -> Tensor | float:
@@ -140,22 +160,29 @@ class LowRankFactor:
         return cls(U, torch.zeros(0, device=device, dtype=dtype), max_rank)
 
     @classmethod
-    def from_root(cls, R: Tensor, max_rank: int, dtype: torch.dtype | None = None) -> LowRankFactor:
+    def from_root(
+        cls,
+        R: Tensor,
+        max_rank: int,
+        dtype: torch.dtype | None = None,
+        chunk: int | None = None,
+    ) -> LowRankFactor:
         """Best rank-``max_rank`` approximation of ``R Rᵀ``, for ``R`` ``(d, m)``.
 
         Keeps ``k = min(max_rank, d, m)`` eigenpairs (zero eigenvalues included, so the
         shape only depends on the input shapes). The columns of ``R`` are merged in chunks
-        of at most ``max(256, 2 max_rank)`` (and fewer than ``d - k``): each merge is a thin QR
-        of ``[current root, chunk]`` and an eigendecomposition of its small triangle's Gram,
-        re-truncated to ``max_rank``. Cost ``O(d m c)`` time and ``O(d c)`` memory for chunk
-        size ``c``; no ``d x d`` matrix, however many rows a batch has. Exact whenever
-        ``max_rank`` is at least the rank of ``R Rᵀ`` (otherwise the usual incremental
-        truncation).
+        of at most ``chunk`` (and fewer than ``d - k``): each merge is a thin QR of
+        ``[current root, chunk]`` and an eigendecomposition of its small triangle's Gram,
+        re-truncated to ``max_rank``. Cost ``O(d m c)`` time and ``O(d c)`` memory for
+        chunk size ``c``; no ``d x d`` matrix, however many rows a batch has. Exact
+        whenever ``max_rank`` is at least the rank of ``R Rᵀ`` (otherwise the usual
+        incremental truncation).
 
         Args:
             R: root ``(d, m)``; any floating dtype, computed in at least float32.
             max_rank: number of eigenpairs kept.
             dtype: storage dtype; defaults to the compute dtype.
+            chunk: columns per merge; defaults to :func:`merge_columns` for ``R``'s device.
         """
         if R.ndim != 2:
             raise ValueError(f"from_root needs a (d, m) root, got shape {tuple(R.shape)}.")
@@ -166,7 +193,9 @@ class LowRankFactor:
         if k <= 0:
             return cls.zeros(d, max_rank, device=R.device, dtype=dtype)
         R = R.to(cdt)
-        chunk = buffer_columns(max_rank)
+        chunk = int(chunk) if chunk is not None else merge_columns(max_rank, R.device)
+        if chunk <= 0:
+            raise ValueError(f"from_root needs chunk > 0, got {chunk}.")
         if m <= min(d, chunk):  # one thin QR: the exact best rank-k approximation
             U, s = _truncated_root(R, k)
             return cls(U.to(dtype), s.to(dtype), max_rank)
