@@ -149,18 +149,23 @@ class PriorTuningMixin:
             print(f"linearised evidence: prior precision {self.prior_precision.tolist()}")
 
     # ------------------------------------------------------------------ lora_marglik
-    def _optimize_lora_marglik(self, n_steps: int, lr: float, init: float) -> None:
+    def _optimize_lora_marglik(
+        self, n_steps: int, lr: float, init: float, delta_a: torch.Tensor | None = None
+    ) -> None:
         """``lora_A``: spread-matched prior; every other tensor: layerwise marglik.
 
         The ``lora_A`` precisions are fixed at
         :func:`laplace_lora_ext.prior.spread_matched_precision`; the others maximise
         laplace-torch's log marginal likelihood (Adam on ``log δ``, as ``method="marglik"``)
-        with the ``lora_A`` ones held fixed.
+        with the ``lora_A`` ones held fixed. ``delta_a`` ``(L,)`` replaces the spread-matched
+        precisions (entries at ``lora_A`` positions are used; for studies).
         """
         fixed = priors.lora_a_mask(self.lora_param_names).to(self._device)
         if bool(fixed.all()):
             raise ValueError("method='lora_marglik' needs parameters other than lora_A.")
-        delta_a = priors.spread_matched_precision(self).to(self._device, self._dtype)
+        if delta_a is None:
+            delta_a = priors.spread_matched_precision(self)
+        delta_a = delta_a.to(self._device, self._dtype)
         log_free = torch.full(
             (int((~fixed).sum()),), math.log(init), device=self._device, dtype=self._dtype
         )
