@@ -98,6 +98,19 @@ def render(rows: list[dict], seeds: dict[str, int]) -> str:
     return "\n".join([*lines, "", f"{n_met} of {len(rows)} bars met."]) + "\n"
 
 
+def steps_seeds(steps: dict) -> range:
+    """Seeds of a task's summary: the largest seed count of any method (MAP has them all)."""
+    n = max(
+        v["acc"][2]
+        for block in steps.values()
+        for split in block.values()
+        if isinstance(split, dict)
+        for v in split.values()
+        if isinstance(v, dict) and "acc" in v
+    )
+    return range(int(n))
+
+
 def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: str = "test") -> str:
     """Methods × tasks, ``ACC / ECE / NLL`` means over seeds, at the last (``"overfit"``) or
     first (``"early"``) checkpoint; ``summaries``: task -> that task's summary block."""
@@ -107,7 +120,11 @@ def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: st
         block = steps[ordered[-1] if regime == "overfit" else ordered[0]].get(split, {})
         for method, v in block.items():
             acc, ece, nll = (v[k][0] for k in ("acc", "ece", "nll"))
-            cells.setdefault(method, {})[task] = f"{100 * acc:.1f} / {100 * ece:.1f} / {nll:.3f}"
+            n = v["acc"][2]
+            note = "" if n == len(steps_seeds(steps)) else f" ({n} seed{'s' if n > 1 else ''})"
+            cells.setdefault(method, {})[task] = (
+                f"{100 * acc:.1f} / {100 * ece:.1f} / {nll:.3f}{note}"
+            )
     tasks = list(summaries)
     lines = ["| method | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
     for method, row in cells.items():

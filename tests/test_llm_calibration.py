@@ -126,3 +126,17 @@ def test_llm_bars_check_each_regime():
     assert not met[("overfit", "conf within 5 points of ACC")]  # 70 vs 80
     assert met[("shift", "NLL ≤ temperature's")]
     assert "6 of 7 bars met." in render(rows, {"t": 3})
+
+
+def test_tables_mark_methods_run_on_fewer_seeds():
+    from benchmarks.llm_bars import compact_table
+    from benchmarks.llm_summary import methods_table
+
+    row = {"acc": (0.6, 0.0, 3), "ece": (0.1, 0.0, 3), "nll": (0.7, 0.0, 3)}
+    one = {k: (v[0], 0.0, 1) for k, v in row.items()}
+    summaries = {"t": {"16": {"test": {"map": row}}, "80": {"test": {"map": row, "blob": one}}}}
+    compact = compact_table(summaries)
+    assert "| map | 60.0 / 10.0 / 0.700 |" in compact
+    assert "| blob | 60.0 / 10.0 / 0.700 (1 seed) |" in compact
+    table = methods_table(summaries)
+    assert "| MAP | 60.0 / 10.0 / 0.700 |" in table and "| BLoB | 60.0 / 10.0 / 0.700 (1 seed) |" in table

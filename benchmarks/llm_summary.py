@@ -1,0 +1,117 @@
+"""Rebuild the quoted tables of the causal calibration benchmark from committed results.
+
+Reads ``results/llm_calibration_<task>_3seeds.json`` (one per task) and every
+``results/llm_baselines_<task>_seed<s>.json`` (deep ensembles and BLoB, one file per task
+and seed), then writes
+
+* ``results/llm_calibration_<task>_3seeds_all.{json,md}`` where baselines exist (the
+  ``llm_calibration`` run with their methods merged in; see :func:`llm_baselines.merge`);
+* ``results/llm_calibration_bars.{json,md}`` (:mod:`benchmarks.llm_bars`, on the merged runs);
+* the methods × tasks table between ``<!-- readme-summary:start/end -->`` in README.md and
+  the bars and tables between ``<!-- bars:start/end -->`` in docs/benchmarks.md.
+
+    python -m benchmarks.llm_summary
+
+Prose stays outside the markers and is edited by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from benchmarks import llm_bars
+from benchmarks import llm_calibration as calib
+from benchmarks.llm_baselines import merge
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TASKS = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
+LABELS = {
+    "map": "MAP",
+    "temp": "temperature scaling (validation)",
+    "la": "**Laplace-LoRA, default (no validation)**",
+    "la_probit": "LA, probit",
+    "la_marglik": "LA, plain marglik",
+    "la_val": "LA, validation grid",
+    "la_diag": "LA, diagonal",
+    "la_last": "LA, last block",
+    "mc_dropout": "MC dropout",
+    "ckpt_ens": "checkpoint ensemble",
+    "deep_ens": "deep ensemble (M=3)",
+    "blob": "BLoB",
+}
+
+
+def merged_run(task: str) -> Path | None:
+    """The task's results JSON, with its baselines merged in (``_all``) where there are any."""
+    path = RESULTS / f"llm_calibration_{task}_3seeds.json"
+    if not path.exists():
+        return None
+    extras = sorted(RESULTS.glob(f"llm_baselines_{task}_seed*.json"))
+    if not extras:
+        return path
+    payload: dict = {"runs": {}}
+    for extra in extras:
+        for t, per_seed in json.loads(extra.read_text())["runs"].items():
+            payload["runs"].setdefault(t, {}).update(per_seed)
+    merged = merge(json.loads(path.read_text()), payload)
+    dest = path.with_name(path.stem + "_all")
+    dest.with_suffix(".json").write_text(json.dumps(merged, indent=1, default=str))
+    dest.with_suffix(".md").write_text(calib.render(merged["summary"], merged["args"]))
+    return dest.with_suffix(".json")
+
+
+def methods_table(summaries: dict[str, dict]) -> str:
+    """Overfit checkpoint, test: ``ACC / ECE / NLL`` per method and task (seed count if < 3)."""
+    tasks = list(summaries)
+    rows = ["| method | " + " | ".join(f"`{t}`" for t in tasks) + " |"]
+    rows.append("| --- |" + " --- |" * len(tasks))
+    for method, label in LABELS.items():
+        cells = []
+        for t in tasks:
+            steps = summaries[t]
+            v = steps[max(steps, key=int)]["test"].get(method)
+            if v is None:
+                cells.append("")
+                continue
+            n = v["acc"][2]
+            note = "" if n == 3 else f" ({n} seed{'s' if n > 1 else ''})"
+            cells.append(
+                f"{100 * v['acc'][0]:.1f} / {100 * v['ece'][0]:.1f} / {v['nll'][0]:.3f}{note}"
+            )
+        if any(cells):
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _replace(path: Path, marker: str, body: str) -> None:
+    text = path.read_text()
+    pattern = rf"<!-- {marker}:start -->.*<!-- {marker}:end -->"
+    if not re.search(pattern, text, flags=re.S):
+        raise ValueError(f"{path} has no <!-- {marker}:start/end --> markers.")
+    new = f"<!-- {marker}:start -->\n{body}<!-- {marker}:end -->"
+    path.write_text(re.sub(pattern, lambda _: new, text, flags=re.S))
+
+
+def main() -> None:
+    runs = [p for p in (merged_run(t) for t in TASKS) if p is not None]
+    bars_out = RESULTS / "llm_calibration_bars"
+    llm_bars.main([*map(str, runs), "--out", str(bars_out)])
+    summaries: dict[str, dict] = {}
+    for path in runs:
+        summaries |= json.loads(path.read_text())["summary"]
+    table = methods_table(summaries)
+    _replace(ROOT / "README.md", "readme-summary", table)
+    bars = bars_out.with_suffix(".md").read_text().split("\n", 2)[2]  # drop the H1
+    parts = bars.split("\n## ")
+    parts = [parts[0]] + [p for p in parts[1:] if not p.startswith("overfit checkpoint, test")]
+    body = "#### The bars\n\n" + "\n#### ".join(parts).strip() + "\n\n"
+    body += "#### Every method, overfit checkpoint, test: ACC / ECE / NLL\n\n" + table + "\n"
+    _replace(ROOT / "docs" / "benchmarks.md", "bars", body)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
