@@ -23,11 +23,9 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa
 from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run
+from benchmarks.prior_study import blocks_of, metrics
 from benchmarks.tasks import make_collate, make_loader
-from laplace_lora_ext import guards
 from laplace_lora_ext.evaluation import classification_metrics
-from laplace_lora_ext.links import apply_link
-from laplace_lora_ext.predictive import logit_jacobian_blocks
 
 torch.set_num_threads(2)
 task, steps, step, n_train, lr, seed = (
@@ -55,22 +53,7 @@ tr = make_loader(data.train, collate, 8)
 
 
 def cache(la, ex):
-    out = []
-    with guards.eval_mode(la.model):
-        for batch in make_loader(ex, collate, 8):
-            f_mu, blocks = logit_jacobian_blocks(la.backend, batch)
-            out.append((f_mu, blocks, batch["labels"]))
-    return out
-
-
-def metr(la, c, prior, seed=0):
-    la.prior_precision = prior
-    gen = torch.Generator().manual_seed(seed)
-    P, Y = [], []
-    for f_mu, blocks, y in c:
-        P.append(apply_link("mc", f_mu, la._functional_variance_blocks(blocks), 1000, gen).float())
-        Y.append(y)
-    return classification_metrics(torch.cat(P), torch.cat(Y))
+    return blocks_of(la, make_loader(ex, collate, 8))
 
 
 t0 = time.time()
@@ -91,8 +74,8 @@ T = temperature(vl.float(), vy)
 
 
 def show(name, prior):
-    mv = metr(la, cv, prior)
-    mt = metr(la, ct, prior)
+    mv = metrics(la, cv, prior)
+    mt = metrics(la, ct, prior)
     print(
         f"{name:26s} dA {float(prior[isA].median()) if prior.numel() > 1 else float(prior):9.3g} dB {float(prior[~isA].median()) if prior.numel() > 1 else float(prior):9.3g} | VAL acc {mv['acc']:.3f} ece {100 * mv['ece']:5.1f} nll {mv['nll']:.3f} conf {mv['conf']:.3f} | test acc {mt['acc']:.3f} ece {100 * mt['ece']:5.1f} nll {mt['nll']:.3f} conf {mt['conf']:.3f}",
         flush=True,

@@ -24,7 +24,7 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run
-from benchmarks.prior_lora_b_check import blocks_of, metrics
+from benchmarks.prior_study import blocks_of, metrics
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision

@@ -28,32 +28,11 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run
+from benchmarks.prior_study import blocks_of, metrics
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext import guards
 from laplace_lora_ext.evaluation import classification_metrics
-from laplace_lora_ext.links import apply_link
-from laplace_lora_ext.predictive import logit_jacobian_blocks
 from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
-
-
-def blocks_of(la, loader):
-    out = []
-    with guards.eval_mode(la.model):
-        for batch in loader:
-            f_mu, blocks = logit_jacobian_blocks(la.backend, batch)
-            out.append((f_mu, [b.float() for b in blocks], batch["labels"]))
-    return out
-
-
-def metrics(la, cache, prior, seed=0):
-    la.prior_precision = prior
-    gen = torch.Generator().manual_seed(seed)
-    probs, labels = [], []
-    for f_mu, blocks, y in cache:
-        f_var = la._functional_variance_blocks([b.to(la._dtype) for b in blocks])
-        probs.append(apply_link("mc", f_mu, f_var, 1000, gen).float())
-        labels.append(y)
-    return classification_metrics(torch.cat(probs), torch.cat(labels))
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ The issue's user trained until the training NLL was 0.0008; the benchmark's chec
 stop at 0.04-0.7. This trains one 128-example SmolLM2 run for 60 epochs (960 steps) and
 scores checkpoints along the way on the VALIDATION split (never test): MAP, temperature
 scaling, the default prior (``optimize_prior_precision()``) and a few fixed ``lora_B``
-precisions, with the training NLL of the MAP at each checkpoint. Convergence warnings of
+precisions, the function-space rule of ``prior_lora_b_check`` and the larger of it and the
+default per tensor, with the training NLL of the MAP at each checkpoint. Convergence warnings of
 the evidence are printed.
 
     python -m benchmarks.prior_memorised_check TASK > benchmarks/results/prior_memorised_check_TASK.log
@@ -22,7 +23,8 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run, train
-from benchmarks.prior_lora_b_check import blocks_of, metrics
+from benchmarks.prior_lora_b_check import base_logits, centred
+from benchmarks.prior_study import blocks_of, metrics
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.prior import lora_a_mask
@@ -68,6 +70,23 @@ def main(task: str, threads: int = 1) -> None:
         print(
             line(
                 "default", metrics(la, val, default), f"dB med {float(default[~is_a].median()):.3g}"
+            )
+        )
+        train_blocks = blocks_of(la, train_loader)
+        f_map = torch.cat([f for f, _, _ in train_blocks]).double()
+        df = centred(f_map - base_logits(peft_model, wrapper, train_loader), -1).square().sum()
+        jb = sum(
+            centred(b.double(), 1).square().sum()
+            for _, blocks, _ in train_blocks
+            for i, b in enumerate(blocks)
+            if not is_a[i]
+        )
+        d_fs = float(jb / df)
+        prior = torch.where(is_a, default, torch.full_like(default, d_fs))
+        print(line("fspace", metrics(la, val, prior), f"dB {d_fs:.3g}"))
+        print(
+            line(
+                "max(ml,fs)", metrics(la, val, torch.where(is_a, default, default.clamp_min(d_fs)))
             )
         )
         for d in (3, 30, 300):

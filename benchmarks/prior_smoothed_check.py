@@ -13,12 +13,9 @@ from laplace import Laplace
 
 import laplace_lora_ext  # noqa
 from benchmarks.finetune import FinetuneConfig, load_run
+from benchmarks.prior_study import blocks_of, metrics
 from benchmarks.tasks import make_collate, make_loader
-from laplace_lora_ext import guards
 from laplace_lora_ext.curvature import backend as backend_mod
-from laplace_lora_ext.evaluation import classification_metrics
-from laplace_lora_ext.links import apply_link
-from laplace_lora_ext.predictive import logit_jacobian_blocks
 
 torch.set_num_threads(1)
 task, steps, step, n_train, lr, seed = (
@@ -46,26 +43,12 @@ tr = make_loader(data.train, collate, 8)
 
 
 def cache(la, ex):
-    out = []
-    with guards.eval_mode(la.model):
-        for batch in make_loader(ex, collate, 8):
-            f_mu, blocks = logit_jacobian_blocks(la.backend, batch)
-            out.append((f_mu, blocks, batch["labels"]))
-    return out
-
-
-def metr(la, c, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    P, Y = [], []
-    for f_mu, blocks, y in c:
-        P.append(apply_link("mc", f_mu, la._functional_variance_blocks(blocks), 1000, gen).float())
-        Y.append(y)
-    return classification_metrics(torch.cat(P), torch.cat(Y))
+    return blocks_of(la, make_loader(ex, collate, 8))
 
 
 def show(name, la, cv, ct):
-    mv = metr(la, cv)
-    mt = metr(la, ct)
+    mv = metrics(la, cv)
+    mt = metrics(la, ct)
     pp = la.prior_precision
     isA = torch.tensor([".lora_A." in n for n in la.lora_param_names])
     print(
