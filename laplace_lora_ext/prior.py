@@ -47,11 +47,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import distributed, guards
+from .inputs import split_batch
+from .predictive import logit_jacobian_blocks
 
 __all__ = [
     "lora_a_mask",
@@ -61,6 +67,9 @@ __all__ = [
     "linearised_log_evidence",
     "fit_prior_precision",
     "PriorFit",
+    "adapters_disabled",
+    "function_space_sums",
+    "function_space_precision",
 ]
 
 
@@ -279,3 +288,85 @@ def fit_prior_precision(
             stacklevel=3,
         )
     return PriorFit(deltas_t, converged, n_iter, gamma)
+
+
+# ------------------------------------------------------------------------ function space
+@contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Every PEFT tuner layer in ``model`` switched off (the base model), then restored.
+
+    Works for any module tree that contains PEFT layers (a ``PeftModel`` or a wrapper such
+    as :class:`~laplace_lora_ext.LastTokenChoiceLM`), unlike ``PeftModel.disable_adapter``.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("The model has no PEFT adapter layers to disable.")
+    was_disabled = [m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, off in zip(layers, was_disabled, strict=True):
+            m.enable_adapters(not off)
+
+
+def _centre(x: Tensor, dim: int) -> Tensor:
+    return x - x.mean(dim=dim, keepdim=True)
+
+
+def function_space_sums(la: Any, loader: Iterable[Any], free: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ_n ‖P J_n‖²_F, Σ_n ‖P Δf_n‖²)`` over ``loader``'s examples.
+
+    ``J_n`` stacks the logit Jacobian blocks of the tensors marked by ``free`` ``(L,)``,
+    ``Δf_n = f(x_n) - f_base(x_n)`` is the change of the logits ``(C,)`` that the adapter
+    makes (adapters disabled for ``f_base``), and ``P = I - 11ᵀ/C`` centres over classes
+    (a shift of every logit changes no probability). Model in eval mode; no gradients kept.
+    """
+    jac, change = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    with guards.eval_mode(la.model):
+        for batch in loader:
+            X, _ = split_batch(batch, la.dict_key_y, la._device)
+            f_mu, blocks = logit_jacobian_blocks(la.backend, X)
+            with torch.no_grad(), adapters_disabled(la.model):
+                f_base = la.model(X).detach().to(f_mu.dtype)
+            change += _centre(f_mu - f_base, -1).double().square().sum().cpu()
+            for keep, W in zip(free.tolist(), blocks, strict=True):
+                if keep:
+                    jac += _centre(W, 1).double().square().sum().cpu()
+    return jac, change
+
+
+def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
+    """``(L,)``: the default prior. ``lora_A`` at :func:`spread_matched_precision`; one
+    precision ``δ_B`` for every other tensor such that the prior explains the size of the
+    function change that fine-tuning made on the training inputs:
+
+        E_prior ‖P J_B (B - 0)‖² = Σ_n ‖P Δf_n‖²  ⇔  δ_B = Σ_n ‖P J_B,n‖²_F / Σ_n ‖P Δf_n‖²
+
+    (linearised; ``B`` starts at zero, so ``Δf`` is what ``B`` has done). It never looks at
+    the softmax's curvature, so it does not collapse when the training data are memorised
+    (there ``p(1 - p) → 0`` and the evidence's ``δ_B`` falls towards zero, which makes
+    predictions underconfident), and it scales with the logits: a longer-trained adapter
+    with larger logits gets a proportionally wider prior. Choosing it was done on
+    validation splits only (docs/benchmarks.md, "the prior at memorisation").
+
+    Raises:
+        ValueError: if the adapter has not changed the logits (``Δf = 0``, e.g. ``B = 0``).
+    """
+    is_a = lora_a_mask(la.lora_param_names)
+    delta = spread_matched_precision(la).to(la._dtype)
+    jac, change = function_space_sums(la, loader, ~is_a)
+    if distributed.is_distributed():
+        both = torch.stack([jac, change]).to(la._device)
+        torch.distributed.all_reduce(both)
+        jac, change = both.cpu().unbind()
+    if not float(change) > 0:
+        raise ValueError(
+            "The adapter does not change the logits on the training data (B = 0?), so "
+            "the function-space prior is undefined; use method='lora_marglik'."
+        )
+    delta[~is_a] = float(jac / change)
+    return delta

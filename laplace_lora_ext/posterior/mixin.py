@@ -238,6 +238,9 @@ class LoraLaplaceMixin(PriorTuningMixin):
         """
         with guards.restore_on_error(self, _FIT_STATE), guards.eval_mode(self.model):
             self._fit(train_loader, override, progress_bar)
+        # kept (a reference, no copy) for optimize_prior_precision(method="function_space")
+        previous = [] if override else getattr(self, "_fit_loaders", [])
+        self._fit_loaders = [*previous, train_loader]
 
     def _fit(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
         self._fit_loop(train_loader, override, progress_bar)

@@ -22,6 +22,7 @@ laplace-torch's two methods.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Any
@@ -38,7 +39,7 @@ from ..predictive import logit_jacobian_blocks
 
 __all__ = ["PriorTuningMixin", "TUNING_METHODS"]
 
-TUNING_METHODS = ("lora_marglik", "linearised", "marglik", "gridsearch")
+TUNING_METHODS = ("lora_marglik", "function_space", "linearised", "marglik", "gridsearch")
 #: |d log Z / d log δ| per data point above which the marglik optimiser has not converged.
 MARGLIK_GRAD_TOL = 1e-3
 #: Validation Jacobian blocks larger than this are recomputed per grid value.
@@ -49,6 +50,7 @@ def _refuse_ignored_options(method: str, prior_structure: str | None, loss: Any)
     """Raise for options the chosen method would otherwise ignore silently."""
     allowed = {
         "lora_marglik": (None, "layerwise"),
+        "function_space": (None, "layerwise"),
         "gridsearch": (None, "scalar"),
         "linearised": (None, "scalar", "layerwise"),
     }
@@ -111,6 +113,8 @@ class PriorTuningMixin:
         _refuse_ignored_options(method, prior_structure, loss)
         if method == "lora_marglik":
             self._optimize_lora_marglik(max(n_steps, 200), lr, float(init_prior_prec))
+        elif method == "function_space":
+            self._optimize_function_space()
         elif method == "linearised":
             self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
         elif method == "marglik":
@@ -147,6 +151,18 @@ class PriorTuningMixin:
         self.prior_fit = fit
         if verbose:
             print(f"linearised evidence: prior precision {self.prior_precision.tolist()}")
+
+    # ------------------------------------------------------------------ function space
+    def _optimize_function_space(self) -> None:
+        """:func:`laplace_lora_ext.prior.function_space_precision` on the loaders of ``fit``."""
+        loaders = getattr(self, "_fit_loaders", None)
+        if not loaders:
+            raise ValueError(
+                "method='function_space' reads the training data given to fit(); call "
+                "la.fit(train_loader) first."
+            )
+        delta = priors.function_space_precision(self, itertools.chain(*loaders))
+        self.prior_precision = delta.to(self._device, self._dtype)
 
     # ------------------------------------------------------------------ lora_marglik
     def _optimize_lora_marglik(

@@ -1,0 +1,85 @@
+"""``optimize_prior_precision(method="function_space")`` against brute force: explicit
+per-example Jacobians (autograd, one row at a time) and base logits from a copy of the
+model with ``lora_B`` zeroed (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matched_precision
+from tests.models import loader, lora_laplace, random_batch, tiny_llama
+
+
+def brute_force_delta_b(model: torch.nn.Module, batch: dict) -> float:
+    params = [p for n, p in model.named_parameters() if "lora_B" in n]
+    X = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(X)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in zeroed.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+        base = zeroed(X)
+    centred = logits - logits.mean(-1, keepdim=True)
+    jac = 0.0
+    for i in range(centred.shape[0]):
+        for c in range(centred.shape[1]):
+            grads = torch.autograd.grad(centred[i, c], params, retain_graph=True)
+            jac += sum(float(g.square().sum()) for g in grads)
+    change = (logits - base).detach()
+    change = change - change.mean(-1, keepdim=True)
+    return jac / float(change.square().sum())
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_function_space_prior_matches_brute_force(structure):
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=5, n_classes=3, seed=4)
+    la = lora_laplace(model, structure)
+    la.fit(loader(batch, 2))
+    la.optimize_prior_precision(method="function_space")
+    is_a = lora_a_mask(la.lora_param_names)
+    want_b = brute_force_delta_b(model, batch)
+    got = la.prior_precision
+    torch.testing.assert_close(got[~is_a], torch.full_like(got[~is_a], want_b), rtol=1e-8, atol=0)
+    torch.testing.assert_close(got[is_a], spread_matched_precision(la)[is_a].to(got))
+
+
+def test_function_space_uses_every_fit_and_restores_the_adapters():
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 3), slice(3, 6))]
+    la = lora_laplace(model)
+    la.fit(loader(halves[0], 3))
+    la.fit(loader(halves[1], 3), override=False)
+    la.optimize_prior_precision(method="function_space")
+    is_a = lora_a_mask(la.lora_param_names)
+    assert float(la.prior_precision[~is_a][0]) == pytest.approx(
+        brute_force_delta_b(model, batch), rel=1e-8
+    )
+    X = {k: v for k, v in batch.items() if k != "labels"}
+    before = model(X)
+    with adapters_disabled(model):
+        assert not torch.allclose(model(X), before)
+    torch.testing.assert_close(model(X), before)  # adapters back on
+
+
+def test_function_space_needs_a_fit_and_a_trained_adapter():
+    model = tiny_llama(seed=3)
+    la = lora_laplace(model)
+    with pytest.raises(ValueError, match="call la.fit"):
+        la.optimize_prior_precision(method="function_space")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    batch = random_batch(n=4, n_classes=3)
+    la = lora_laplace(model)
+    la.fit(loader(batch, 2))
+    with pytest.raises(ValueError, match="does not change the logits"):
+        la.optimize_prior_precision(method="function_space")
+    with pytest.raises(ValueError, match="prior_structure"):
+        la.optimize_prior_precision(method="function_space", prior_structure="diag")
