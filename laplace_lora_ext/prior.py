@@ -70,6 +70,7 @@ __all__ = [
     "adapters_disabled",
     "function_space_sums",
     "function_space_precision",
+    "UnchangedLogitsError",
 ]
 
 
@@ -339,6 +340,10 @@ def function_space_sums(la: Any, loader: Iterable[Any], free: Tensor) -> tuple[T
     return jac, change
 
 
+class UnchangedLogitsError(ValueError):
+    """The adapter does not change the logits (``B = 0``): no function-space prior."""
+
+
 def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
     """``(L,)``: the default prior. ``lora_A`` at :func:`spread_matched_precision`; one
     precision ``δ_B`` for every other tensor such that the prior explains the size of the
@@ -354,7 +359,8 @@ def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
     validation splits only (docs/benchmarks.md, "the prior at memorisation").
 
     Raises:
-        ValueError: if the adapter has not changed the logits (``Δf = 0``, e.g. ``B = 0``).
+        UnchangedLogitsError: if the adapter has not changed the logits (``Δf = 0``, e.g.
+            ``B = 0``); a ``ValueError``.
     """
     is_a = lora_a_mask(la.lora_param_names)
     delta = spread_matched_precision(la).to(la._dtype)
@@ -364,7 +370,7 @@ def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
         torch.distributed.all_reduce(both)
         jac, change = both.cpu().unbind()
     if not float(change) > 0:
-        raise ValueError(
+        raise UnchangedLogitsError(
             "The adapter does not change the logits on the training data (B = 0?), so "
             "the function-space prior is undefined; use method='lora_marglik'."
         )

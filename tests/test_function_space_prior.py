@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matched_precision
 from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
@@ -83,3 +84,41 @@ def test_function_space_needs_a_fit_and_a_trained_adapter():
         la.optimize_prior_precision(method="function_space")
     with pytest.raises(ValueError, match="prior_structure"):
         la.optimize_prior_precision(method="function_space", prior_structure="diag")
+
+
+def test_the_default_uses_function_space_only_on_memorised_training_data():
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=5, n_classes=3, seed=4)
+    la = lora_laplace(model)
+    la.fit(loader(batch, 2))
+    assert la.loss / la.n_data > SATURATED_TRAIN_NLL  # a random tiny model: not memorised
+    la.optimize_prior_precision(method="lora_marglik")
+    marglik = la.prior_precision.clone()
+    la.optimize_prior_precision(method="function_space")
+    fspace = la.prior_precision.clone()
+    assert not torch.allclose(marglik, fspace)
+    la.optimize_prior_precision()
+    torch.testing.assert_close(la.prior_precision, marglik)
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data  # as if the MAP had memorised the data
+    la.optimize_prior_precision()
+    torch.testing.assert_close(la.prior_precision, fspace)
+    la.optimize_prior_precision(method="auto")
+    torch.testing.assert_close(la.prior_precision, fspace)
+    del la._fit_loaders  # as for a posterior restored from a state dict
+    with pytest.warns(RuntimeWarning, match="lora_marglik"):
+        la.optimize_prior_precision()
+    assert torch.isfinite(la.prior_precision).all()
+
+
+def test_the_default_falls_back_when_the_adapter_is_untrained():
+    model = tiny_llama(seed=3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    la = lora_laplace(model)
+    la.fit(loader(random_batch(n=5, n_classes=3, seed=4), 2))
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data
+    with pytest.warns(RuntimeWarning, match="does not change the logits"):
+        la.optimize_prior_precision()
+    assert torch.isfinite(la.prior_precision).all()

@@ -197,7 +197,7 @@ def test_gridsearch_needs_validation_data_and_methods_are_checked():
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 def test_lora_marglik_fixes_lora_a_and_maximises_the_evidence_over_the_rest(structure):
     la = fitted(structure)
-    la.optimize_prior_precision(n_steps=400)  # the default method
+    la.optimize_prior_precision(method="lora_marglik", n_steps=400)
     is_a = P.lora_a_mask(la.lora_param_names)
     assert is_a.any() and not is_a.all()
     offset, want = 0, []
