@@ -138,7 +138,9 @@ class PriorTuningMixin:
         if default:
             method = self._default_method()
         if method == "lora_marglik":
-            self._optimize_lora_marglik(max(n_steps, 200), lr, float(init_prior_prec))
+            self._optimize_lora_marglik(
+                max(n_steps, 200), lr, float(init_prior_prec), warn_memorised=not default
+            )
         elif method == "function_space":
             try:
                 self._optimize_function_space()
@@ -150,7 +152,9 @@ class PriorTuningMixin:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self._optimize_lora_marglik(max(n_steps, 200), lr, float(init_prior_prec))
+                self._optimize_lora_marglik(
+                    max(n_steps, 200), lr, float(init_prior_prec), warn_memorised=False
+                )
         elif method == "linearised":
             self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
         elif method == "marglik":
@@ -194,10 +198,16 @@ class PriorTuningMixin:
         :data:`SATURATED_TRAIN_NLL`) and ``fit``'s loaders are at hand, else
         ``"lora_marglik"``."""
         self._check_H_init()
-        saturated = float(self.loss) / max(self.n_data, 1) < SATURATED_TRAIN_NLL
-        if saturated and self._can_use_function_space():
+        if self._training_data_memorised() and self._can_use_function_space():
             return "function_space"
         return "lora_marglik"
+
+    def _train_nll(self) -> float:
+        """Mean training NLL of the MAP (nats per example) from the last ``fit``."""
+        return float(self.loss) / max(self.n_data, 1)
+
+    def _training_data_memorised(self) -> bool:
+        return self._train_nll() < SATURATED_TRAIN_NLL
 
     def _can_use_function_space(self) -> bool:
         """Whether the default can use ``"function_space"``: ``fit`` kept its loaders (not
@@ -227,7 +237,12 @@ class PriorTuningMixin:
 
     # ------------------------------------------------------------------ lora_marglik
     def _optimize_lora_marglik(
-        self, n_steps: int, lr: float, init: float, delta_a: torch.Tensor | None = None
+        self,
+        n_steps: int,
+        lr: float,
+        init: float,
+        delta_a: torch.Tensor | None = None,
+        warn_memorised: bool = True,
     ) -> None:
         """``lora_A``: spread-matched prior; every other tensor: layerwise marglik.
 
@@ -260,6 +275,16 @@ class PriorTuningMixin:
             optimizer.step()
         self.prior_precision = precision().detach()
         self._warn_if_marglik_not_converged(n_steps, free=~fixed)
+        if warn_memorised and self._training_data_memorised():
+            warnings.warn(
+                "optimize_prior_precision(method='lora_marglik'): the fine-tuned model has "
+                f"memorised its training data (mean training NLL {self._train_nll():.2g} < "
+                f"{SATURATED_TRAIN_NLL}); the softmax is saturated, its curvature vanishes and "
+                "the evidence's lora_B prior collapses, which makes predictions "
+                "underconfident. Use the default (method='auto') or 'function_space'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ marglik
     def _warn_if_marglik_not_converged(
@@ -278,7 +303,7 @@ class PriorTuningMixin:
                 f"{float(grad.abs().max()):.3g}). With a saturated softmax (training data "
                 "memorised) it keeps rising as the prior precision falls and the answer is set "
                 "by n_steps, which makes predictions underconfident. Use the default "
-                "method='lora_marglik', or 'gridsearch' with a validation loader.",
+                "(method='auto'), 'function_space', or 'gridsearch' with a validation loader.",
                 RuntimeWarning,
                 stacklevel=3,
             )
