@@ -19,14 +19,10 @@ import sys
 import time
 
 import torch
-from laplace import Laplace
 
 import laplace_lora_ext  # noqa: F401
-from benchmarks.calibration import temperature
-from benchmarks.finetune import FinetuneConfig, load_run
-from benchmarks.prior_study import blocks_of, metrics
-from benchmarks.tasks import make_collate, make_loader
-from laplace_lora_ext.evaluation import classification_metrics
+from benchmarks.prior_study import blocks_of, metrics, overfit_run_128, print_map_and_temperature
+from benchmarks.tasks import make_loader
 from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
 
 
@@ -50,29 +46,13 @@ def variance_share(la, cache, prior, is_a):
 
 
 def main(task: str, threads: int = 1) -> None:
-    torch.set_num_threads(threads)
-    cfg = FinetuneConfig(
-        model="smollm2", task=task, seed=0, data_seed=0, n_train=128, n_test=200,
-        steps=160, lr=1e-3, save_every=32,
-    )  # fmt: skip
-    peft_model, tok, wrapper, data = load_run(cfg, 160)
-    collate = make_collate(tok, data.kind, cfg.seq_len)
-    train_loader = make_loader(data.train, collate, 8)
     t0 = time.time()
-    la = Laplace(wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
-    la.fit(train_loader)
-    print(f"fit {time.time() - t0:.0f}s train nll {la.loss / la.n_data:.4f}", flush=True)
+    la, data, collate, train_loader = overfit_run_128(task, threads)
     val = blocks_of(la, make_loader(data.validation, collate, 8))
     train = blocks_of(la, train_loader)
     print(f"blocks {time.time() - t0:.0f}s", flush=True)
     is_a = lora_a_mask(la.lora_param_names)
-    vl, vy = torch.cat([f for f, _, _ in val]), torch.cat([y for _, _, y in val])
-    T = temperature(vl.float(), vy)
-    for name, scale in (("MAP", 1.0), ("temp", T)):
-        m = classification_metrics((vl / scale).softmax(-1).float(), vy)
-        print(
-            f"{name:14s} T {scale:.3f} | VAL acc {m['acc']:.3f} ece {100 * m['ece']:5.1f} nll {m['nll']:.3f} conf {m['conf']:.3f}"
-        )
+    print_map_and_temperature(val, 14)
 
     def show(name, prior):
         mv, mt = metrics(la, val, prior), metrics(la, train, prior)
@@ -82,7 +62,7 @@ def main(task: str, threads: int = 1) -> None:
         )
 
     spread = spread_matched_precision(la).to(la._dtype)
-    la.optimize_prior_precision()
+    la.optimize_prior_precision(method="lora_marglik")
     default = la.prior_precision.clone()
     print(
         f"A share of val logit variance at the default: {variance_share(la, val, default, is_a):.3f}"

@@ -23,11 +23,10 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run, train
-from benchmarks.prior_lora_b_check import base_logits, centred
 from benchmarks.prior_study import blocks_of, metrics
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext.evaluation import classification_metrics
-from laplace_lora_ext.prior import lora_a_mask
+from laplace_lora_ext.prior import function_space_precision, lora_a_mask
 
 STEPS, EVERY = 960, 160
 
@@ -62,7 +61,7 @@ def main(task: str, threads: int = 1) -> None:
         print(line("temp", classification_metrics((vl / T).softmax(-1).float(), vy), f"T {T:.2f}"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            la.optimize_prior_precision()
+            la.optimize_prior_precision(method="lora_marglik")
         for w in caught:
             print(f"  warning: {str(w.message)[:160]}")
         default = la.prior_precision.clone()
@@ -72,16 +71,7 @@ def main(task: str, threads: int = 1) -> None:
                 "default", metrics(la, val, default), f"dB med {float(default[~is_a].median()):.3g}"
             )
         )
-        train_blocks = blocks_of(la, train_loader)
-        f_map = torch.cat([f for f, _, _ in train_blocks]).double()
-        df = centred(f_map - base_logits(peft_model, wrapper, train_loader), -1).square().sum()
-        jb = sum(
-            centred(b.double(), 1).square().sum()
-            for _, blocks, _ in train_blocks
-            for i, b in enumerate(blocks)
-            if not is_a[i]
-        )
-        d_fs = float(jb / df)
+        d_fs = float(function_space_precision(la, train_loader)[~is_a][0])
         prior = torch.where(is_a, default, torch.full_like(default, d_fs))
         print(line("fspace", metrics(la, val, prior), f"dB {d_fs:.3g}"))
         print(
