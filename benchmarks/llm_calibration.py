@@ -9,9 +9,10 @@ memory) serve every method:
 
 * ``map``           the fine-tuned model's softmax;
 * ``temp``          temperature scaling on the validation split;
-* ``la``            **the default**: ``optimize_prior_precision()`` (``"lora_marglik"``: each
-  ``lora_A`` at its spread-matched precision, the rest by layerwise marglik; no
-  validation data), joint MC;
+* ``la``            **the default**: ``optimize_prior_precision()`` (``"auto"``: here
+  ``"lora_marglik"``, each ``lora_A`` at its spread-matched precision, the rest by
+  layerwise marglik, since no checkpoint has memorised its data; the function-space rule
+  once one has; no validation data), joint MC;
 * ``la_probit``     the same posterior with the probit link;
 * ``la_marglik``    laplace-torch's marglik (layerwise, Adam 200 steps, lr 0.1), joint MC;
 * ``la_val``        ``method="gridsearch"`` on the validation split (scalar δ), joint MC;
@@ -117,7 +118,7 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 def prior_rules(la: Any, val_loader: Any, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Prior precision chosen by each rule (the fitted ``la`` is reused)."""
     rules = {}
-    la.optimize_prior_precision()  # the default: "lora_marglik"
+    la.optimize_prior_precision()  # the default: "auto"
     rules["la"] = la.prior_precision.clone()
     la.optimize_prior_precision(method="marglik", prior_structure="layerwise", n_steps=200)
     rules["la_marglik"] = la.prior_precision.clone()
