@@ -111,9 +111,12 @@ def steps_seeds(steps: dict) -> range:
     return range(int(n))
 
 
-def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: str = "test") -> str:
-    """Methods × tasks, ``ACC / ECE / NLL`` means over seeds, at the last (``"overfit"``) or
-    first (``"early"``) checkpoint; ``summaries``: task -> that task's summary block."""
+def method_cells(
+    summaries: dict[str, dict], regime: str = "overfit", split: str = "test"
+) -> dict[str, dict[str, str]]:
+    """method -> task -> ``"ACC / ECE / NLL"`` (means over seeds, with the seed count where
+    a method ran on fewer seeds than the task), at the last (``"overfit"``) or first
+    (``"early"``) checkpoint; ``summaries``: task -> that task's summary block."""
     cells: dict[str, dict[str, str]] = {}
     for task, steps in summaries.items():
         ordered = sorted(steps, key=int)
@@ -125,9 +128,14 @@ def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: st
             cells.setdefault(method, {})[task] = (
                 f"{100 * acc:.1f} / {100 * ece:.1f} / {nll:.3f}{note}"
             )
+    return cells
+
+
+def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: str = "test") -> str:
+    """Methods × tasks table of :func:`method_cells`, methods by their keys."""
     tasks = list(summaries)
     lines = ["| method | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
-    for method, row in cells.items():
+    for method, row in method_cells(summaries, regime, split).items():
         lines.append(f"| {method} | " + " | ".join(row.get(t, "") for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 

@@ -64,25 +64,17 @@ def merged_run(task: str) -> Path | None:
 
 
 def methods_table(summaries: dict[str, dict]) -> str:
-    """Overfit checkpoint, test: ``ACC / ECE / NLL`` per method and task (seed count if < 3)."""
+    """Overfit checkpoint, test: ``ACC / ECE / NLL`` per method (named, in ``LABELS`` order)
+    and task (:func:`llm_bars.method_cells`)."""
     tasks = list(summaries)
+    cells = llm_bars.method_cells(summaries)
     rows = ["| method | " + " | ".join(f"`{t}`" for t in tasks) + " |"]
     rows.append("| --- |" + " --- |" * len(tasks))
     for method, label in LABELS.items():
-        cells = []
-        for t in tasks:
-            steps = summaries[t]
-            v = steps[max(steps, key=int)]["test"].get(method)
-            if v is None:
-                cells.append("")
-                continue
-            n = v["acc"][2]
-            note = "" if n == 3 else f" ({n} seed{'s' if n > 1 else ''})"
-            cells.append(
-                f"{100 * v['acc'][0]:.1f} / {100 * v['ece'][0]:.1f} / {v['nll'][0]:.3f}{note}"
+        if method in cells:
+            rows.append(
+                f"| {label} | " + " | ".join(cells[method].get(t, "") for t in tasks) + " |"
             )
-        if any(cells):
-            rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 

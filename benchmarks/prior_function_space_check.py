@@ -47,7 +47,7 @@ def score_checkpoint(wrapper, data, shifted, collate, args) -> dict:
     }
     logits = {k: torch.cat([f for f, _, _ in c]).float() for k, c in caches.items()}
     labels = {k: torch.cat([y for _, _, y in c]) for k, c in caches.items()}
-    T = temperature_of(logits["val"], labels["val"])
+    T = float(calib.temperature(logits["val"], labels["val"]))
     out: dict = {k: {} for k in caches}
     for k in caches:
         for name, scale in (("map", 1.0), ("temp", T)):
@@ -63,10 +63,6 @@ def score_checkpoint(wrapper, data, shifted, collate, args) -> dict:
     is_b = torch.tensor(["lora_B" in n for n in la.lora_param_names])
     out["_delta_b_median"] = {n: float(p[is_b].median()) for n, p in priors.items()}
     return out
-
-
-def temperature_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(calib.temperature(logits, labels))
 
 
 def main(argv: list[str] | None = None) -> None:
