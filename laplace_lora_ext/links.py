@@ -6,6 +6,12 @@ probabilities.
 * ``"mc"``: joint Monte Carlo over the logits (Cholesky factor of each ``C x C``
   covariance), averaging softmax *probabilities*.
 * ``"mc_indep"``: Monte Carlo with the diagonal of ``f_var`` only (the paper's "MC indep").
+
+Both Monte Carlo links draw antithetic pairs (``z`` and ``-z``; :func:`antithetic_normal`).
+The estimate stays unbiased, and with two classes and an even ``n_samples`` its argmax is
+the MAP's exactly, as is the exact integral's: ``σ(m + a) + σ(m - a) > 1`` iff ``m > 0``.
+Plain draws flip near-tied examples at random when the logit variance is large (measured:
+3 of 100 validation answers of a memorised adapter, with 1000 samples).
 * ``"probit"``: ``softmax(f_mu / sqrt(1 + π/8 diag(f_var)))``.
 * ``"bridge"`` / ``"bridge_norm"``: the Laplace bridge to a Dirichlet (Hobbhahn et al.,
   2022), optionally with the variance normalisation; returns the Dirichlet mean.
@@ -28,7 +34,15 @@ import torch
 
 from .options import LINK_APPROXIMATIONS
 
-__all__ = ["LINK_APPROXIMATIONS", "apply_link", "probit", "laplace_bridge", "mc_joint", "mc_indep"]
+__all__ = [
+    "LINK_APPROXIMATIONS",
+    "antithetic_normal",
+    "apply_link",
+    "probit",
+    "laplace_bridge",
+    "mc_joint",
+    "mc_indep",
+]
 
 
 def probit(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
@@ -69,17 +83,32 @@ def _psd_sqrt(f_var: torch.Tensor) -> torch.Tensor:
     return evecs * evals.clamp_min(0.0).sqrt().unsqueeze(-2)
 
 
+def antithetic_normal(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal draws ``shape = (S, *rest)`` in antithetic pairs along dim 0.
+
+    Rows ``2i`` and ``2i + 1`` are ``z_i`` and ``-z_i``; an odd ``S`` ends with one unpaired
+    draw.
+    """
+    n_pairs = (shape[0] + 1) // 2
+    z = torch.randn((n_pairs, *shape[1:]), generator=generator, device=device, dtype=dtype)
+    return torch.stack((z, -z), dim=1).flatten(0, 1)[: shape[0]]
+
+
 def mc_joint(
     f_mu: torch.Tensor,
     f_var: torch.Tensor,
     n_samples: int = 100,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Joint Monte Carlo: ``mean_s softmax(f_mu + L z_s)`` with ``L Lᵀ = f_var``."""
+    """Joint Monte Carlo: ``mean_s softmax(f_mu + L z_s)`` with ``L Lᵀ = f_var`` and
+    antithetic ``z_s``."""
     L = _psd_sqrt(f_var)
-    z = torch.randn(
-        (n_samples, *f_mu.shape), generator=generator, device=f_mu.device, dtype=f_mu.dtype
-    )
+    z = antithetic_normal((n_samples, *f_mu.shape), generator, f_mu.device, f_mu.dtype)
     samples = f_mu + torch.einsum("bij,sbj->sbi", L, z)
     return torch.softmax(samples, dim=-1).mean(dim=0)
 
@@ -90,11 +119,9 @@ def mc_indep(
     n_samples: int = 100,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Monte Carlo with independent logits (diagonal of ``f_var`` only)."""
+    """Monte Carlo with independent logits (diagonal of ``f_var`` only), antithetic draws."""
     std = f_var.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
-    z = torch.randn(
-        (n_samples, *f_mu.shape), generator=generator, device=f_mu.device, dtype=f_mu.dtype
-    )
+    z = antithetic_normal((n_samples, *f_mu.shape), generator, f_mu.device, f_mu.dtype)
     return torch.softmax(f_mu + std * z, dim=-1).mean(dim=0)
 
 
