@@ -121,6 +121,8 @@ def test_the_default_falls_back_when_the_adapter_is_untrained():
     la = lora_laplace(model)
     la.fit(loader(random_batch(n=5, n_classes=3, seed=4), 2))
     la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data
-    with pytest.warns(RuntimeWarning, match="does not change the logits"):
+    with pytest.warns(RuntimeWarning, match="does not change the logits") as record:
         la.optimize_prior_precision()
     assert torch.isfinite(la.prior_precision).all()
+    fallback = [r for r in record if "does not change the logits" in str(r.message)]
+    assert fallback[0].filename == __file__  # points at the caller's line

@@ -137,24 +137,14 @@ class PriorTuningMixin:
         _refuse_ignored_options(method, prior_structure, loss)
         if default:
             method = self._default_method()
+        if method == "function_space":
+            if self._optimize_function_space(fall_back=default):
+                return
+            method = "lora_marglik"
         if method == "lora_marglik":
             self._optimize_lora_marglik(
                 max(n_steps, 200), lr, float(init_prior_prec), warn_memorised=not default
             )
-        elif method == "function_space":
-            try:
-                self._optimize_function_space()
-            except priors.UnchangedLogitsError as e:
-                if not default:
-                    raise
-                warnings.warn(
-                    f"optimize_prior_precision(): {e} Using method='lora_marglik' instead.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._optimize_lora_marglik(
-                    max(n_steps, 200), lr, float(init_prior_prec), warn_memorised=False
-                )
         elif method == "linearised":
             self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
         elif method == "marglik":
@@ -224,16 +214,32 @@ class PriorTuningMixin:
         )
         return False
 
-    def _optimize_function_space(self) -> None:
-        """:func:`laplace_lora_ext.prior.function_space_precision` on the loaders of ``fit``."""
+    def _optimize_function_space(self, fall_back: bool = False) -> bool:
+        """:func:`laplace_lora_ext.prior.function_space_precision` on the loaders of ``fit``.
+
+        Returns ``True`` once the prior is set. With ``fall_back`` (the default method), an
+        adapter that has not changed the logits warns and returns ``False`` (the caller then
+        uses ``"lora_marglik"``) instead of raising ``prior.UnchangedLogitsError``.
+        """
         loaders = getattr(self, "_fit_loaders", None)
         if not loaders:
             raise ValueError(
                 "method='function_space' reads the training data given to fit(); call "
                 "la.fit(train_loader) first."
             )
-        delta = priors.function_space_precision(self, itertools.chain(*loaders))
+        try:
+            delta = priors.function_space_precision(self, itertools.chain(*loaders))
+        except priors.UnchangedLogitsError as e:
+            if not fall_back:
+                raise
+            warnings.warn(
+                f"optimize_prior_precision(): {e} Using method='lora_marglik' instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
         self.prior_precision = delta.to(self._device, self._dtype)
+        return True
 
     # ------------------------------------------------------------------ lora_marglik
     def _optimize_lora_marglik(
