@@ -80,6 +80,13 @@ def _scenarios(model: torch.nn.Module, make_loader) -> dict[str, dict[str, torch
         la = _laplace(model, "kron")
         la.fit(make_loader(kind))
         out[f"{kind}/kron"] = _summary(la)
+    # the function-space prior sums over the examples the fit counted (padding skipped)
+    for kind in ("padded", "sharded"):
+        la = _laplace(model, "kron")
+        la.fit(make_loader(kind))
+        la.optimize_prior_precision(method="function_space")
+        prior = {"prior": la.prior_precision.detach().clone()}
+        out[f"{kind}/function_space"] = {**_summary(la), **prior}
     # adding data to a previous fit (override=False) must not re-sum the previous part
     for config in ("kron", "kron_lowrank", "diag"):
         la = _laplace(model, config)

@@ -33,16 +33,16 @@ laplace-torch's two methods.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import tqdm
 from torch.utils.data import DataLoader
 
-from .. import guards
+from .. import distributed, guards
 from .. import prior as priors
 from ..inputs import split_batch
 from ..links import apply_link
@@ -214,6 +214,12 @@ class PriorTuningMixin:
         )
         return False
 
+    def _fit_batches(self, loaders: list[DataLoader]) -> Iterator[Any]:
+        """The batches ``fit`` counted: each rank's shard without a DistributedSampler's
+        padded duplicates (:class:`~laplace_lora_ext.distributed.FitShard`)."""
+        for loader in loaders:
+            yield from distributed.FitShard(loader, self.dict_key_y).batches()
+
     def _optimize_function_space(self, fall_back: bool = False) -> bool:
         """:func:`laplace_lora_ext.prior.function_space_precision` on the loaders of ``fit``.
 
@@ -228,7 +234,7 @@ class PriorTuningMixin:
                 "la.fit(train_loader) first."
             )
         try:
-            delta = priors.function_space_precision(self, itertools.chain(*loaders))
+            delta = priors.function_space_precision(self, self._fit_batches(loaders))
         except priors.UnchangedLogitsError as e:
             if not fall_back:
                 raise
