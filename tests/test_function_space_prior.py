@@ -126,3 +126,21 @@ def test_the_default_falls_back_when_the_adapter_is_untrained():
     assert torch.isfinite(la.prior_precision).all()
     fallback = [r for r in record if "does not change the logits" in str(r.message)]
     assert fallback[0].filename == __file__  # points at the caller's line
+
+
+def test_a_one_shot_iterator_is_not_read_twice():
+    """fit() spends a generator; the default then falls back with a warning that names it,
+    and the explicit method refuses with a clear error (never a prior from no data)."""
+    model = tiny_llama(seed=3)
+    batches = list(loader(random_batch(n=5, n_classes=3, seed=4), 2))
+    la = lora_laplace(model)
+    la.fit(iter(batches))
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data
+    with pytest.warns(RuntimeWarning, match="one-shot iterator"):
+        la.optimize_prior_precision()
+    with pytest.raises(ValueError, match="re-iterable"):
+        la.optimize_prior_precision(method="function_space")
+    la.fit(batches)  # a list is re-read: the default uses the function-space rule
+    la.fit(iter(batches), override=False)  # ... until a one-shot iterator joins
+    with pytest.raises(ValueError, match="re-iterable"):
+        la.optimize_prior_precision(method="function_space")

@@ -238,9 +238,11 @@ class LoraLaplaceMixin(PriorTuningMixin):
         """
         with guards.restore_on_error(self, _FIT_STATE), guards.eval_mode(self.model):
             self._fit(train_loader, override, progress_bar)
-        # kept (a reference, no copy) for optimize_prior_precision(method="function_space")
+        # kept (a reference, no copy) for optimize_prior_precision(method="function_space");
+        # a one-shot iterator is spent by now, so nothing is kept (None: data unavailable)
         previous = [] if override else getattr(self, "_fit_loaders", [])
-        self._fit_loaders = [*previous, train_loader]
+        one_shot = isinstance(train_loader, Iterator) or previous is None
+        self._fit_loaders = None if one_shot else [*previous, train_loader]
 
     def _fit(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
         self._fit_loop(train_loader, override, progress_bar)

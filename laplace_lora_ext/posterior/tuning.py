@@ -207,8 +207,9 @@ class PriorTuningMixin:
         warnings.warn(
             "optimize_prior_precision(): the default function-space prior needs the training "
             "data of fit(), which this posterior does not have (restored from a state "
-            "dict?); using method='lora_marglik' instead. Call la.fit(train_loader) to use "
-            "the default.",
+            "dict, or fitted on a one-shot iterator?); using method='lora_marglik' instead. "
+            "Call la.fit(train_loader) with a re-iterable loader (a DataLoader or a list of "
+            "batches) to use the default.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -230,8 +231,9 @@ class PriorTuningMixin:
         loaders = getattr(self, "_fit_loaders", None)
         if not loaders:
             raise ValueError(
-                "method='function_space' reads the training data given to fit(); call "
-                "la.fit(train_loader) first."
+                "method='function_space' reads the training data given to fit() again; call "
+                "la.fit(train_loader) first, with a re-iterable loader (a DataLoader or a "
+                "list of batches, not a one-shot iterator)."
             )
         try:
             delta = priors.function_space_precision(self, self._fit_batches(loaders))
