@@ -59,8 +59,7 @@ from benchmarks.finetune import FinetuneConfig, load_trainable_state_dict, train
 from benchmarks.tasks import load_task, make_collate, make_loader
 from laplace_lora_ext import guards
 from laplace_lora_ext.evaluation import classification_metrics
-from laplace_lora_ext.links import apply_link
-from laplace_lora_ext.predictive import logit_jacobian_blocks
+from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = (
@@ -74,31 +73,10 @@ SHIFT = {"fine_foods_mc": "tweet_polarity_mc"}
 
 
 # ------------------------------------------------------------------------ GLM cache
-class GLMCache:
-    """Logits ``(N, C)``, labels ``(N,)`` and per-batch Jacobian blocks of one split."""
-
-    def __init__(self, la: Any, loader: Any) -> None:
-        self.items: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]] = []
-        with guards.eval_mode(la.model):
-            for batch in tqdm(loader, desc="GLM pass", leave=False):
-                f_mu, blocks = logit_jacobian_blocks(la.backend, batch)
-                self.items.append((f_mu, blocks, batch["labels"]))
-        self.logits = torch.cat([f for f, _, _ in self.items])
-        self.labels = torch.cat([y for _, _, y in self.items])
-
-    def probs(
-        self, la: Any, links: tuple[str, ...], n_samples: int, seed: int, keep: set[int] | None
-    ) -> dict[str, torch.Tensor]:
-        """Probabilities per link; ``keep``: indices of parameter tensors in the posterior."""
-        gen = torch.Generator().manual_seed(seed)
-        out: dict[str, list[torch.Tensor]] = {link: [] for link in links}
-        for f_mu, blocks, _ in self.items:
-            if keep is not None:
-                blocks = [b if i in keep else torch.zeros_like(b) for i, b in enumerate(blocks)]
-            f_var = la.functional_variance(torch.cat(blocks, dim=-1))
-            for link in links:
-                out[link].append(apply_link(link, f_mu, f_var, n_samples, gen).float())
-        return {link: torch.cat(v) for link, v in out.items()}
+def mc_probs(cache: LogitJacobianCache, la: Any, args, seed: int, keep=None) -> torch.Tensor:
+    """Joint-MC probabilities ``(N, C)`` of ``la`` on a cached split (fixed seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return cache.probs(la, "mc", args.n_samples, gen, keep).float()
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -170,7 +148,7 @@ def baseline_probs(
 
 def score(
     la: Any,
-    caches: dict[str, GLMCache],
+    caches: dict[str, LogitJacobianCache],
     rules: dict,
     last: set[int],
     args,
@@ -187,15 +165,15 @@ def score(
     for split, cache in caches.items():
         probs = {"map": cache.logits.softmax(-1).float(), "temp": (cache.logits / T).softmax(-1)}
         la.prior_precision = rules["la"]
-        both = cache.probs(la, ("mc", "probit"), args.n_samples, seed, None)
-        probs["la"], probs["la_probit"] = both["mc"], both["probit"]
-        probs["la_last"] = cache.probs(la, ("mc",), args.n_samples, seed, last)["mc"]
+        probs["la"] = mc_probs(cache, la, args, seed)
+        probs["la_probit"] = cache.probs(la, "probit").float()
+        probs["la_last"] = mc_probs(cache, la, args, seed, last)
         for name in ("la_marglik", "la_val"):
             la.prior_precision = rules[name]
-            probs[name] = cache.probs(la, ("mc",), args.n_samples, seed, None)["mc"]
+            probs[name] = mc_probs(cache, la, args, seed)
         la.prior_precision = rules["la"]
         if la_diag is not None:
-            probs["la_diag"] = cache.probs(la_diag, ("mc",), args.n_samples, seed, None)["mc"]
+            probs["la_diag"] = mc_probs(cache, la_diag, args, seed)
         probs.update((extra or {}).get(split, {}))
         out[split] = {m: classification_metrics(p.float(), cache.labels) for m, p in probs.items()}
         out[split]["_entropy"] = {m: entropy(p).tolist() for m, p in probs.items()}
@@ -224,7 +202,7 @@ def evaluate_checkpoint(
         splits["shift"] = shifted.test
     loaders = {s: make_loader(ex, collate, args.la_batch_size) for s, ex in splits.items()}
     t0 = time.perf_counter()
-    caches = {s: GLMCache(la, loader) for s, loader in loaders.items()}
+    caches = {s: LogitJacobianCache(la, loader, progress=True) for s, loader in loaders.items()}
     glm_s = time.perf_counter() - t0
     rules = prior_rules(la, val_loader, args)
     regex = last_block_regex(model)

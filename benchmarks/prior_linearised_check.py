@@ -15,7 +15,7 @@ import laplace_lora_ext  # noqa
 from benchmarks.finetune import FinetuneConfig, classification_metrics, load_run
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext import prior as P
-from laplace_lora_ext.curvature.capture import output_gradients
+from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 from laplace_lora_ext.links import apply_link
 
 torch.set_num_threads(1)
@@ -47,19 +47,7 @@ te = make_loader(data.test, collate, 16)
 
 
 def blocks_of(la, loader):
-    out = []
-    for batch in loader:
-        backend = la.backend
-        cap = backend.capture(batch)
-        f_mu = cap.logits.detach().to(backend.curvature_dtype)
-        B, C = f_mu.shape
-        V = torch.eye(C, dtype=f_mu.dtype).unsqueeze(1).expand(C, B, C)
-        per_output = [
-            backend.per_example_gradients(cap, g) for g in output_gradients(cap, V, backend.targets)
-        ]
-        blocks = [torch.stack(phis, dim=1) for phis in zip(*per_output, strict=True)]
-        out.append((f_mu, blocks, batch["labels"]))
-    return out
+    return list(LogitJacobianCache(la, loader))
 
 
 def metrics(la, cached, gen_seed=0):

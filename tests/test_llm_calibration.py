@@ -1,11 +1,16 @@
-"""Pure parts of benchmarks.llm_calibration (no model): AUROC, summary over seeds, report."""
+"""benchmarks.llm_calibration: AUROC, summary over seeds, report, and scoring from a cache."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 import torch
 
-from benchmarks.llm_calibration import auroc, entropy, render, summarize
+from benchmarks.llm_calibration import auroc, entropy, render, score, summarize
+from laplace_lora_ext.evaluation import classification_metrics
+from laplace_lora_ext.jacobian_cache import LogitJacobianCache
+from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
 
 def test_auroc_and_entropy():
@@ -141,3 +146,23 @@ def test_tables_mark_methods_run_on_fewer_seeds():
     table = methods_table(summaries)
     assert "| MAP | 60.0 / 10.0 / 0.700 |" in table
     assert "| BLoB | 60.0 / 10.0 / 0.700 (1 seed) |" in table
+
+
+def test_score_reads_every_method_from_the_cache():
+    """``score`` on a tiny fitted posterior: each Laplace row is the posterior's own
+    predictive at its rule's prior (probit checked exactly), MAP is the softmax."""
+    batch = random_batch(n=6, n_classes=3)
+    la = lora_laplace(tiny_llama())
+    la.fit(loader(batch, 3))
+    prior = torch.full((len(la.params),), 2.0, dtype=la._dtype)
+    rules = {"la": prior, "la_marglik": 3 * prior, "la_val": 0.5 * prior}
+    caches = {"test": LogitJacobianCache(la, loader(batch, 3))}
+    out = score(la, caches, rules, {0}, argparse.Namespace(n_samples=20), 0, 1.5)
+    assert set(out["test"]) >= {"map", "temp", "la", "la_probit", "la_last", "la_marglik", "la_val"}
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    la.prior_precision = prior
+    probit = la(x, link_approx="probit").float()
+    expected = classification_metrics(probit, batch["labels"])
+    assert out["test"]["la_probit"]["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    map_nll = classification_metrics(caches["test"].logits.softmax(-1).float(), batch["labels"])
+    assert out["test"]["map"]["nll"] == pytest.approx(map_nll["nll"])

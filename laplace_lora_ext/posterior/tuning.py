@@ -42,11 +42,9 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader
 
-from .. import distributed, guards
+from .. import distributed
 from .. import prior as priors
-from ..inputs import split_batch
-from ..links import apply_link
-from ..predictive import logit_jacobian_blocks
+from ..jacobian_cache import LogitJacobianCache
 
 __all__ = ["PriorTuningMixin", "TUNING_METHODS", "DEFAULT_METHOD"]
 
@@ -338,47 +336,20 @@ class PriorTuningMixin:
                 "validation-free prior use the default method='lora_marglik'."
             )
         self._check_H_init()
-        cached = _ValidationBlocks(self, val_loader)
+        cached = LogitJacobianCache(self, val_loader, max_bytes=GRID_CACHE_BYTES)
+        labels = cached.labels
         scores = []
         for delta in tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]"):
             self.prior_precision = delta
-            scores.append(cached.nll(self, link_approx, n_samples))
+            gen = torch.Generator(device=self._device).manual_seed(0)  # same draws per value
+            scores.append(_mean_nll(cached.probs(self, link_approx, n_samples, gen), labels))
         best = int(torch.tensor(scores).nan_to_num(float("inf")).argmin())
         self.prior_precision = float(grid[best])
         if verbose:
             print(f"gridsearch: prior precision {float(grid[best]):.4g}, NLL {scores[best]:.4f}")
 
 
-class _ValidationBlocks:
-    """Validation logits, labels and logit Jacobian blocks, computed once per grid search.
-
-    Kept in memory up to :data:`GRID_CACHE_BYTES`; above that the blocks are recomputed
-    for every grid value (same numbers, ``grid_size`` times the cost).
-    """
-
-    def __init__(self, la: Any, loader: DataLoader) -> None:
-        self.loader = loader
-        self.items: list[tuple[torch.Tensor, list[torch.Tensor] | None, Any, torch.Tensor]] = []
-        size = 0
-        with guards.eval_mode(la.model):
-            for batch in loader:
-                X, y = split_batch(batch, la.dict_key_y, la._device)
-                f_mu, blocks = logit_jacobian_blocks(la.backend, X)
-                size += sum(b.numel() * b.element_size() for b in blocks)
-                keep = size <= GRID_CACHE_BYTES
-                self.items.append((f_mu, blocks if keep else None, X, y))
-
-    def nll(self, la: Any, link_approx: str, n_samples: int) -> float:
-        """Mean validation NLL of the current posterior (same MC draws for every call)."""
-        gen = torch.Generator(device=la._device).manual_seed(0)
-        total, count = 0.0, 0
-        for f_mu, blocks, X, y in self.items:
-            if blocks is None:
-                with guards.eval_mode(la.model):
-                    f_mu, blocks = logit_jacobian_blocks(la.backend, X)
-            f_var = la._functional_variance_blocks(blocks)
-            probs = apply_link(link_approx, f_mu, f_var, n_samples, gen)
-            picked = probs.gather(1, y.long().reshape(-1, 1)).clamp_min(1e-12)
-            total += float(-picked.log().sum())
-            count += len(y)
-        return total / count
+def _mean_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean of ``-log p[label]`` over ``probs`` ``(N, C)`` (floored at 1e-12)."""
+    picked = probs.gather(1, labels.long().reshape(-1, 1).to(probs.device))
+    return float(-picked.clamp_min(1e-12).log().mean())

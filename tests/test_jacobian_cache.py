@@ -1,0 +1,46 @@
+"""LogitJacobianCache: cached scoring equals the posterior's own predictive."""
+
+from __future__ import annotations
+
+import torch
+
+from laplace_lora_ext.jacobian_cache import LogitJacobianCache
+from tests.models import loader, lora_laplace, random_batch, tiny_llama
+
+
+def _fitted():
+    batch = random_batch(n=6, n_classes=3)
+    la = lora_laplace(tiny_llama())
+    la.fit(loader(batch, 3))
+    la.prior_precision = torch.linspace(0.5, 2.0, len(la.params), dtype=la._dtype)
+    return la, batch
+
+
+def test_cache_scores_like_the_posterior_and_recomputes_over_budget():
+    la, batch = _fitted()
+    kept = LogitJacobianCache(la, loader(batch, 3))
+    dropped = LogitJacobianCache(la, loader(batch, 3), max_bytes=0)  # nothing kept
+    assert len(kept) == len(dropped) == 2
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(kept.probs(la, "probit"), la(x, link_approx="probit"))
+    torch.testing.assert_close(kept.logits, la.predictive_moments(x)[0])
+    assert torch.equal(kept.labels, batch["labels"])
+    draws = [c.probs(la, "mc", 50, torch.Generator().manual_seed(1)) for c in (kept, dropped)]
+    torch.testing.assert_close(draws[0], draws[1])
+
+
+def test_keep_masks_the_variance_of_other_tensors():
+    la, batch = _fitted()
+    cache = LogitJacobianCache(la, loader(batch, 3), block_dtype=torch.float32)
+    assert all(b.dtype == torch.float32 for _, blocks, _ in cache for b in blocks)
+    none = cache.probs(la, "mc", 10, keep=set())  # no variance: the MAP's softmax
+    torch.testing.assert_close(none, cache.logits.to(none.dtype).softmax(-1))
+    last = len(la.params) - 1
+    _, blocks, _ = next(iter(LogitJacobianCache(la, [batch])))  # all 6 examples at once
+    only_last = [b if i == last else torch.zeros_like(b) for i, b in enumerate(blocks)]
+    expected = la._functional_variance_blocks(only_last)
+    probs_last = cache.probs(la, "probit", keep={last})
+    kappa = (1 + torch.pi / 8 * expected.diagonal(dim1=-2, dim2=-1)).rsqrt()
+    torch.testing.assert_close(
+        probs_last, torch.softmax(kappa * cache.logits.to(kappa.dtype), -1), rtol=1e-4, atol=1e-6
+    )
