@@ -9,6 +9,7 @@ default per tensor, with the training NLL of the MAP at each checkpoint. Converg
 the evidence are printed.
 
     python -m benchmarks.prior_memorised_check TASK > benchmarks/results/prior_memorised_check_TASK.log
+    python -m benchmarks.prior_memorised_check TASK 160   # only the listed steps
 """
 
 # ruff: noqa: E501  (a dev study: one printed line per rule)
@@ -35,7 +36,7 @@ def line(name, m, extra=""):
     return f"{name:14s} | VAL acc {m['acc']:.3f} ece {100 * m['ece']:5.1f} nll {m['nll']:.3f} conf {m['conf']:.3f} {extra}"
 
 
-def main(task: str, threads: int = 1) -> None:
+def main(task: str, steps: list[int] | None = None, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     cfg = FinetuneConfig(
         model="smollm2", task=task, seed=0, data_seed=0, n_train=128, n_test=200,
@@ -44,7 +45,7 @@ def main(task: str, threads: int = 1) -> None:
     t0 = time.time()
     train(cfg, progress=False)
     print(f"trained {time.time() - t0:.0f}s", flush=True)
-    for step in range(2 * EVERY, STEPS + 1, 2 * EVERY):
+    for step in steps or range(2 * EVERY, STEPS + 1, 2 * EVERY):
         peft_model, tok, wrapper, data = load_run(cfg, step)
         collate = make_collate(tok, data.kind, cfg.seq_len)
         train_loader = make_loader(data.train, collate, 8)
@@ -86,4 +87,4 @@ def main(task: str, threads: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    main(sys.argv[1], [int(s) for s in sys.argv[2:]] or None)
