@@ -9,7 +9,8 @@ probabilities.
 
 Both Monte Carlo links draw antithetic pairs (``z`` and ``-z``; :func:`antithetic_normal`).
 The estimate stays unbiased, and with two classes and an even ``n_samples`` its argmax is
-the MAP's exactly, as is the exact integral's: ``σ(m + a) + σ(m - a) > 1`` iff ``m > 0``.
+the MAP's, as is the exact integral's: ``σ(m + a) + σ(m - a) > 1`` iff ``m > 0`` (float64
+can only tie the two, when both draws of a pair saturate the softmax).
 Plain draws flip near-tied examples at random when the logit variance is large (measured
 on a memorised adapter: 7 of 100 validation answers with 100 samples, 2.6 with 1000;
 ``benchmarks/mc_antithetic_check.py``).

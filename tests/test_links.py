@@ -98,11 +98,16 @@ def test_antithetic_normal_pairs_and_odd_count():
     seed=st.integers(0, 2**16),
 )
 def test_mc_keeps_the_map_argmax_of_two_classes(margin, sign, scale, corr, half, seed):
-    """Antithetic pairs: with C = 2 and an even sample count the MC argmax is MAP's, as for
-    the exact integral, however large the variance (plain draws flip near-ties)."""
+    """Antithetic pairs: with C = 2 and an even sample count MAP's class is never the less
+    probable one, as for the exact integral, however large the variance (plain draws flip
+    near-ties). Float64 can only tie them: when both draws of a pair saturate the softmax
+    (e.g. |f_1 - f_0| > 37), the pair averages to exactly (0.5, 0.5)."""
     mu = torch.tensor([[0.0, sign * margin]], dtype=torch.float64)
     var = scale**2 * torch.tensor([[[1.0, corr], [corr, 1.0]]], dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
+    top, other = int(mu.argmax(-1)), int(mu.argmin(-1))
     for link in (mc_joint, mc_indep):
         p = link(mu, var, n_samples=2 * half, generator=gen)
-        assert int(p.argmax(-1)) == int(mu.argmax(-1))
+        assert float(p[0, top] - p[0, other]) >= -1e-12
+        if scale < 3:  # no saturation: a strict answer
+            assert int(p.argmax(-1)) == top
