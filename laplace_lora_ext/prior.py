@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, guards
-from .inputs import split_batch
+from .inputs import forward_logits, split_batch
 from .predictive import logit_jacobian_blocks
 
 __all__ = [
@@ -332,7 +332,7 @@ def function_space_sums(la: Any, loader: Iterable[Any], free: Tensor) -> tuple[T
             X, _ = split_batch(batch, la.dict_key_y, la._device)
             f_mu, blocks = logit_jacobian_blocks(la.backend, X)
             with torch.no_grad(), adapters_disabled(la.model):
-                f_base = la.model(X).detach().to(f_mu.dtype)
+                f_base = forward_logits(la.model, X, la.dict_key_y).to(f_mu.dtype)
             change += _centre(f_mu - f_base, -1).double().square().sum().cpu()
             for keep, W in zip(free.tolist(), blocks, strict=True):
                 if keep:

@@ -11,19 +11,24 @@ import torch
 
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matched_precision
-from tests.models import loader, lora_laplace, random_batch, tiny_llama
+from tests.models import loader, lora_laplace, random_batch, tiny_llama, tiny_roberta
 
 
-def brute_force_delta_b(model: torch.nn.Module, batch: dict) -> float:
+def brute_force_delta_b(model: torch.nn.Module, batch: dict, hf: bool = False) -> float:
+    """``hf``: a bare PEFT/HF model, called as ``model(**inputs).logits``."""
     params = [p for n, p in model.named_parameters() if "lora_B" in n]
     X = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(X)
+
+    def logits_of(m: torch.nn.Module) -> torch.Tensor:
+        return m(**X).logits if hf else m(X)
+
+    logits = logits_of(model)
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for n, p in zeroed.named_parameters():
             if "lora_B" in n:
                 p.zero_()
-        base = zeroed(X)
+        base = logits_of(zeroed)
     centred = logits - logits.mean(-1, keepdim=True)
     jac = 0.0
     for i in range(centred.shape[0]):
@@ -47,6 +52,20 @@ def test_function_space_prior_matches_brute_force(structure):
     got = la.prior_precision
     torch.testing.assert_close(got[~is_a], torch.full_like(got[~is_a], want_b), rtol=1e-8, atol=0)
     torch.testing.assert_close(got[is_a], spread_matched_precision(la)[is_a].to(got))
+
+
+def test_function_space_prior_on_a_bare_peft_model():
+    """A PeftModel given directly is called with ``**inputs`` for the base logits too (as
+    for the fit), with its trained ``modules_to_save`` head left on."""
+    model = tiny_roberta(seed=3)
+    batch = random_batch(n=5, n_classes=2, seed=4)
+    la = lora_laplace(model)
+    la.fit(loader(batch, 2))
+    la.optimize_prior_precision(method="function_space")
+    is_a = lora_a_mask(la.lora_param_names)
+    want_b = brute_force_delta_b(model, batch, hf=True)
+    got = la.prior_precision[~is_a]
+    torch.testing.assert_close(got, torch.full_like(got, want_b), rtol=1e-8, atol=0)
 
 
 def test_function_space_uses_every_fit_and_restores_the_adapters():
