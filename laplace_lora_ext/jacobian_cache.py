@@ -54,19 +54,20 @@ class LogitJacobianCache:
         progress: bool = False,
     ) -> None:
         self._la = la
+        self._block_dtype = block_dtype
         self._items: list[tuple[torch.Tensor, list[torch.Tensor] | None, Any, torch.Tensor]] = []
         size = 0
         with guards.eval_mode(la.model):
             for batch in tqdm.tqdm(loader, desc="GLM pass", leave=False, disable=not progress):
                 X, y = split_batch(batch, la.dict_key_y, la._device)
-                f_mu, blocks = self._blocks(X, block_dtype)
+                f_mu, blocks = self._blocks(X)
                 size += sum(b.numel() * b.element_size() for b in blocks)
                 keep = size <= max_bytes
                 self._items.append((f_mu, blocks if keep else None, None if keep else X, y))
-        self._block_dtype = block_dtype
 
-    def _blocks(self, X: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _blocks(self, X: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         f_mu, blocks = logit_jacobian_blocks(self._la.backend, X)
+        dtype = self._block_dtype
         return f_mu, blocks if dtype is None else [b.to(dtype) for b in blocks]
 
     def __len__(self) -> int:
@@ -76,7 +77,7 @@ class LogitJacobianCache:
         for f_mu, blocks, X, y in self._items:
             if blocks is None:
                 with guards.eval_mode(self._la.model):
-                    f_mu, blocks = self._blocks(X, self._block_dtype)
+                    f_mu, blocks = self._blocks(X)
             yield f_mu, blocks, y
 
     @property

@@ -241,8 +241,8 @@ class LoraLaplaceMixin(PriorTuningMixin):
         # kept (a reference, no copy) for optimize_prior_precision(method="function_space");
         # a one-shot iterator is spent by now, so nothing is kept (None: data unavailable)
         previous = [] if override else getattr(self, "_fit_loaders", [])
-        one_shot = isinstance(train_loader, Iterator) or previous is None
-        self._fit_loaders = None if one_shot else [*previous, train_loader]
+        data_lost = previous is None or isinstance(train_loader, Iterator)
+        self._fit_loaders = None if data_lost else [*previous, train_loader]
 
     def _fit(self, train_loader: DataLoader, override: bool, progress_bar: bool) -> None:
         self._fit_loop(train_loader, override, progress_bar)
