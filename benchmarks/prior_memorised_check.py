@@ -22,11 +22,9 @@ import torch
 from laplace import Laplace
 
 import laplace_lora_ext  # noqa: F401
-from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run, train
-from benchmarks.prior_study import blocks_of, metrics
+from benchmarks.prior_study import blocks_of, metrics, print_map_and_temperature
 from benchmarks.tasks import make_collate, make_loader
-from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.prior import function_space_precision, lora_a_mask
 
 STEPS, EVERY = 960, 160
@@ -56,10 +54,7 @@ def main(task: str, steps: list[int] | None = None, threads: int = 1) -> None:
             f"\n## step {step}: MAP train NLL {la.loss / la.n_data:.5f} ({time.time() - t0:.0f}s)",
             flush=True,
         )
-        vl, vy = torch.cat([f for f, _, _ in val]), torch.cat([y for _, _, y in val])
-        T = temperature(vl.float(), vy)
-        print(line("MAP", classification_metrics(vl.softmax(-1).float(), vy)))
-        print(line("temp", classification_metrics((vl / T).softmax(-1).float(), vy), f"T {T:.2f}"))
+        print_map_and_temperature(val, width=14)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             la.optimize_prior_precision(method="lora_marglik")
