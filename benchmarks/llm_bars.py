@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     for regime, split in (("overfit", "test"), ("early", "test"), ("overfit", "shift")):
         if not any(split in steps[max(steps, key=int)] for steps in summaries.values()):
             continue
+        if regime == "early" and all(len(steps) == 1 for steps in summaries.values()):
+            continue  # one checkpoint per task: no early regime
         md += f"\n## {regime} checkpoint, {split}: ACC / ECE / NLL (means over seeds)\n\n"
         md += compact_table(summaries, regime, split)
     out = Path(args.out)

@@ -166,3 +166,33 @@ def test_score_reads_every_method_from_the_cache():
     assert out["test"]["la_probit"]["nll"] == pytest.approx(expected["nll"], rel=1e-5)
     map_nll = classification_metrics(caches["test"].logits.softmax(-1).float(), batch["labels"])
     assert out["test"]["map"]["nll"] == pytest.approx(map_nll["nll"])
+
+
+def test_memorised_merge_combines_seed_files(tmp_path):
+    """Per-seed ``llm_calibration`` files of one task become one payload over both seeds,
+    with the default's rule named from the MAP's training NLL."""
+    import json
+
+    from benchmarks.llm_memorised import merge_seeds, per_seed_rows
+
+    methods = ("map", "temp", "la", "la_marglik", "la_val")
+    paths = []
+    for seed, nll in ((0, 1e-4), (1, 0.05)):
+        ckpt = {
+            "test": {m: _metrics(0.5 + 0.1 * seed) for m in methods} | {"_entropy": {}},
+            "_train_nll": nll,
+            "_temperature": 2.0,
+        }
+        payload = {
+            "args": {"seeds": [seed], "steps": 240},
+            "runs": {"task": {str(seed): {"checkpoints": {"240": ckpt}}}},
+            "wall_s": 10.0,
+        }
+        paths.append(tmp_path / f"x_seed{seed}.json")
+        paths[-1].write_text(json.dumps(payload))
+    merged = merge_seeds(paths)
+    assert merged["args"]["seeds"] == [0, 1] and merged["wall_s"] == 20.0
+    assert merged["summary"]["task"]["240"]["test"]["map"]["acc"][0] == pytest.approx(0.55)
+    rows = per_seed_rows(merged)
+    assert "| task | 0 | 1.0e-04 | function space |" in rows[0]
+    assert "| task | 1 | 5.0e-02 | evidence |" in rows[1]
