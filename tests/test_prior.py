@@ -156,6 +156,28 @@ def test_marglik_warns_when_not_converged():
         la.optimize_prior_precision(method="marglik", n_steps=1, init_prior_prec=1e-3)
 
 
+def test_non_convergence_warning_names_the_method_and_the_callers_line():
+    """The default (``"auto"``, here ``lora_marglik``) says it was the default and does not
+    advise itself; an explicit method is named; both point at the caller's line."""
+    la = fitted("kron")
+    assert la._default_method() == "lora_marglik"  # random labels: nothing memorised
+    with pytest.warns(RuntimeWarning, match="did not converge") as caught:
+        la.optimize_prior_precision(lr=1e-6, init_prior_prec=1e-3)
+    (w,) = [w for w in caught if "did not converge" in str(w.message)]
+    assert "the default, here method='lora_marglik'" in str(w.message)
+    assert "method='auto'" not in str(w.message)
+    assert w.filename == __file__
+    with pytest.warns(RuntimeWarning, match="did not converge") as caught:
+        la.optimize_prior_precision(method="lora_marglik", lr=1e-6, init_prior_prec=1e-3)
+    (w,) = [w for w in caught if "did not converge" in str(w.message)]
+    assert "optimize_prior_precision(method='lora_marglik')" in str(w.message)
+    assert "method='auto'" in str(w.message) and w.filename == __file__
+    with pytest.warns(RuntimeWarning, match="did not converge") as caught:
+        la.optimize_prior_precision(method="marglik", n_steps=1, init_prior_prec=1e-3)
+    (w,) = [w for w in caught if "did not converge" in str(w.message)]
+    assert "method='marglik'" in str(w.message) and w.filename == __file__
+
+
 def test_marglik_converged_is_silent():
     import warnings
 

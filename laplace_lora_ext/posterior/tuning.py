@@ -157,7 +157,7 @@ class PriorTuningMixin:
                 progress_bar=progress_bar,
                 **structure,
             )
-            self._warn_if_marglik_not_converged(n_steps)
+            self._warn_if_marglik_not_converged(n_steps, stacklevel=3)
         else:
             self._optimize_gridsearch(
                 val_loader,
@@ -286,7 +286,9 @@ class PriorTuningMixin:
             (-self.log_marginal_likelihood(prior_precision=precision())).backward()
             optimizer.step()
         self.prior_precision = precision().detach()
-        self._warn_if_marglik_not_converged(n_steps, free=~fixed)
+        self._warn_if_marglik_not_converged(
+            n_steps, free=~fixed, method="lora_marglik", default=not warn_memorised, stacklevel=4
+        )
         if warn_memorised and self._training_data_memorised():
             warnings.warn(
                 "optimize_prior_precision(method='lora_marglik'): the fine-tuned model has "
@@ -300,25 +302,49 @@ class PriorTuningMixin:
 
     # ------------------------------------------------------------------ marglik
     def _warn_if_marglik_not_converged(
-        self, n_steps: int, free: torch.Tensor | None = None
+        self,
+        n_steps: int,
+        free: torch.Tensor | None = None,
+        method: str = "marglik",
+        default: bool = False,
+        stacklevel: int = 3,
     ) -> None:
+        """Warn if ``|d log Z / d log δ|`` per example exceeds :data:`MARGLIK_GRAD_TOL`.
+
+        ``free`` ``(L,)``: the precisions that were optimised; ``method``: the name the
+        warning gives; ``default``: the call was the default (``method="auto"``), so the
+        advice does not send the user back to it; ``stacklevel``: frames up to the caller
+        of ``optimize_prior_precision``.
+        """
         log_prec = self.prior_precision.detach().log().requires_grad_(True)
         lml = self.log_marginal_likelihood(prior_precision=log_prec.exp())
         (grad,) = torch.autograd.grad(lml, log_prec)
         grad = grad if free is None else grad[free]
         worst = float(grad.abs().max()) / max(self.n_data, 1)
-        if worst > MARGLIK_GRAD_TOL:
-            rising = "rising" if float(grad.sum()) < 0 else "changing"
-            warnings.warn(
-                f"optimize_prior_precision(method='marglik') did not converge in {n_steps} "
-                f"steps: the log evidence is still {rising} (|d log Z/d log δ| = "
-                f"{float(grad.abs().max()):.3g}). With a saturated softmax (training data "
-                "memorised) it keeps rising as the prior precision falls and the answer is set "
-                "by n_steps, which makes predictions underconfident. Use the default "
-                "(method='auto'), 'function_space', or 'gridsearch' with a validation loader.",
-                RuntimeWarning,
-                stacklevel=3,
+        if worst <= MARGLIK_GRAD_TOL:
+            return
+        who = (
+            f"optimize_prior_precision() (the default, here method={method!r})"
+            if default
+            else f"optimize_prior_precision(method={method!r})"
+        )
+        message = (
+            f"{who} did not converge in {n_steps} steps: |d log Z/d log δ| = "
+            f"{float(grad.abs().max()):.3g} ({worst:.2g} per training example, tolerance "
+            f"{MARGLIK_GRAD_TOL:g})."
+        )
+        if float(grad.sum()) < 0:
+            message += (
+                " The evidence still rises as the prior precision falls. With a saturated "
+                "softmax (training data memorised) it keeps rising and the answer is set by "
+                "n_steps, which makes predictions underconfident."
             )
+        others = "" if default else "the default (method='auto'), "
+        message += (
+            f" Pass a larger n_steps, or use {others}method='function_space', or "
+            "'gridsearch' with a validation loader."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------ gridsearch
     def _optimize_gridsearch(
