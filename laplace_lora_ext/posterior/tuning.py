@@ -141,7 +141,7 @@ class PriorTuningMixin:
             method = "lora_marglik"
         if method == "lora_marglik":
             self._optimize_lora_marglik(
-                max(n_steps, 200), lr, float(init_prior_prec), warn_memorised=not default
+                max(n_steps, 200), lr, float(init_prior_prec), default=default
             )
         elif method == "linearised":
             self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
@@ -254,7 +254,7 @@ class PriorTuningMixin:
         lr: float,
         init: float,
         delta_a: torch.Tensor | None = None,
-        warn_memorised: bool = True,
+        default: bool = False,
     ) -> None:
         """``lora_A``: spread-matched prior; every other tensor: layerwise marglik.
 
@@ -262,7 +262,9 @@ class PriorTuningMixin:
         :func:`laplace_lora_ext.prior.spread_matched_precision`; the others maximise
         laplace-torch's log marginal likelihood (Adam on ``log δ``, as ``method="marglik"``)
         with the ``lora_A`` ones held fixed. ``delta_a`` ``(L,)`` replaces the spread-matched
-        precisions (entries at ``lora_A`` positions are used; for studies).
+        precisions (entries at ``lora_A`` positions are used; for studies). ``default``:
+        called as the default (``method="auto"``), which has already checked for memorised
+        data, so only the warnings of an explicit call are given.
         """
         fixed = priors.lora_a_mask(self.lora_param_names).to(self._device)
         if bool(fixed.all()):
@@ -287,9 +289,9 @@ class PriorTuningMixin:
             optimizer.step()
         self.prior_precision = precision().detach()
         self._warn_if_marglik_not_converged(
-            n_steps, free=~fixed, method="lora_marglik", default=not warn_memorised, stacklevel=4
+            n_steps, free=~fixed, method="lora_marglik", default=default, stacklevel=4
         )
-        if warn_memorised and self._training_data_memorised():
+        if not default and self._training_data_memorised():
             warnings.warn(
                 "optimize_prior_precision(method='lora_marglik'): the fine-tuned model has "
                 f"memorised its training data (mean training NLL {self._train_nll():.2g} < "
