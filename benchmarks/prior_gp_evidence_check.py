@@ -32,7 +32,7 @@ from benchmarks.finetune import FinetuneConfig, load_run
 from benchmarks.prior_study import blocks_of, metrics, print_map_and_temperature
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext.inputs import forward_logits, split_batch
-from laplace_lora_ext.prior import adapters_disabled, function_space_precision, lora_a_mask
+from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matched_precision
 
 CONFIGS = {
     "memo128": (dict(n_train=128, n_test=200, steps=960, save_every=160), 320, "memo-{task}-seed0"),
@@ -120,10 +120,12 @@ def main(task: str, which: str) -> None:
     print(f"## {task} {which} step {step}: MAP train NLL {la.loss / la.n_data:.2e}", flush=True)
     val = blocks_of(la, make_loader(data.validation, collate, 8))
     print_map_and_temperature(val, width=16)
-    prior = function_space_precision(la, train_loader)
+    prior = spread_matched_precision(la).to(la._dtype)
     is_a = lora_a_mask(la.lora_param_names)
     y, K = changes_and_gram(la, blocks_of(la, train_loader), train_loader)
-    rules = {"trace (default)": float(prior[~is_a][0]), **evidence_deltas(y, K)}
+    # function_space_precision's δ_B: ‖P J‖²_F / ‖P Δf‖², the same in the basis Q of range(P)
+    trace = float(K.trace() / y.square().sum())
+    rules = {"trace (default)": trace, **evidence_deltas(y, K)}
     for d in (3, 10, 30, 100, 300, 1000):
         rules[f"fixed {d}"] = float(d)
     for rule, d in rules.items():
