@@ -75,10 +75,25 @@ class LogitJacobianCache:
 
     def __iter__(self) -> Iterator[Batch]:
         for f_mu, blocks, X, y in self._items:
-            if blocks is None:
+            if blocks is None:  # the stored logits stand (see ``with_logits``)
                 with guards.eval_mode(self._la.model):
-                    f_mu, blocks = self._blocks(X)
+                    _, blocks = self._blocks(X)
             yield f_mu, blocks, y
+
+    def with_logits(self, logits: torch.Tensor) -> LogitJacobianCache:
+        """A copy that shares this cache's Jacobian blocks and labels but centres the
+        predictive at ``logits`` ``(N, C)`` instead of the MAP's (e.g. leave-one-out
+        logits, :mod:`laplace_lora_ext.loo_prior`)."""
+        if logits.shape != self.logits.shape:
+            raise ValueError(f"logits must have shape {tuple(self.logits.shape)}.")
+        out = LogitJacobianCache.__new__(LogitJacobianCache)
+        out._la, out._block_dtype = self._la, self._block_dtype
+        out._items, start = [], 0
+        for f_mu, blocks, X, y in self._items:
+            new = logits[start : start + len(f_mu)].to(f_mu)
+            out._items.append((new, blocks, X, y))
+            start += len(f_mu)
+        return out
 
     @property
     def logits(self) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
+from laplace_lora_ext.links import probit
 from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
 
@@ -44,3 +46,19 @@ def test_keep_masks_the_variance_of_other_tensors():
     torch.testing.assert_close(
         probs_last, torch.softmax(kappa * cache.logits.to(kappa.dtype), -1), rtol=1e-4, atol=1e-6
     )
+
+
+def test_with_logits_recentres_the_predictive_and_keeps_it_when_recomputing():
+    la, batch = _fitted()
+    shifted = torch.randn(6, 3, dtype=la._dtype, generator=torch.Generator().manual_seed(0))
+    for max_bytes in (float("inf"), 0):
+        cache = LogitJacobianCache(la, loader(batch, 3), max_bytes=max_bytes)
+        moved = cache.with_logits(shifted)
+        torch.testing.assert_close(moved.logits, shifted.to(moved.logits))
+        assert torch.equal(moved.labels, cache.labels)
+        assert torch.equal(cache.logits, LogitJacobianCache(la, loader(batch, 3)).logits)
+        x = {k: v for k, v in batch.items() if k != "labels"}
+        f_var = la.predictive_moments(x)[1]
+        torch.testing.assert_close(moved.probs(la, "probit"), probit(shifted.to(f_var), f_var))
+    with pytest.raises(ValueError, match="shape"):
+        cache.with_logits(shifted[:2])

@@ -42,13 +42,21 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader
 
-from .. import distributed
+from .. import distributed, loo_prior
 from .. import prior as priors
 from ..jacobian_cache import LogitJacobianCache
 
 __all__ = ["PriorTuningMixin", "TUNING_METHODS", "DEFAULT_METHOD"]
 
-TUNING_METHODS = ("auto", "lora_marglik", "function_space", "linearised", "marglik", "gridsearch")
+TUNING_METHODS = (
+    "auto",
+    "lora_marglik",
+    "function_space",
+    "leave_one_out",
+    "linearised",
+    "marglik",
+    "gridsearch",
+)
 #: What ``optimize_prior_precision()`` does without ``method``: ``"auto"`` picks
 #: ``"function_space"`` on memorised training data, else ``"lora_marglik"`` (module docstring).
 DEFAULT_METHOD = "auto"
@@ -68,6 +76,7 @@ def _refuse_ignored_options(method: str, prior_structure: str | None, loss: Any)
         "auto": (None, "layerwise"),
         "lora_marglik": (None, "layerwise"),
         "function_space": (None, "layerwise"),
+        "leave_one_out": (None, "layerwise"),
         "gridsearch": (None, "scalar"),
         "linearised": (None, "scalar", "layerwise"),
     }
@@ -135,8 +144,8 @@ class PriorTuningMixin:
         _refuse_ignored_options(method, prior_structure, loss)
         if default:
             method = self._default_method()
-        if method == "function_space":
-            if self._optimize_function_space(fall_back=default):
+        if method in ("function_space", "leave_one_out"):
+            if self._optimize_from_training_data(method, n_samples, fall_back=default):
                 return
             method = "lora_marglik"
         if method == "lora_marglik":
@@ -219,8 +228,12 @@ class PriorTuningMixin:
         for loader in loaders:
             yield from distributed.FitShard(loader, self.dict_key_y).batches()
 
-    def _optimize_function_space(self, fall_back: bool = False) -> bool:
-        """:func:`laplace_lora_ext.prior.function_space_precision` on the loaders of ``fit``.
+    def _optimize_from_training_data(
+        self, method: str, n_samples: int = 100, fall_back: bool = False
+    ) -> bool:
+        """``"function_space"`` (:func:`laplace_lora_ext.prior.function_space_precision`)
+        or ``"leave_one_out"`` (:func:`laplace_lora_ext.loo_prior.loo_precision`) on the
+        loaders of ``fit``.
 
         Returns ``True`` once the prior is set. With ``fall_back`` (the default method), an
         adapter that has not changed the logits warns and returns ``False`` (the caller then
@@ -229,12 +242,16 @@ class PriorTuningMixin:
         loaders = getattr(self, "_fit_loaders", None)
         if not loaders:
             raise ValueError(
-                "method='function_space' reads the training data given to fit() again; call "
+                f"method={method!r} reads the training data given to fit() again; call "
                 "la.fit(train_loader) first, with a re-iterable loader (a DataLoader or a "
                 "list of batches, not a one-shot iterator)."
             )
+        batches = self._fit_batches(loaders)
         try:
-            delta = priors.function_space_precision(self, self._fit_batches(loaders))
+            if method == "leave_one_out":
+                delta = loo_prior.loo_precision(self, batches, n_samples)
+            else:
+                delta = priors.function_space_precision(self, batches)
         except priors.UnchangedLogitsError as e:
             if not fall_back:
                 raise

@@ -1,0 +1,152 @@
+"""``optimize_prior_precision(method="leave_one_out")`` against brute force: explicit
+leave-one-out kernel regressions (one solve per left-out example), and ``B = 0``
+Jacobians and base logits from a copy of the model with ``lora_B`` zeroed (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from laplace_lora_ext import loo_prior
+from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
+from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
+from tests.models import loader, lora_laplace, random_batch, tiny_llama
+
+
+def explicit_loo_residuals(y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """``y_n - K_n,-n K_-n,-n⁻¹ y_-n`` for every ``n``, one solve each."""
+    M, k = y.shape
+    out = []
+    for n in range(M):
+        rows = torch.arange(n * k, (n + 1) * k)
+        rest = torch.tensor([i for i in range(M * k) if not n * k <= i < (n + 1) * k])
+        mu = K[rows][:, rest] @ torch.linalg.solve(K[rest][:, rest], y.reshape(-1)[rest])
+        out.append(y[n] - mu)
+    return torch.stack(out)
+
+
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(2, 6), k=st.integers(1, 3), extra=st.integers(0, 4), seed=st.integers(0, 999))
+def test_loo_residuals_match_explicit_refits(M, k, extra, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(M * k, M * k + extra, generator=g, dtype=torch.float64)
+    K = G @ G.T + 0.1 * torch.eye(M * k, dtype=torch.float64)
+    y = torch.randn(M, k, generator=g, dtype=torch.float64)
+    got = loo_prior.loo_residuals(y, K)
+    torch.testing.assert_close(got, explicit_loo_residuals(y, K), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("C", [2, 3, 5])
+def test_centred_basis_is_orthonormal_and_centred(C):
+    Q = loo_prior.centred_basis(C)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(C - 1, dtype=Q.dtype))
+    torch.testing.assert_close(Q @ Q.T, torch.eye(C, dtype=Q.dtype) - 1.0 / C)
+
+
+def test_lora_b_zeroed_restores_the_weights_even_on_error():
+    model = tiny_llama(seed=3)
+    la = lora_laplace(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), loo_prior.lora_b_zeroed(la):
+        for n, p in model.named_parameters():
+            assert torch.equal(p, torch.zeros_like(p) if "lora_B" in n else before[n]), n
+        raise RuntimeError("boom")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def brute_force_loo_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0``."""
+    X = {k: v for k, v in batch.items() if k != "labels"}
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in zeroed.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    params = [p for n, p in zeroed.named_parameters() if "lora_B" in n]
+    base = zeroed(X)
+    C = base.shape[-1]
+    Q = loo_prior.centred_basis(C)
+    rows = []
+    for i in range(base.shape[0]):
+        for j in range(C - 1):
+            out = base[i] @ Q[:, j]
+            grads = torch.autograd.grad(out, params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    J = torch.stack(rows)
+    f_map = model(X).detach()
+    y = (f_map - base.detach()) @ Q
+    resid = explicit_loo_residuals(y, J @ J.T)
+    return f_map - resid @ Q.T
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structure):
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model, structure)
+    la.fit(loader(batch, 2))
+    cache = loo_prior.loo_cache(la, loader(batch, 2))
+    torch.testing.assert_close(
+        cache.logits, brute_force_loo_logits(model, batch), rtol=1e-6, atol=1e-8
+    )
+    torch.testing.assert_close(cache.labels, batch["labels"])
+
+    la.optimize_prior_precision(method="leave_one_out")
+    got = la.prior_precision.clone()
+    is_a = lora_a_mask(la.lora_param_names)
+    torch.testing.assert_close(got[is_a], spread_matched_precision(la)[is_a].to(got))
+    delta_b = got[~is_a]
+    assert torch.all(delta_b == delta_b[0])
+
+    def nll_at(delta: float) -> float:  # the same joint MC predictive, brute-force LOO logits
+        la.prior_precision = torch.where(is_a, got, torch.full_like(got, delta))
+        probs = cache.probs(la, "mc", 100, torch.Generator().manual_seed(0))
+        return float(-probs[torch.arange(6), batch["labels"]].log().sum())
+
+    d = float(delta_b[0])
+    assert nll_at(d) <= min(nll_at(d * 10**0.0625), nll_at(d * 10**-0.0625)) + 1e-12
+    for n, p in model.named_parameters():  # lora_B restored after the B = 0 pass
+        if "lora_B" in n:
+            assert p.abs().sum() > 0
+
+
+def test_leave_one_out_refuses_untrained_adapters_and_missing_data():
+    model = tiny_llama(seed=3)
+    la = lora_laplace(model)
+    with pytest.raises(ValueError, match="call la.fit"):
+        la.optimize_prior_precision(method="leave_one_out")
+    with pytest.raises(ValueError, match="prior_structure"):
+        la.optimize_prior_precision(method="leave_one_out", prior_structure="diag")
+    la.fit(loader(random_batch(n=1, n_classes=3, seed=4), 1))
+    with pytest.raises(ValueError, match="at least two"):
+        la.optimize_prior_precision(method="leave_one_out")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    la = lora_laplace(model)
+    la.fit(loader(random_batch(n=4, n_classes=3), 2))
+    with pytest.raises(ValueError, match="does not change the logits"):
+        la.optimize_prior_precision(method="leave_one_out")
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data
+    with pytest.warns(RuntimeWarning, match="does not change the logits"):
+        la.optimize_prior_precision()
+
+
+def test_only_the_examples_within_the_jacobian_budget_are_used(monkeypatch):
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model)
+    la.fit(loader(batch, 2))
+    monkeypatch.setattr(loo_prior, "LOO_JACOBIAN_BYTES", 1)  # one batch only
+    cache = loo_prior.loo_cache(la, loader(batch, 2))
+    assert len(cache.labels) == 2
+    first = {k: v[:2] for k, v in batch.items()}
+    torch.testing.assert_close(
+        cache.logits, brute_force_loo_logits(model, first), rtol=1e-6, atol=1e-8
+    )
