@@ -91,7 +91,9 @@ def loo_cache(cache, Q: torch.Tensor, resid: torch.Tensor):
     return out
 
 
-def gp_loo_nll(f_loo: torch.Tensor, cov: torch.Tensor, Q: torch.Tensor, labels, delta: float) -> float:
+def gp_loo_nll(
+    f_loo: torch.Tensor, cov: torch.Tensor, Q: torch.Tensor, labels, delta: float
+) -> float:
     """NLL of the joint MC predictive with the kernel's leave-one-out covariance / δ."""
     g = torch.Generator().manual_seed(0)
     Lc = torch.linalg.cholesky(cov / delta + 1e-12 * torch.eye(cov.shape[-1], dtype=cov.dtype))
@@ -117,7 +119,10 @@ def main(task: str, which: str, seed: int = 0, kernel: str = "init") -> None:
     train_loader = make_loader(data.train, collate, 8)
     la = Laplace(wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
     la.fit(train_loader)
-    print(f"## {task} {which} seed {seed} step {step}: MAP train NLL {la.loss / la.n_data:.2e}", flush=True)
+    print(
+        f"## {task} {which} seed {seed} step {step}: MAP train NLL {la.loss / la.n_data:.2e}",
+        flush=True,
+    )
     val = blocks_of(la, make_loader(data.validation, collate, 8))
     T_val = print_map_and_temperature(val, width=14)
     train = blocks_of(la, train_loader)
@@ -139,7 +144,10 @@ def main(task: str, which: str, seed: int = 0, kernel: str = "init") -> None:
     T_loo = float(temperature(f_loo.float(), labels))
     for nm, T in (("LOO point", 1.0), ("LOO temp", T_loo)):
         m = classification_metrics((f_loo / T).softmax(-1).float(), labels)
-        print(f"{nm:14s} T {T:.3f} | TRAIN-LOO acc {m['acc']:.3f} ece {100 * m['ece']:5.1f} nll {m['nll']:.3f} conf {m['conf']:.3f}  (val T {T_val:.3f})", flush=True)
+        print(
+            f"{nm:14s} T {T:.3f} | TRAIN-LOO acc {m['acc']:.3f} ece {100 * m['ece']:5.1f} nll {m['nll']:.3f} conf {m['conf']:.3f}  (val T {T_val:.3f})",
+            flush=True,
+        )
 
     prior = spread_matched_precision(la).to(la._dtype)
     is_a = lora_a_mask(la.lora_param_names)
@@ -150,7 +158,9 @@ def main(task: str, which: str, seed: int = 0, kernel: str = "init") -> None:
     loo_nll = {d: metrics(la, loo, at(d))["nll"] for d in GRID}
     gp_nll = {d: gp_loo_nll(f_loo, cov, Q, labels, d) for d in GRID}
     print("  LOO NLL by dB: " + " ".join(f"{d:.3g}:{v:.3f}" for d, v in loo_nll.items()))
-    print("  GP-LOO NLL by dB: " + " ".join(f"{d:.3g}:{v:.3f}" for d, v in gp_nll.items()), flush=True)
+    print(
+        "  GP-LOO NLL by dB: " + " ".join(f"{d:.3g}:{v:.3f}" for d, v in gp_nll.items()), flush=True
+    )
     rules = {
         "trace (default)": float(K_map.trace() / y.square().sum()),
         f"trace ({kernel})": float(K.trace() / y.square().sum()),
@@ -162,7 +172,10 @@ def main(task: str, which: str, seed: int = 0, kernel: str = "init") -> None:
     val_grid = {d: metrics(la, val, at(d)) for d in GRID}
     best = min(val_grid, key=lambda d: val_grid[d]["nll"])
     print(row("val-grid best", best, val_grid[best]))
-    print("  VAL NLL by dB: " + " ".join(f"{d:.3g}:{m['nll']:.3f}" for d, m in val_grid.items()), flush=True)
+    print(
+        "  VAL NLL by dB: " + " ".join(f"{d:.3g}:{m['nll']:.3f}" for d, m in val_grid.items()),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

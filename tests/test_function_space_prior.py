@@ -105,7 +105,7 @@ def test_function_space_needs_a_fit_and_a_trained_adapter():
         la.optimize_prior_precision(method="function_space", prior_structure="diag")
 
 
-def test_the_default_uses_function_space_only_on_memorised_training_data():
+def test_the_default_uses_leave_one_out_only_on_memorised_training_data():
     model = tiny_llama(seed=3)
     batch = random_batch(n=5, n_classes=3, seed=4)
     la = lora_laplace(model)
@@ -113,18 +113,18 @@ def test_the_default_uses_function_space_only_on_memorised_training_data():
     assert la.loss / la.n_data > SATURATED_TRAIN_NLL  # a random tiny model: not memorised
     la.optimize_prior_precision(method="lora_marglik")
     marglik = la.prior_precision.clone()
-    la.optimize_prior_precision(method="function_space")
-    fspace = la.prior_precision.clone()
-    assert not torch.allclose(marglik, fspace)
+    la.optimize_prior_precision(method="leave_one_out")
+    loo = la.prior_precision.clone()
+    assert not torch.allclose(marglik, loo)
     la.optimize_prior_precision()
     torch.testing.assert_close(la.prior_precision, marglik)
     la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data  # as if the MAP had memorised the data
     with pytest.warns(RuntimeWarning, match="memorised its training data"):
         la.optimize_prior_precision(method="lora_marglik")
     la.optimize_prior_precision()
-    torch.testing.assert_close(la.prior_precision, fspace)
+    torch.testing.assert_close(la.prior_precision, loo)
     la.optimize_prior_precision(method="auto")
-    torch.testing.assert_close(la.prior_precision, fspace)
+    torch.testing.assert_close(la.prior_precision, loo)
     del la._fit_loaders  # as for a posterior restored from a state dict
     with pytest.warns(RuntimeWarning, match="does not have"):
         la.optimize_prior_precision()

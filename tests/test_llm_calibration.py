@@ -194,5 +194,6 @@ def test_memorised_merge_combines_seed_files(tmp_path):
     assert merged["args"]["seeds"] == [0, 1] and merged["wall_s"] == 20.0
     assert merged["summary"]["task"]["240"]["test"]["map"]["acc"][0] == pytest.approx(0.55)
     rows = per_seed_rows(merged)
-    assert "| task | 0 | 1.0e-04 | function space |" in rows[0]
+    assert "| task | 0 | 1.0e-04 | leave-one-out |" in rows[0]
+    assert rows[0].count("–") == 1  # no previous default in these files
     assert "| task | 1 | 5.0e-02 | evidence |" in rows[1]
