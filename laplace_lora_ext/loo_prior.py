@@ -58,6 +58,7 @@ __all__ = [
     "loo_residuals",
     "loo_cache",
     "loo_precision",
+    "best_loo_precision",
 ]
 
 #: Memory for the ``B = 0`` Jacobians of the examples used (later examples are left out).
@@ -148,17 +149,24 @@ def _kernel_and_base(la: Any, batches: Iterable[Any], free: Tensor) -> tuple[Ten
 
 
 def _grid_nll(
-    la: Any, cache: LogitJacobianCache, prior_at: Any, log10_deltas: Tensor, n_samples: int
+    la: Any,
+    caches: list[LogitJacobianCache],
+    prior_at: Any,
+    log10_deltas: Tensor,
+    n_samples: int,
 ) -> Tensor:
-    """Summed NLL of the training labels ``(G,)`` per ``δ_B`` (all ranks together)."""
-    labels = cache.labels.long().reshape(-1, 1)
+    """Summed NLL of the training labels ``(G,)`` per ``δ_B`` over ``caches`` (and over all
+    ranks in a data-parallel fit)."""
     sums = []
     for d in log10_deltas.tolist():
         la.prior_precision = prior_at(10.0**d)
-        gen = torch.Generator(device=la._device).manual_seed(0)  # same draws per value
-        probs = cache.probs(la, "mc", n_samples, gen)
-        picked = probs.gather(1, labels.to(probs.device))
-        sums.append(-picked.clamp_min(1e-12).log().sum().double().cpu())
+        total = torch.zeros((), dtype=torch.float64)
+        for cache in caches:
+            gen = torch.Generator(device=la._device).manual_seed(0)  # same draws per value
+            probs = cache.probs(la, "mc", n_samples, gen)
+            labels = cache.labels.long().reshape(-1, 1).to(probs.device)
+            total += -probs.gather(1, labels).clamp_min(1e-12).log().sum().double().cpu()
+        sums.append(total)
     total = torch.stack(sums).nan_to_num(float("inf"))
     if distributed.is_distributed():
         total = total.to(la._device)
@@ -196,23 +204,28 @@ def loo_precision(la: Any, batches: Iterable[Any], n_samples: int = 100) -> Tens
     """``(L,)``: ``lora_A`` at :func:`spread_matched_precision`, every other tensor at the
     ``δ_B`` whose joint MC predictive (``n_samples``, common random numbers), centred at
     the leave-one-out logits of :func:`loo_cache`, has the lowest NLL on the training
-    labels: a coarse grid over ``10^-4 … 10^6`` (half decades), then sixteenths of a
-    decade around its best. Leaves ``la.prior_precision`` set to it.
+    labels (:func:`best_loo_precision`). Leaves ``la.prior_precision`` set to it.
 
     Raises:
         UnchangedLogitsError, ValueError: as :func:`loo_cache`.
     """
+    return best_loo_precision(la, [loo_cache(la, batches)], n_samples)
+
+
+def best_loo_precision(la: Any, caches: list[LogitJacobianCache], n_samples: int = 100) -> Tensor:
+    """The search of :func:`loo_precision` on leave-one-out caches (their NLLs summed, and
+    all-reduced over ranks): a coarse grid over ``10^-4 … 10^6`` (half decades), then
+    sixteenths of a decade around its best. Sets and returns ``la.prior_precision``."""
     is_a = lora_a_mask(la.lora_param_names)
     base = spread_matched_precision(la).to(la._device, la._dtype)
-    loo = loo_cache(la, batches)
 
     def prior_at(delta: float) -> Tensor:
         return torch.where(is_a.to(base.device), base, torch.full_like(base, delta))
 
     coarse = COARSE_LOG10.double()
-    best = float(coarse[int(_grid_nll(la, loo, prior_at, coarse, n_samples).argmin())])
+    best = float(coarse[int(_grid_nll(la, caches, prior_at, coarse, n_samples).argmin())])
     fine = best + FINE_STEP * torch.arange(-8, 9, dtype=torch.float64)
-    best = float(fine[int(_grid_nll(la, loo, prior_at, fine, n_samples).argmin())])
+    best = float(fine[int(_grid_nll(la, caches, prior_at, fine, n_samples).argmin())])
     prior = prior_at(10.0**best)
     la.prior_precision = prior
     return prior

@@ -18,7 +18,7 @@ from laplace import Laplace
 from torch.utils.data import BatchSampler, DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from laplace_lora_ext import distributed
+from laplace_lora_ext import distributed, loo_prior
 from laplace_lora_ext.lowrank import LowRankFactor
 from laplace_lora_ext.testing import rel
 from tests.models import DictDataset, random_batch, tiny_llama
@@ -26,6 +26,7 @@ from tests.models import DictDataset, random_batch, tiny_llama
 WORLD = 2
 N = 7  # odd: the DistributedSampler pads rank 1's shard with a repeated example
 N_SECOND = 5
+SHARDS = (range(0, 4), range(4, N))  # the "sharded" scenario's examples per rank
 TOL = 1e-10
 PRIOR = 0.5
 
@@ -87,6 +88,15 @@ def _scenarios(model: torch.nn.Module, make_loader) -> dict[str, dict[str, torch
         la.optimize_prior_precision(method="function_space")
         prior = {"prior": la.prior_precision.detach().clone()}
         out[f"{kind}/function_space"] = {**_summary(la), **prior}
+    # the leave-one-out prior: each rank leaves one out within its shard, NLLs all-reduced
+    la = _laplace(model, "kron")
+    la.fit(make_loader("sharded"))
+    if distributed.is_distributed():
+        la.optimize_prior_precision(method="leave_one_out")
+    else:  # the reference: the same search over both shards' caches in one process
+        shards = [DataLoader(Subset(_dataset(N, seed=1), r), batch_size=3) for r in SHARDS]
+        loo_prior.best_loo_precision(la, [loo_prior.loo_cache(la, s) for s in shards])
+    out["sharded/leave_one_out"] = {**_summary(la), "prior": la.prior_precision.clone()}
     # adding data to a previous fit (override=False) must not re-sum the previous part
     for config in ("kron", "kron_lowrank", "diag"):
         la = _laplace(model, config)
@@ -111,7 +121,7 @@ def _distributed_loader(kind: str, rank: int) -> DataLoader:
         sampler = DistributedSampler(ds, WORLD, rank, shuffle=False, drop_last=True)
         return DataLoader(ds, batch_size=2, sampler=sampler)
     if kind == "sharded":
-        shard = Subset(ds, range(0, 4) if rank == 0 else range(4, N))
+        shard = Subset(ds, SHARDS[rank])
         return distributed.mark_sharded(DataLoader(shard, batch_size=3))
     if kind == "second":  # DistributedSampler inside a batch_sampler, uneven again
         ds2 = _dataset(N_SECOND, seed=2)

@@ -85,11 +85,14 @@ def brute_force_loo_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return f_map - resid @ Q.T
 
 
-@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
-def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structure):
+@pytest.mark.parametrize(
+    "structure, kwargs",
+    [("kron", {}), ("kron", {"factor_rank": 2, "rank_threshold": 4}), ("diag", {}), ("full", {})],
+)
+def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structure, kwargs):
     model = tiny_llama(seed=3)
     batch = random_batch(n=6, n_classes=3, seed=4)
-    la = lora_laplace(model, structure)
+    la = lora_laplace(model, structure, **kwargs)
     la.fit(loader(batch, 2))
     cache = loo_prior.loo_cache(la, loader(batch, 2))
     torch.testing.assert_close(
