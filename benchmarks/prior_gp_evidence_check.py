@@ -32,6 +32,7 @@ from benchmarks.finetune import FinetuneConfig, load_run
 from benchmarks.prior_study import blocks_of, metrics, print_map_and_temperature
 from benchmarks.tasks import make_collate, make_loader
 from laplace_lora_ext.inputs import forward_logits, split_batch
+from laplace_lora_ext.loo_prior import centred_basis
 from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matched_precision
 
 CONFIGS = {
@@ -42,12 +43,6 @@ CONFIGS = {
         "memo240-{task}-seed0",
     ),
 }
-
-
-def centred_basis(C: int) -> torch.Tensor:
-    """``(C, C-1)`` orthonormal basis of the class-centred subspace."""
-    q, _ = torch.linalg.qr(torch.eye(C, dtype=torch.float64) - 1.0 / C)
-    return q[:, : C - 1]
 
 
 @torch.no_grad()

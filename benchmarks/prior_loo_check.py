@@ -28,8 +28,6 @@ spread-matched precision in every row.
 # ruff: noqa: E501  (a dev study: one printed line per rule)
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from laplace import Laplace
@@ -37,58 +35,27 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks.calibration import temperature
 from benchmarks.finetune import FinetuneConfig, load_run
-from benchmarks.prior_gp_evidence_check import CONFIGS, centred_basis, changes_and_gram
+from benchmarks.prior_gp_evidence_check import CONFIGS, changes_and_gram
 from benchmarks.prior_study import blocks_of, metrics, print_map_and_temperature
 from benchmarks.tasks import make_collate, make_loader
+from laplace_lora_ext import loo_prior
 from laplace_lora_ext.evaluation import classification_metrics
+from laplace_lora_ext.loo_prior import centred_basis
 from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
 
 GRID = torch.logspace(0, 4, 33).tolist()
 
 
-def loo_residuals(y: torch.Tensor, K: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel leave-one-out: residuals ``y_i - μ_-i`` ``(N, k)`` and covariances
-    ``[K⁻¹]_ii⁻¹`` ``(N, k, k)`` (noise-free, a 1e-10 relative jitter)."""
-    n = len(y) // k
+def loo_covariances(K: torch.Tensor, k: int) -> torch.Tensor:
+    """The kernel's leave-one-out covariances ``[K⁻¹]_ii⁻¹`` ``(N, k, k)`` (the same 1e-10
+    relative jitter as :func:`laplace_lora_ext.loo_prior.loo_residuals`)."""
+    n = len(K) // k
     jitter = 1e-10 * float(K.diagonal().mean())
-    L = torch.linalg.cholesky(K + jitter * torch.eye(len(y), dtype=K.dtype))
-    Kinv = torch.cholesky_inverse(L)
-    alpha = (Kinv @ y).view(n, k)
+    K_inv = torch.cholesky_inverse(
+        torch.linalg.cholesky(K + jitter * torch.eye(len(K), dtype=K.dtype))
+    )
     idx = torch.arange(n)
-    Kii = Kinv.view(n, k, n, k)[idx, :, idx, :]  # (n, k, k)
-    cov = torch.linalg.inv(Kii)
-    return torch.einsum("nij,nj->ni", cov, alpha), cov
-
-
-@contextmanager
-def lora_b_at_zero(la) -> Iterator[None]:
-    """Every non-``lora_A`` tensor of ``la.params`` set to zero (``B = 0``: the kernel
-    before fine-tuning, with ``A`` as trained), then restored."""
-    is_b = ~lora_a_mask(la.lora_param_names)
-    saved = [(p, p.detach().clone()) for p, b in zip(la.params, is_b.tolist(), strict=True) if b]
-    try:
-        with torch.no_grad():
-            for p, _ in saved:
-                p.zero_()
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in saved:
-                p.copy_(v)
-
-
-def loo_cache(cache, Q: torch.Tensor, resid: torch.Tensor):
-    """A shallow copy of a training cache whose logits are the leave-one-out logits."""
-    out = type(cache).__new__(type(cache))
-    out.__dict__.update(cache.__dict__)
-    items, start = [], 0
-    for f_mu, blocks, X, y in cache._items:
-        b = len(f_mu)
-        shift = (resid[start : start + b] @ Q.T).to(f_mu.dtype)
-        items.append((f_mu - shift, blocks, X, y))
-        start += b
-    out._items = items
-    return out
+    return torch.linalg.inv(K_inv.view(n, k, n, k)[idx, :, idx, :])
 
 
 def gp_loo_nll(
@@ -127,7 +94,7 @@ def main(task: str, which: str, seed: int = 0, kernel: str = "init") -> None:
     T_val = print_map_and_temperature(val, width=14)
     train = blocks_of(la, train_loader)
     if kernel == "init":  # J_B at B = 0: no fitted labels in the kernel
-        with lora_b_at_zero(la):
+        with loo_prior.lora_b_zeroed(la):
             train0 = blocks_of(la, train_loader)
         y, K_map = changes_and_gram(la, train, train_loader)
         _, K = changes_and_gram(la, train0, train_loader)
@@ -138,8 +105,9 @@ def main(task: str, which: str, seed: int = 0, kernel: str = "init") -> None:
     print(f"  kernel at {kernel}", flush=True)
     C = train.logits.shape[-1]
     Q = centred_basis(C)
-    resid, cov = loo_residuals(y, K, C - 1)
-    loo = loo_cache(train, Q, resid)
+    resid = loo_prior.loo_residuals(y.view(-1, C - 1), K)
+    cov = loo_covariances(K, C - 1)
+    loo = train.with_logits(train.logits.double() - resid @ Q.T)
     f_loo, labels = loo.logits.double(), loo.labels
     T_loo = float(temperature(f_loo.float(), labels))
     for nm, T in (("LOO point", 1.0), ("LOO temp", T_loo)):
