@@ -129,6 +129,16 @@ def random_batch(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def zero_lora_B(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every ``lora_B`` weight of ``model`` to zero (in place; an untrained adapter, or a
+    brute-force ``B = 0`` copy) and return the model."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    return model
+
+
 def lora_laplace(model: torch.nn.Module, structure: str = "kron", **kwargs):
     """``laplace.Laplace(model, "classification", subset_of_weights="lora", ...)``."""
     from laplace import Laplace

@@ -11,7 +11,7 @@ import torch
 
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matched_precision
-from tests.models import loader, lora_laplace, random_batch, tiny_llama, tiny_roberta
+from tests.models import loader, lora_laplace, random_batch, tiny_llama, tiny_roberta, zero_lora_B
 
 
 def brute_force_delta_b(model: torch.nn.Module, batch: dict, hf: bool = False) -> float:
@@ -23,11 +23,8 @@ def brute_force_delta_b(model: torch.nn.Module, batch: dict, hf: bool = False) -
         return m(**X).logits if hf else m(X)
 
     logits = logits_of(model)
-    zeroed = copy.deepcopy(model)
+    zeroed = zero_lora_B(copy.deepcopy(model))
     with torch.no_grad():
-        for n, p in zeroed.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
         base = logits_of(zeroed)
     centred = logits - logits.mean(-1, keepdim=True)
     jac = 0.0
@@ -92,10 +89,7 @@ def test_function_space_needs_a_fit_and_a_trained_adapter():
     la = lora_laplace(model)
     with pytest.raises(ValueError, match="call la.fit"):
         la.optimize_prior_precision(method="function_space")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
+    zero_lora_B(model)
     batch = random_batch(n=4, n_classes=3)
     la = lora_laplace(model)
     la.fit(loader(batch, 2))
@@ -133,10 +127,7 @@ def test_the_default_uses_leave_one_out_only_on_memorised_training_data():
 
 def test_the_default_falls_back_when_the_adapter_is_untrained():
     model = tiny_llama(seed=3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
+    zero_lora_B(model)
     la = lora_laplace(model)
     la.fit(loader(random_batch(n=5, n_classes=3, seed=4), 2))
     la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data

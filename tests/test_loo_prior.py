@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from laplace_lora_ext import loo_prior
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
-from tests.models import loader, lora_laplace, random_batch, tiny_llama
+from tests.models import loader, lora_laplace, random_batch, tiny_llama, zero_lora_B
 
 
 def explicit_loo_residuals(y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -63,11 +63,7 @@ def test_lora_b_zeroed_restores_the_weights_even_on_error():
 def brute_force_loo_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0``."""
     X = {k: v for k, v in batch.items() if k != "labels"}
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in zeroed.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
+    zeroed = zero_lora_B(copy.deepcopy(model))
     params = [p for n, p in zeroed.named_parameters() if "lora_B" in n]
     base = zeroed(X)
     C = base.shape[-1]
@@ -129,10 +125,7 @@ def test_leave_one_out_refuses_untrained_adapters_and_missing_data():
     la.fit(loader(random_batch(n=1, n_classes=3, seed=4), 1))
     with pytest.raises(ValueError, match="at least two"):
         la.optimize_prior_precision(method="leave_one_out")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
+    zero_lora_B(model)
     la = lora_laplace(model)
     la.fit(loader(random_batch(n=4, n_classes=3), 2))
     with pytest.raises(ValueError, match="does not change the logits"):
