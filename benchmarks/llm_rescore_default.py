@@ -13,6 +13,16 @@ reliability plot are redrawn. Used for the memorised benchmark (:mod:`benchmarks
 when its default moved from the function-space rule to the leave-one-out rule::
 
     python -m benchmarks.llm_rescore_default benchmarks/results/llm_memorised_T_seedS.json
+
+``--method M --out NEW`` scores a candidate default instead (``optimize_prior_precision(method=M)``)
+and writes a new file. It also re-scores the file's own default (its stored prior, ``la_previous``)
+in the same run, with the same fit and Monte Carlo draws, on every split including the
+validation split (rows ``map``, ``temp``, ``la``, ``la_previous``), so that a candidate can be
+chosen on validation data and compared on test without confounds (used by
+:mod:`benchmarks.prior_loo_everywhere_check`)::
+
+    python -m benchmarks.llm_rescore_default benchmarks/results/llm_calibration_T_3seeds.json \
+        --method leave_one_out --out benchmarks/results/prior_loo_everywhere_T
 """
 
 from __future__ import annotations
@@ -20,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -35,36 +44,65 @@ from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 
 
-def rescore_checkpoint(wrapper, data, shifted, collate, args, seed: int, ckpt: dict) -> None:
-    """Replace ``ckpt``'s ``la`` rows (test, shift, AUROC, prior) by the current default."""
+def score_rows(rows: dict, name: str, probs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Store ``probs`` ``(N, C)`` as method ``name``'s metrics and entropies in ``rows``."""
+    rows[name] = classification_metrics(probs, labels)
+    rows.setdefault("_entropy", {})[name] = calib.entropy(probs).tolist()
+
+
+def score_previous(la, cache, rows: dict, previous: torch.Tensor, args, seed: int) -> None:
+    """``la_previous``: the file's default prior ``previous`` ``(L,)`` on this fit, same draws."""
+    chosen = la.prior_precision
+    la.prior_precision = previous.to(chosen)
+    score_rows(rows, "la_previous", calib.mc_probs(cache, la, args, seed), cache.labels)
+    la.prior_precision = chosen
+
+
+def rescore_checkpoint(
+    wrapper, data, shifted, collate, args, seed: int, ckpt: dict, method: str | None = None
+) -> None:
+    """Replace ``ckpt``'s ``la`` rows (test, shift, AUROC, prior) by the current default, or
+    by ``method`` (then ``la_previous`` is re-scored in the same run, validation included)."""
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     la = Laplace(wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
     la.fit(train_loader)
+    previous = torch.tensor(ckpt["_prior"]["la"], dtype=la._dtype)
     t0 = time.perf_counter()
-    la.optimize_prior_precision()
+    la.optimize_prior_precision(method=method)
     ckpt["_default_s"] = time.perf_counter() - t0
     splits = {"test": data.test} | ({"shift": shifted.test} if "shift" in ckpt else {})
+    if method is not None:
+        splits["validation"] = data.validation
+        ckpt["validation"] = {"_entropy": {}}
     regex = calib.last_block_regex(wrapper)
     last = {i for i, n in enumerate(la.lora_param_names) if re.search(regex, n)}
     probs = {}
     for split, examples in splits.items():
         cache = LogitJacobianCache(la, make_loader(examples, collate, args.la_batch_size))
         rows = ckpt[split]
-        if "la_previous" not in rows:
+        if method is not None:
+            score_previous(la, cache, rows, previous, args, seed)
+        elif "la_previous" not in rows:
             rows["la_previous"] = rows["la"]
             rows["_entropy"]["la_previous"] = rows["_entropy"]["la"]
         probs[split] = calib.mc_probs(cache, la, args, seed)
-        new = {
-            "la": probs[split],
-            "la_probit": cache.probs(la, "probit").float(),
-            "la_last": calib.mc_probs(cache, la, args, seed, last),
-        }
-        for method, p in new.items():  # the rows that use the default prior
-            if method in rows:
-                rows[method] = classification_metrics(p, cache.labels)
-                rows["_entropy"][method] = calib.entropy(p).tolist()
+        if split == "validation":  # the candidate, with MAP and temperature for reference
+            logits = cache.logits.float()
+            T = ckpt["_temperature"]
+            new = {"la": probs[split], "map": logits.softmax(-1), "temp": (logits / T).softmax(-1)}
+        else:  # the rows of the file that use the default prior
+            new = {
+                "la": probs[split],
+                "la_probit": cache.probs(la, "probit").float(),
+                "la_last": calib.mc_probs(cache, la, args, seed, last),
+            }
+            new = {name: p for name, p in new.items() if name in rows}
+        for name, p in new.items():
+            score_rows(rows, name, p, cache.labels)
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
-    ckpt["_prior"].setdefault("la_previous", ckpt["_prior"]["la"])
+    ckpt["_prior"]["la_previous"] = (
+        previous.tolist() if method else ckpt["_prior"].get("la_previous", ckpt["_prior"]["la"])
+    )
     ckpt["_prior"]["la"] = la.prior_precision.tolist()
     if "shift_auroc" in ckpt:
         ent_in, ent_out = ckpt["test"]["_entropy"], ckpt["shift"]["_entropy"]
@@ -73,9 +111,9 @@ def rescore_checkpoint(wrapper, data, shifted, collate, args, seed: int, ckpt: d
         }
 
 
-def main(path: str) -> None:
-    out = Path(path).with_suffix("")
-    payload = json.loads(out.with_suffix(".json").read_text())
+def main(path: str, method: str | None = None, out: str | None = None) -> None:
+    payload = json.loads(Path(path).with_suffix(".json").read_text())
+    out = Path(out or path).with_suffix("")
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
     for task, per_seed in payload["runs"].items():
@@ -91,21 +129,31 @@ def main(path: str) -> None:
                 )
                 load_trainable_state_dict(peft_model, state["trainable"])
                 wrapper.eval()
-                rescore_checkpoint(wrapper, data, shifted, collate, args, seed, ckpt)
+                rescore_checkpoint(wrapper, data, shifted, collate, args, seed, ckpt, method)
+                out.with_suffix(".partial.json").write_text(json.dumps(payload, default=str))
                 print(
                     f"{task} seed {seed} step {step}: " + calib.summary_line(ckpt["test"]),
                     flush=True,
                 )
     payload["summary"] = calib.summarize(payload["runs"])
     payload["rescored"] = (
-        "la, la_probit, la_last: the current default (optimize_prior_precision()); "
+        f"la, la_probit, la_last: optimize_prior_precision(method={method!r}); "
         "la_previous: the default this file was run with"
+        + (" (its stored prior, re-scored in this run)" if method else "")
     )
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     out.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
     calib.reliability_plot(payload["runs"], out.with_name(out.name + "_reliability.png"))
-    print(f"rewrote {out}.json, {out}.md")
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(f"wrote {out}.json, {out}.md")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("path", help="an llm_calibration / llm_memorised result JSON")
+    parser.add_argument("--method", default=None, help="a candidate prior method")
+    parser.add_argument("--out", default=None, help="output base path (default: rewrite)")
+    a = parser.parse_args()
+    if a.method and not a.out:
+        parser.error("--method needs --out: a candidate is written to a new file")
+    main(a.path, a.method, a.out)
