@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from laplace_lora_ext import LastTokenChoiceLM
 from laplace_lora_ext.guards import NonFiniteError, check_all_finite
+from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 from tests.models import (
     TARGET_IDS,
     VOCAB,
@@ -229,6 +230,40 @@ def test_rejected_prior_precision_is_not_stored():
     with pytest.raises(ValueError):
         la.prior_precision = torch.ones(la.n_params)  # per weight: not for kron
     assert torch.equal(la.prior_precision, torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [("leave_one_out", {}), ("gridsearch", {"grid_size": 5}), ("lora_marglik", {})],
+)
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failed_prior_search_leaves_the_prior_as_it_was(monkeypatch, method, kwargs, error):
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(tiny_llama(seed=3))
+    la.fit(loader(batch, 2))
+    la.prior_precision = 2.5
+    before = la.prior_precision.clone()
+    # the step every search repeats per candidate prior: a predictive, or the evidence
+    owner, attr = (
+        (type(la), "log_marginal_likelihood")
+        if method == "lora_marglik"
+        else (LogitJacobianCache, "probs")
+    )
+    original, calls = getattr(owner, attr), []
+
+    def fails_on_the_third_call(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return original(*args, **kw)
+
+    monkeypatch.setattr(owner, attr, fails_on_the_third_call)
+    if method == "gridsearch":
+        kwargs = kwargs | {"val_loader": loader(batch, 3)}
+    with pytest.raises(type(error)):
+        la.optimize_prior_precision(method=method, **kwargs)
+    assert len(calls) == 3  # it failed mid-search, after trying other values
+    assert torch.equal(la.prior_precision, before)
 
 
 # ---------------------------------------------------------------------- 4. bad values

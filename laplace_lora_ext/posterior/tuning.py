@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,6 +73,18 @@ SATURATED_TRAIN_NLL = 0.01
 MARGLIK_GRAD_TOL = 1e-3
 #: Validation Jacobian blocks larger than this are recomputed per grid value.
 GRID_CACHE_BYTES = 2 * 1024**3
+
+
+@contextmanager
+def _prior_restored_on_error(la: Any) -> Iterator[None]:
+    """``la.prior_precision`` as it was if the body raises or is interrupted, so that a
+    failed search never leaves the posterior at a value it was only trying."""
+    saved = la.prior_precision.detach().clone()
+    try:
+        yield
+    except BaseException:
+        la.prior_precision = saved
+        raise
 
 
 def _refuse_ignored_options(method: str, prior_structure: str | None, loss: Any) -> None:
@@ -147,42 +160,45 @@ class PriorTuningMixin:
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
         _refuse_ignored_options(method, prior_structure, loss)
-        if default:
-            method = self._default_method()
-        if method in ("function_space", "leave_one_out"):
-            if self._optimize_from_training_data(method, n_samples, fall_back=default):
-                return
-            method = "lora_marglik"
-        if method == "lora_marglik":
-            self._optimize_lora_marglik(
-                max(n_steps, 200), lr, float(init_prior_prec), default=default
-            )
-        elif method == "linearised":
-            self._optimize_linearised(prior_structure or "layerwise", max(n_steps, 500), verbose)
-        elif method == "marglik":
-            structure = {} if prior_structure is None else {"prior_structure": prior_structure}
-            super().optimize_prior_precision(
-                pred_type,
-                method="marglik",
-                n_steps=n_steps,
-                lr=lr,
-                init_prior_prec=init_prior_prec,
-                verbose=verbose,
-                progress_bar=progress_bar,
-                **structure,
-            )
-            self._warn_if_marglik_not_converged(n_steps, stacklevel=3)
-        else:
-            self._optimize_gridsearch(
-                val_loader,
-                torch.logspace(
-                    log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
-                ),
-                link_approx,
-                n_samples,
-                progress_bar,
-                verbose,
-            )
+        with _prior_restored_on_error(self):  # a failed search leaves the prior as it was
+            if default:
+                method = self._default_method()
+            if method in ("function_space", "leave_one_out"):
+                if self._optimize_from_training_data(method, n_samples, fall_back=default):
+                    return
+                method = "lora_marglik"
+            if method == "lora_marglik":
+                self._optimize_lora_marglik(
+                    max(n_steps, 200), lr, float(init_prior_prec), default=default
+                )
+            elif method == "linearised":
+                self._optimize_linearised(
+                    prior_structure or "layerwise", max(n_steps, 500), verbose
+                )
+            elif method == "marglik":
+                structure = {} if prior_structure is None else {"prior_structure": prior_structure}
+                super().optimize_prior_precision(
+                    pred_type,
+                    method="marglik",
+                    n_steps=n_steps,
+                    lr=lr,
+                    init_prior_prec=init_prior_prec,
+                    verbose=verbose,
+                    progress_bar=progress_bar,
+                    **structure,
+                )
+                self._warn_if_marglik_not_converged(n_steps, stacklevel=3)
+            else:
+                self._optimize_gridsearch(
+                    val_loader,
+                    torch.logspace(
+                        log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
+                    ),
+                    link_approx,
+                    n_samples,
+                    progress_bar,
+                    verbose,
+                )
 
     # ------------------------------------------------------------------ linearised
     def _optimize_linearised(self, prior_structure: str, n_steps: int, verbose: bool) -> None:
@@ -383,7 +399,7 @@ class PriorTuningMixin:
         if val_loader is None:
             raise ValueError(
                 "method='gridsearch' needs val_loader=... (validation data); for a "
-                "validation-free prior use the default method='lora_marglik'."
+                "validation-free prior use the default (method='auto')."
             )
         self._check_H_init()
         cached = LogitJacobianCache(self, val_loader, max_bytes=GRID_CACHE_BYTES)
