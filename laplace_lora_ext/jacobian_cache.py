@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import tqdm
 
-from . import guards
+from . import eigenbasis, guards
 from .inputs import split_batch
 from .links import apply_link
 from .predictive import logit_jacobian_blocks
@@ -43,6 +43,10 @@ class LogitJacobianCache:
         block_dtype: store the blocks in this dtype (e.g. ``torch.float32`` to halve a
             float64 cache); default: as computed.
         progress: show a tqdm bar over batches.
+        in_eigenbasis: keep the blocks rotated into ``la``'s Kronecker eigenbasis when its
+            posterior allows (:mod:`laplace_lora_ext.eigenbasis`): then each prior value
+            scores in ``O(B C² P)`` instead of a rotation per value, and only ``la``, with
+            the same curvature, can be scored. For prior searches.
     """
 
     def __init__(
@@ -52,9 +56,11 @@ class LogitJacobianCache:
         max_bytes: float = math.inf,
         block_dtype: torch.dtype | None = None,
         progress: bool = False,
+        in_eigenbasis: bool = False,
     ) -> None:
         self._la = la
         self._block_dtype = block_dtype
+        self._basis = la.H if in_eigenbasis and eigenbasis.supports(la) else None
         self._items: list[tuple[torch.Tensor, list[torch.Tensor] | None, Any, torch.Tensor]] = []
         size = 0
         with guards.eval_mode(la.model):
@@ -67,6 +73,8 @@ class LogitJacobianCache:
 
     def _blocks(self, X: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         f_mu, blocks = logit_jacobian_blocks(self._la.backend, X)
+        if self._basis is not None:
+            blocks = eigenbasis.rotate(self._basis, [b.to(self._la._dtype) for b in blocks])
         dtype = self._block_dtype
         return f_mu, blocks if dtype is None else [b.to(dtype) for b in blocks]
 
@@ -87,7 +95,7 @@ class LogitJacobianCache:
         if logits.shape != self.logits.shape:
             raise ValueError(f"logits must have shape {tuple(self.logits.shape)}.")
         out = LogitJacobianCache.__new__(LogitJacobianCache)
-        out._la, out._block_dtype = self._la, self._block_dtype
+        out._la, out._block_dtype, out._basis = self._la, self._block_dtype, self._basis
         out._items, start = [], 0
         for f_mu, blocks, X, y in self._items:
             new = logits[start : start + len(f_mu)].to(f_mu)
@@ -117,12 +125,19 @@ class LogitJacobianCache:
 
         Args:
             la: the posterior to score (any ``lora`` structure over the same ``la.params``
-                as the posterior that built the cache).
+                as the posterior that built the cache; with ``in_eigenbasis`` only that
+                posterior, with the curvature it had).
             link_approx, n_samples, generator: as for ``la(x)``; one ``generator`` draws
                 for every batch in turn.
             keep: indices into ``la.params`` whose posterior variance counts (e.g. the last
                 block only); default: all.
         """
+        if self._basis is not None and la.H is not self._basis:
+            raise ValueError(
+                "This cache holds Jacobian blocks in another posterior's eigenbasis (built "
+                "with in_eigenbasis=True before a refit, or by another posterior); build a new "
+                "LogitJacobianCache for this one."
+            )
         out = []
         for f_mu, blocks, _ in self:
             blocks = [
@@ -131,6 +146,9 @@ class LogitJacobianCache:
                 else b.new_zeros(b.shape, dtype=la._dtype)
                 for i, b in enumerate(blocks)
             ]
-            f_var = la._functional_variance_blocks(blocks)
+            if self._basis is None:
+                f_var = la._functional_variance_blocks(blocks)
+            else:
+                f_var = eigenbasis.variance(la, self._basis, blocks)
             out.append(apply_link(link_approx, f_mu.to(la._dtype), f_var, n_samples, generator))
         return torch.cat(out)

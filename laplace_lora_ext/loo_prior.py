@@ -186,7 +186,7 @@ def loo_cache(la: Any, batches: Iterable[Any]) -> LogitJacobianCache:
     """
     is_a = lora_a_mask(la.lora_param_names)
     K, f_base, used = _kernel_and_base(la, batches, ~is_a)
-    cache = LogitJacobianCache(la, used, max_bytes=LOO_CACHE_BYTES)
+    cache = LogitJacobianCache(la, used, max_bytes=LOO_CACHE_BYTES, in_eigenbasis=True)
     f_map = cache.logits.double().to(f_base.device)
     if len(f_map) < 2:
         raise ValueError("method='leave_one_out' needs at least two training examples.")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 from laplace_lora_ext.links import probit
 from tests.models import loader, lora_laplace, random_batch, tiny_llama
 
 
-def _fitted():
+def _fitted(structure: str = "kron", **kwargs):
     batch = random_batch(n=6, n_classes=3)
-    la = lora_laplace(tiny_llama())
+    la = lora_laplace(tiny_llama(), structure, **kwargs)  # float64
     la.fit(loader(batch, 3))
     la.prior_precision = torch.linspace(0.5, 2.0, len(la.params), dtype=la._dtype)
     return la, batch
@@ -62,3 +64,73 @@ def test_with_logits_recentres_the_predictive_and_keeps_it_when_recomputing():
         torch.testing.assert_close(moved.probs(la, "probit"), probit(shifted.to(f_var), f_var))
     with pytest.raises(ValueError, match="shape"):
         cache.with_logits(shifted[:2])
+
+
+def _variances(cache: LogitJacobianCache, la) -> torch.Tensor:
+    """Functional variances ``(N, C, C)`` the cache scores ``la`` with (probit's input)."""
+    from laplace_lora_ext import eigenbasis
+
+    out = []
+    for _, blocks, _ in cache:
+        blocks = [b.to(la._dtype) for b in blocks]
+        if cache._basis is None:
+            out.append(la._functional_variance_blocks(blocks))
+        else:
+            out.append(eigenbasis.variance(la, cache._basis, blocks))
+    return torch.cat(out)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    log_deltas=st.lists(st.floats(-4, 4), min_size=1, max_size=1) | st.just(None),
+    temperature=st.floats(0.1, 10),
+    seed=st.integers(0, 99),
+)
+def test_eigenbasis_cache_scores_any_prior_like_the_plain_cache(log_deltas, temperature, seed):
+    la, batch = _fitted()
+    L = len(la.params)
+    g = torch.Generator().manual_seed(seed)
+    la.prior_precision = (
+        10 ** torch.empty(L, dtype=la._dtype).uniform_(-4, 4, generator=g)
+        if log_deltas is None
+        else 10.0 ** log_deltas[0]
+    )
+    la.temperature = temperature
+    plain = LogitJacobianCache(la, loader(batch, 4))
+    rotated = LogitJacobianCache(la, loader(batch, 4), in_eigenbasis=True)
+    assert rotated._basis is la.H
+    torch.testing.assert_close(_variances(rotated, la), _variances(plain, la), rtol=1e-9, atol=0)
+    keep = {0, L - 1}
+    draws = [
+        c.probs(la, "mc", 20, torch.Generator().manual_seed(1), keep) for c in (plain, rotated)
+    ]
+    torch.testing.assert_close(draws[0], draws[1], rtol=1e-9, atol=1e-12)
+    moved = rotated.with_logits(rotated.logits + 1.0)
+    torch.testing.assert_close(
+        moved.probs(la, "probit"), plain.with_logits(moved.logits).probs(la, "probit")
+    )
+
+
+@pytest.mark.parametrize(
+    "structure, kwargs",
+    [
+        ("kron", {"damping": True}),
+        ("kron", {"factor_rank": 2, "rank_threshold": 4}),
+        ("diag", {}),
+        ("full", {}),
+    ],
+)
+def test_eigenbasis_is_skipped_where_the_prior_does_not_commute(structure, kwargs):
+    la, batch = _fitted(structure, **kwargs)
+    rotated = LogitJacobianCache(la, loader(batch, 3), in_eigenbasis=True)
+    assert rotated._basis is None
+    plain = LogitJacobianCache(la, loader(batch, 3))
+    torch.testing.assert_close(rotated.probs(la, "probit"), plain.probs(la, "probit"))
+
+
+def test_eigenbasis_cache_refuses_another_curvature():
+    la, batch = _fitted()
+    rotated = LogitJacobianCache(la, loader(batch, 3), in_eigenbasis=True)
+    la.fit(loader(batch, 2))  # a refit: new eigenvectors
+    with pytest.raises(ValueError, match="another posterior's eigenbasis"):
+        rotated.probs(la, "probit")

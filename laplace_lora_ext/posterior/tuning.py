@@ -402,7 +402,9 @@ class PriorTuningMixin:
                 "validation-free prior use the default (method='auto')."
             )
         self._check_H_init()
-        cached = LogitJacobianCache(self, val_loader, max_bytes=GRID_CACHE_BYTES)
+        cached = LogitJacobianCache(
+            self, val_loader, max_bytes=GRID_CACHE_BYTES, in_eigenbasis=True
+        )
         labels = cached.labels
         scores = []
         for delta in tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]"):
