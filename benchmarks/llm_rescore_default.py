@@ -19,7 +19,8 @@ and writes a new file. It also re-scores the file's own default (its stored prio
 in the same run, with the same fit and Monte Carlo draws, on every split including the
 validation split (rows ``map``, ``temp``, ``la``, ``la_previous``), so that a candidate can be
 chosen on validation data and compared on test without confounds (used by
-:mod:`benchmarks.prior_loo_everywhere_check`)::
+:mod:`benchmarks.prior_loo_everywhere_check`). A stopped candidate run resumes from its
+``NEW.partial.json``, skipping the checkpoints it has scored::
 
     python -m benchmarks.llm_rescore_default benchmarks/results/llm_calibration_T_3seeds.json \
         --method leave_one_out --out benchmarks/results/prior_loo_everywhere_T
@@ -40,6 +41,7 @@ import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
 from benchmarks.finetune import load_trainable_state_dict, train
 from benchmarks.tasks import make_collate, make_loader
+from laplace_lora_ext import eigenbasis
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 
@@ -70,6 +72,7 @@ def rescore_checkpoint(
     t0 = time.perf_counter()
     la.optimize_prior_precision(method=method)
     ckpt["_default_s"] = time.perf_counter() - t0
+    ckpt["_eigenbasis"] = eigenbasis.supports(la)  # the search's fast path (since cb4c4d0)
     splits = {"test": data.test} | ({"shift": shifted.test} if "shift" in ckpt else {})
     if method is not None:
         splits["validation"] = data.validation
@@ -112,8 +115,10 @@ def rescore_checkpoint(
 
 
 def main(path: str, method: str | None = None, out: str | None = None) -> None:
-    payload = json.loads(Path(path).with_suffix(".json").read_text())
     out = Path(out or path).with_suffix("")
+    partial = out.with_suffix(".partial.json")
+    resume = method is not None and partial.exists()  # a candidate run that was stopped
+    payload = json.loads((partial if resume else Path(path).with_suffix(".json")).read_text())
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
     for task, per_seed in payload["runs"].items():
@@ -124,13 +129,15 @@ def main(path: str, method: str | None = None, out: str | None = None) -> None:
             _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=False)
             collate = make_collate(tokenizer, data.kind, cfg.seq_len)
             for step, ckpt in run["checkpoints"].items():
+                if resume and "validation" in ckpt:
+                    continue  # scored before the stop
                 state = torch.load(
                     cfg.run_dir / f"step{step}.pt", map_location="cpu", weights_only=False
                 )
                 load_trainable_state_dict(peft_model, state["trainable"])
                 wrapper.eval()
                 rescore_checkpoint(wrapper, data, shifted, collate, args, seed, ckpt, method)
-                out.with_suffix(".partial.json").write_text(json.dumps(payload, default=str))
+                partial.write_text(json.dumps(payload, default=str))
                 print(
                     f"{task} seed {seed} step {step}: " + calib.summary_line(ckpt["test"]),
                     flush=True,
@@ -144,7 +151,7 @@ def main(path: str, method: str | None = None, out: str | None = None) -> None:
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     out.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
     calib.reliability_plot(payload["runs"], out.with_name(out.name + "_reliability.png"))
-    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     print(f"wrote {out}.json, {out}.md")
 
 
