@@ -60,7 +60,12 @@ def load_rows() -> list[dict]:
 
 
 def _splits(ckpt: dict) -> dict:
-    out = {"train_nll": ckpt["_train_nll"], "seconds": ckpt["_default_s"]}
+    loo = ckpt["_prior"]["la"]  # lora_A spread-matched, every other tensor at one δ_B
+    out = {
+        "train_nll": ckpt["_train_nll"],
+        "seconds": ckpt["_default_s"],
+        "loo_delta_b": statistics.mode(loo),
+    }
     for split in ("validation", "test", "shift"):
         if split in ckpt:
             out[split] = {m: v for m, v in ckpt[split].items() if not m.startswith("_")}
@@ -115,7 +120,8 @@ def _cells(row: dict, split: str, method: str) -> str:
 def render(rows: list[dict], decision: dict) -> str:
     head = (
         "| task | seed | step | train NLL | split | MAP | temperature | default (evidence) "
-        "| leave-one-out | LOO s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| leave-one-out | LOO δ_B | LOO s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = ["# The leave-one-out prior on unmemorised checkpoints", "", head]
     for r in rows:
@@ -128,7 +134,7 @@ def render(rows: list[dict], decision: dict) -> str:
                 f"| {_cells(r, split, 'map') if ref else ''} "
                 f"| {_cells(r, split, 'temp') if ref else ''} "
                 f"| {_cells(r, split, 'la_previous')} | {_cells(r, split, 'la')} "
-                f"| {r['seconds']:.0f} |"
+                f"| {r['loo_delta_b']:.3g} | {r['seconds']:.0f} |"
             )
     lines += ["", "ACC / ECE / NLL / confidence (×100 but NLL).", "", "## Decision", ""]
     lines += [f"- {k}: {v}" for k, v in decision.items()]
