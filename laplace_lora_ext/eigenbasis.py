@@ -14,7 +14,7 @@ costs in :meth:`LoraKronLaplace._functional_variance_blocks
 per block); each further value then costs ``O(B C² p)``.
 
 Only dense, undamped Kronecker posteriors have this form: with ``damping=True`` the
-eigenvalues are ``(λ_G + √δ)(λ_A + √δ)``, low-rank factors (sides above 2048 under
+eigenvalues are ``(λ_G + √δ)(λ_A + √δ)``, low-rank factors (large sides under
 ``factor_rank="auto"``) add a complement with eigenvalue ``δ`` (not handled here), a diagonal
 posterior needs no rotation and a full one has a per-tensor prior that does not commute
 with its eigenbasis. :func:`supports` says which; callers fall back to the blocks as they are.
@@ -34,8 +34,9 @@ __all__ = ["supports", "rotate", "variance"]
 
 def supports(la: Any) -> bool:
     """Whether ``la``'s curvature is an undamped ``KronDecomposed`` with dense factors only
-    (square eigenvector matrices; ``factor_rank="auto"`` keeps them dense up to a side of
-    2048), see the module docstring."""
+    (square eigenvector matrices; ``factor_rank="auto"`` keeps a factor dense up to a side
+    of 2048 while the dense factors fit its memory budget, :mod:`laplace_lora_ext.lowrank.auto`),
+    see the module docstring."""
     H = getattr(la, "H", None)
     if not isinstance(H, KronDecomposed) or getattr(la, "damping", False):
         return False
