@@ -13,11 +13,14 @@ costs in :meth:`LoraKronLaplace._functional_variance_blocks
 <laplace_lora_ext.LoraKronLaplace._functional_variance_blocks>` (``O(B C p (d_out + d_in))``
 per block); each further value then costs ``O(B C² p)``.
 
-Only dense, undamped Kronecker posteriors have this form: with ``damping=True`` the
-eigenvalues are ``(λ_G + √δ)(λ_A + √δ)``, low-rank factors (large sides under
-``factor_rank="auto"``) add a complement with eigenvalue ``δ`` (not handled here), a diagonal
-posterior needs no rotation and a full one has a per-tensor prior that does not commute
-with its eigenbasis. :func:`supports` says which; callers fall back to the blocks as they are.
+Low-rank factors (large sides under ``factor_rank="auto"``) leave a complement of the
+eigenvectors' span where the precision is ``δ``: ``W Σ Wᵀ`` gains ``W (I - U Uᵀ) Wᵀ / δ``.
+:func:`rotate` appends a ``C``-column factor of that ``(C, C)`` Gram matrix per example, as
+directions of eigenvalue 0, so the same re-weighting covers it. Only undamped Kronecker
+posteriors have this form: with ``damping=True`` the eigenvalues are ``(λ_G + √δ)(λ_A + √δ)``,
+a diagonal posterior needs no rotation and a full one has a per-tensor prior that does not
+commute with its eigenbasis. :func:`supports` says which; callers fall back to the blocks as
+they are.
 """
 
 from __future__ import annotations
@@ -33,36 +36,46 @@ __all__ = ["supports", "rotate", "variance"]
 
 
 def supports(la: Any) -> bool:
-    """Whether ``la``'s curvature is an undamped ``KronDecomposed`` with dense factors only
-    (square eigenvector matrices; ``factor_rank="auto"`` keeps a factor dense up to a side
-    of 2048 while the dense factors fit its memory budget, :mod:`laplace_lora_ext.lowrank.auto`),
-    see the module docstring."""
+    """Whether ``la``'s curvature is an undamped ``KronDecomposed`` (dense or low-rank
+    factors), see the module docstring."""
     H = getattr(la, "H", None)
-    if not isinstance(H, KronDecomposed) or getattr(la, "damping", False):
-        return False
-    return all(Q.ndim == 2 and Q.shape[0] == Q.shape[1] for Qs in H.eigenvectors for Q in Qs)
+    return isinstance(H, KronDecomposed) and not getattr(la, "damping", False)
 
 
 def rotate(H: KronDecomposed, blocks: list[Tensor]) -> list[Tensor]:
-    """``R_l = W_l U_l`` ``(B, C, p_l)`` for each block ``W_l`` ``(B, C, p_l)``, where ``U_l``
-    holds the eigenvectors of ``H``'s ``l``-th Kronecker block (``Q_G ⊗ Q_A``, or ``Q``)."""
+    """``R_l = W_l U_l`` ``(B, C, k_l)`` for each block ``W_l`` ``(B, C, p_l)``, where ``U_l``
+    ``(p_l, k_l)`` holds the eigenvectors of ``H``'s ``l``-th Kronecker block (``Q_G ⊗ Q_A``,
+    or ``Q``). If they do not span the block (low-rank factors, ``k_l < p_l``), ``C`` columns
+    ``L`` with ``L Lᵀ = W (I - U Uᵀ) Wᵀ`` follow: the complement, whose eigenvalue is 0
+    (:func:`variance` pads the spectrum with zeros for them)."""
     rotated = []
     for W, Qs in zip(blocks, H.eigenvectors, strict=True):
+        B, C, p = W.shape
         if len(Qs) == 1:
-            rotated.append(W @ Qs[0].to(W))
-            continue
-        Q_out, Q_in = (Q.to(W) for Q in Qs)
-        B, C, _ = W.shape
-        W4 = W.reshape(B, C, len(Q_out), len(Q_in))
-        rotated.append(torch.einsum("bcoi,oa,ij->bcaj", W4, Q_out, Q_in).reshape(B, C, -1))
+            R = W @ Qs[0].to(W)
+        else:
+            Q_out, Q_in = (Q.to(W) for Q in Qs)
+            W4 = W.reshape(B, C, len(Q_out), len(Q_in))
+            R = torch.einsum("bcoi,oa,ij->bcaj", W4, Q_out, Q_in).reshape(B, C, -1)
+        if R.shape[-1] < p:
+            R = torch.cat([R, _complement_factor(W, R)], dim=-1)
+        rotated.append(R)
     return rotated
 
 
-def _spectrum(eigenvalues: list[Tensor]) -> Tensor:
-    """``λ_G ⊗ λ_A`` flattened ``(p,)`` (row-major, like the rotated block), or ``λ``."""
-    if len(eigenvalues) == 1:
-        return eigenvalues[0]
-    return torch.outer(eigenvalues[0], eigenvalues[1]).reshape(-1)
+def _complement_factor(W: Tensor, R: Tensor) -> Tensor:
+    """``L`` ``(B, C, C)`` with ``L Lᵀ = W Wᵀ - R Rᵀ`` (in float64; eigenvalues that rounding
+    made negative are set to 0)."""
+    gram = W.double() @ W.double().mT - R.double() @ R.double().mT
+    e, V = torch.linalg.eigh(gram)
+    return (V * e.clamp_min(0).sqrt().unsqueeze(-2)).to(W)
+
+
+def _spectrum(eigenvalues: list[Tensor], width: int) -> Tensor:
+    """``λ_G ⊗ λ_A`` flattened (row-major, like the rotated block), or ``λ``, padded with
+    zeros to ``width`` (the complement columns of :func:`rotate`)."""
+    lam = eigenvalues[0] if len(eigenvalues) == 1 else torch.outer(*eigenvalues).reshape(-1)
+    return torch.cat([lam, lam.new_zeros(width - len(lam))])
 
 
 def variance(la: Any, H: KronDecomposed, rotated: list[Tensor]) -> Tensor:
@@ -72,7 +85,7 @@ def variance(la: Any, H: KronDecomposed, rotated: list[Tensor]) -> Tensor:
     deltas = deltas.expand(len(rotated)) if len(deltas) == 1 else deltas
     f_var = None
     for R, lam, delta in zip(rotated, H.eigenvalues, deltas, strict=True):
-        weight = 1.0 / (la._H_factor * _spectrum(lam).to(R) + delta)
+        weight = 1.0 / (la._H_factor * _spectrum(lam, R.shape[-1]).to(R) + delta)
         contrib = torch.einsum("bkp,p,blp->bkl", R, weight, R)
         f_var = contrib if f_var is None else f_var + contrib
     return f_var
