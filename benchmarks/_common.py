@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -453,6 +454,17 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
+
+
+def cpu_seconds(fn: Callable[[], Any], repeats: int = 1) -> float:
+    """Median CPU seconds (``time.process_time``, less sensitive than wall time to other
+    processes on a shared machine) of ``fn()`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -27,7 +27,6 @@ path also carries each block's complement; it writes ``bench_prior_search_lowran
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 from unittest import mock
 
@@ -37,19 +36,12 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks import _common as C
 from benchmarks import llm_calibration as calib
-from benchmarks.finetune import train
-from benchmarks.tasks import make_collate, make_loader
+from benchmarks.tasks import make_loader
 from laplace_lora_ext import eigenbasis
 from laplace_lora_ext.prior import lora_a_mask
 
 NAME = "bench_prior_search"
 PATHS = ("rotation per value", "eigenbasis once")
-
-
-def cpu_seconds(fn: Any) -> float:
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
 
 
 _supports = eigenbasis.supports  # the library's own test, before any patching
@@ -59,7 +51,7 @@ def search(la: Any, path: str, **kwargs: Any) -> dict:
     """CPU seconds and the chosen ``lora_B`` precision of one search on ``path``."""
     fast = path == "eigenbasis once"
     with mock.patch.object(eigenbasis, "supports", lambda la: fast and _supports(la)):
-        seconds = cpu_seconds(lambda: la.optimize_prior_precision(**kwargs))
+        seconds = C.cpu_seconds(lambda: la.optimize_prior_precision(**kwargs))
     prior = la.prior_precision.reshape(-1)
     is_b = ~lora_a_mask(la.lora_param_names)
     delta = prior[is_b][0] if len(prior) > 1 else prior[0]
@@ -68,7 +60,7 @@ def search(la: Any, path: str, **kwargs: Any) -> dict:
 
 def measure(model: Any, train_loader: Any, val_loader: Any) -> dict:
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
-    out = {"fit_cpu_s": cpu_seconds(lambda: la.fit(train_loader))}
+    out = {"fit_cpu_s": C.cpu_seconds(lambda: la.fit(train_loader))}
     searches = {
         "leave_one_out": {"method": "leave_one_out"},
         "gridsearch (21 values)": {
@@ -94,7 +86,7 @@ def measure_low_rank() -> dict:
         model, "classification", subset_of_weights="lora", hessian_structure="kron",
         factor_rank=64, rank_threshold=512,
     )  # fmt: skip
-    out = {"fit_cpu_s": cpu_seconds(lambda: la.fit(train))}
+    out = {"fit_cpu_s": C.cpu_seconds(lambda: la.fit(train))}
     kwargs = {"method": "gridsearch", "val_loader": val, "grid_size": 21}
     out["gridsearch (21 values)"] = {path: search(la, path, **kwargs) for path in PATHS}
     return out
@@ -139,14 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         result = measure_low_rank()
         C.publish(NAME + "_lowrank", args, result, {}, render(result, args))
         return
-    task = args.tasks[0]
-    data, _ = calib.load_splits(task, args.seeds[0], args)
-    cfg = calib.finetune_config(task, args.seeds[0], args)
-    _, (_, tokenizer, wrapper) = train(cfg, data, progress=True)
-    collate = make_collate(tokenizer, data.kind, cfg.seq_len)
+    data, wrapper, collate = calib.trained_model(args)
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     val_loader = make_loader(data.validation, collate, args.la_batch_size)
-    result = measure(wrapper.eval(), train_loader, val_loader)
+    result = measure(wrapper, train_loader, val_loader)
     C.publish(NAME, args, result, {}, render(result, args))
 
 

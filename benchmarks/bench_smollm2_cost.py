@@ -21,8 +21,6 @@ trains it first (80 steps).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -31,21 +29,10 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks import _common as C
 from benchmarks import llm_calibration as calib
-from benchmarks.finetune import train
-from benchmarks.tasks import make_collate, make_loader
+from benchmarks.tasks import make_loader
 from laplace_lora_ext.links import apply_link
 
 NAME = "bench_smollm2_cost"
-
-
-def cpu_seconds(fn, repeats: int) -> float:
-    """Median CPU seconds of ``fn()`` over ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def forward_backward(model: Any, batch: dict) -> None:
@@ -56,17 +43,17 @@ def forward_backward(model: Any, batch: dict) -> None:
 
 def measure(model: Any, train_loader: Any, batch: dict, repeats: int) -> dict:
     """Every timing of the table; ``train_loader`` yields dict batches, ``batch`` is a test one."""
-    epoch = cpu_seconds(lambda: [forward_backward(model, b) for b in train_loader], repeats)
+    epoch = C.cpu_seconds(lambda: [forward_backward(model, b) for b in train_loader], repeats)
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
-    fit = cpu_seconds(lambda: la.fit(train_loader), repeats)
+    fit = C.cpu_seconds(lambda: la.fit(train_loader), repeats)
     la.optimize_prior_precision()
-    fwd_bwd = cpu_seconds(lambda: forward_backward(model, batch), repeats)
+    fwd_bwd = C.cpu_seconds(lambda: forward_backward(model, batch), repeats)
     with torch.no_grad():
-        fwd = cpu_seconds(lambda: model.eval()(batch), repeats)
-    pred = cpu_seconds(lambda: la(batch, link_approx="mc", n_samples=1000), repeats)
+        fwd = C.cpu_seconds(lambda: model.eval()(batch), repeats)
+    pred = C.cpu_seconds(lambda: la(batch, link_approx="mc", n_samples=1000), repeats)
     f_mu, f_var = la._glm_predictive_distribution(batch)
     gen = torch.Generator().manual_seed(0)
-    link = cpu_seconds(lambda: apply_link("mc", f_mu, f_var, 1000, gen), repeats)
+    link = C.cpu_seconds(lambda: apply_link("mc", f_mu, f_var, 1000, gen), repeats)
     return {
         "epoch_fwd_bwd_s": epoch,
         "fit_s": fit,
@@ -114,14 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = calib.parse(argv, p)  # the demo's run (sizes, steps, cache name)
     torch.set_num_threads(args.threads or 1)
-    task = args.tasks[0]
-    data, _ = calib.load_splits(task, args.seeds[0], args)
-    cfg = calib.finetune_config(task, args.seeds[0], args)
-    _, (_, tokenizer, wrapper) = train(cfg, data, progress=True)
-    collate = make_collate(tokenizer, data.kind, cfg.seq_len)
+    data, wrapper, collate = calib.trained_model(args)
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     batch = next(iter(make_loader(data.test, collate, args.la_batch_size)))
-    result = measure(wrapper.eval(), train_loader, batch, args.repeats)
+    result = measure(wrapper, train_loader, batch, args.repeats)
     C.publish(NAME, args, result, {}, render(result, args))
 
 

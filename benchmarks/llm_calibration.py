@@ -45,8 +45,9 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from laplace import Laplace
@@ -254,6 +255,50 @@ def load_splits(task: str, seed: int, args: argparse.Namespace) -> tuple[Any, An
     if args.shift and task in SHIFT:
         shifted = load_task(SHIFT[task], 0, 0, args.n_test, seed=seed)
     return data, shifted
+
+
+class CachedCheckpoint(NamedTuple):
+    """One checkpoint of a result file, its fine-tuned weights loaded (eval mode)."""
+
+    task: str
+    seed: int
+    step: str
+    ckpt: dict  # the file's entry for this checkpoint
+    wrapper: Any
+    data: Any
+    shifted: Any
+    collate: Any
+
+
+def cached_checkpoints(
+    runs: dict, args: argparse.Namespace, skip: Callable[[dict], bool] = lambda ckpt: False
+) -> Iterator[CachedCheckpoint]:
+    """Every run and checkpoint of a result file's ``runs`` (``task -> seed -> run``) whose
+    entry ``skip`` does not reject, rebuilt from the cache (no fine-tuning if cached)."""
+    for task, per_seed in runs.items():
+        for seed, run in per_seed.items():
+            cfg = finetune_config(task, int(seed), args)
+            data, shifted = load_splits(task, int(seed), args)
+            _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=False)
+            collate = make_collate(tokenizer, data.kind, cfg.seq_len)
+            for step, ckpt in run["checkpoints"].items():
+                if skip(ckpt):
+                    continue
+                path = cfg.run_dir / f"step{step}.pt"
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                load_trainable_state_dict(peft_model, state["trainable"])
+                wrapper.eval()
+                yield CachedCheckpoint(task, int(seed), step, ckpt, wrapper, data, shifted, collate)
+
+
+def trained_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(data, wrapper, collate)``: the fine-tuned model (last step) of ``args``' first
+    task and seed, trained first unless cached (eval mode)."""
+    task, seed = args.tasks[0], args.seeds[0]
+    data, _ = load_splits(task, seed, args)
+    cfg = finetune_config(task, seed, args)
+    _, (_, tokenizer, wrapper) = train(cfg, data, progress=True)
+    return data, wrapper.eval(), make_collate(tokenizer, data.kind, cfg.seq_len)
 
 
 def run_task(task: str, seed: int, args: argparse.Namespace) -> dict:

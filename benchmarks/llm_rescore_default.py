@@ -39,8 +39,7 @@ from laplace import Laplace
 
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
-from benchmarks.finetune import load_trainable_state_dict, train
-from benchmarks.tasks import make_collate, make_loader
+from benchmarks.tasks import make_loader
 from laplace_lora_ext import eigenbasis
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
@@ -121,27 +120,12 @@ def main(path: str, method: str | None = None, out: str | None = None) -> None:
     payload = json.loads((partial if resume else Path(path).with_suffix(".json")).read_text())
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
-    for task, per_seed in payload["runs"].items():
-        for seed, run in per_seed.items():
-            seed = int(seed)
-            cfg = calib.finetune_config(task, seed, args)
-            data, shifted = calib.load_splits(task, seed, args)
-            _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=False)
-            collate = make_collate(tokenizer, data.kind, cfg.seq_len)
-            for step, ckpt in run["checkpoints"].items():
-                if resume and "validation" in ckpt:
-                    continue  # scored before the stop
-                state = torch.load(
-                    cfg.run_dir / f"step{step}.pt", map_location="cpu", weights_only=False
-                )
-                load_trainable_state_dict(peft_model, state["trainable"])
-                wrapper.eval()
-                rescore_checkpoint(wrapper, data, shifted, collate, args, seed, ckpt, method)
-                partial.write_text(json.dumps(payload, default=str))
-                print(
-                    f"{task} seed {seed} step {step}: " + calib.summary_line(ckpt["test"]),
-                    flush=True,
-                )
+    scored = (lambda ckpt: "validation" in ckpt) if resume else (lambda ckpt: False)
+    for c in calib.cached_checkpoints(payload["runs"], args, skip=scored):
+        rescore_checkpoint(c.wrapper, c.data, c.shifted, c.collate, args, c.seed, c.ckpt, method)
+        partial.write_text(json.dumps(payload, default=str))
+        line = calib.summary_line(c.ckpt["test"])
+        print(f"{c.task} seed {c.seed} step {c.step}: {line}", flush=True)
     payload["summary"] = calib.summarize(payload["runs"])
     payload["rescored"] = (
         f"la, la_probit, la_last: optimize_prior_precision(method={method!r}); "

@@ -26,8 +26,7 @@ from laplace import Laplace
 
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
-from benchmarks.finetune import load_trainable_state_dict, train
-from benchmarks.tasks import make_collate, make_loader
+from benchmarks.tasks import make_loader
 
 
 def check_file(path: Path) -> list[float]:
@@ -36,33 +35,24 @@ def check_file(path: Path) -> list[float]:
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
     worst = []
-    for task, per_seed in payload["runs"].items():
-        for seed, run in per_seed.items():
-            cfg = calib.finetune_config(task, int(seed), args)
-            data, _ = calib.load_splits(task, int(seed), args)
-            _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=False)
-            collate = make_collate(tokenizer, data.kind, cfg.seq_len)
-            for step, ckpt in run["checkpoints"].items():
-                state = torch.load(cfg.run_dir / f"step{step}.pt", weights_only=False)
-                load_trainable_state_dict(peft_model, state["trainable"])
-                wrapper.eval()
-                la = Laplace(
-                    wrapper, "classification", subset_of_weights="lora", hessian_structure="kron"
-                )
-                la.fit(make_loader(data.train, collate, args.la_batch_size))
-                t0 = time.perf_counter()
-                la.optimize_prior_precision()
-                seconds = time.perf_counter() - t0
-                stored = torch.tensor(ckpt["_prior"]["la"], dtype=torch.float64)
-                now = la.prior_precision.double().reshape(-1).cpu()
-                rel = float(((now - stored).abs() / stored).max())
-                worst.append(rel)
-                print(
-                    f"{task} seed {seed} step {step}: max relative prior difference {rel:.2e} "
-                    f"(δ_B now {mode(now.tolist()):.4g}, stored {mode(stored.tolist()):.4g}; "
-                    f"{seconds:.0f} s)",
-                    flush=True,
-                )
+    for c in calib.cached_checkpoints(payload["runs"], args):
+        la = Laplace(
+            c.wrapper, "classification", subset_of_weights="lora", hessian_structure="kron"
+        )
+        la.fit(make_loader(c.data.train, c.collate, args.la_batch_size))
+        t0 = time.perf_counter()
+        la.optimize_prior_precision()
+        seconds = time.perf_counter() - t0
+        stored = torch.tensor(c.ckpt["_prior"]["la"], dtype=torch.float64)
+        now = la.prior_precision.double().reshape(-1).cpu()
+        rel = float(((now - stored).abs() / stored).max())
+        worst.append(rel)
+        print(
+            f"{c.task} seed {c.seed} step {c.step}: max relative prior difference {rel:.2e} "
+            f"(δ_B now {mode(now.tolist()):.4g}, stored {mode(stored.tolist()):.4g}; "
+            f"{seconds:.0f} s)",
+            flush=True,
+        )
     return worst
 
 

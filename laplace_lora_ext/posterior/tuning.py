@@ -334,11 +334,13 @@ class PriorTuningMixin:
                 optimizer.step()
             done += n_steps
             self.prior_precision = precision().detach()
-            if self._marglik_gradient(~fixed)[1] <= MARGLIK_GRAD_TOL:
+            gradient = self._marglik_gradient(~fixed)
+            if gradient[1] <= MARGLIK_GRAD_TOL:
                 break
         self._warn_if_marglik_not_converged(
-            done, free=~fixed, method="lora_marglik", default=default, stacklevel=4
-        )
+            done, free=~fixed, method="lora_marglik", default=default, stacklevel=4,
+            gradient=gradient,
+        )  # fmt: skip
         if not default and self._training_data_memorised():
             warnings.warn(
                 "optimize_prior_precision(method='lora_marglik'): the fine-tuned model has "
@@ -367,15 +369,17 @@ class PriorTuningMixin:
         method: str = "marglik",
         default: bool = False,
         stacklevel: int = 3,
+        gradient: tuple[torch.Tensor, float] | None = None,
     ) -> None:
         """Warn if ``|d log Z / d log δ|`` per example exceeds :data:`MARGLIK_GRAD_TOL`.
 
         ``free`` ``(L,)``: the precisions that were optimised; ``method``: the name the
         warning gives; ``default``: the call was the default (``method="auto"``), so the
         advice does not send the user back to it; ``stacklevel``: frames up to the caller
-        of ``optimize_prior_precision``.
+        of ``optimize_prior_precision``; ``gradient``: :meth:`_marglik_gradient`'s result
+        at the current prior, if the caller has it.
         """
-        grad, worst = self._marglik_gradient(free)
+        grad, worst = gradient if gradient is not None else self._marglik_gradient(free)
         if worst <= MARGLIK_GRAD_TOL:
             return
         who = (
