@@ -138,3 +138,27 @@ def test_eigenbasis_cache_refuses_another_curvature():
     la.fit(loader(batch, 2))  # a refit: new eigenvectors
     with pytest.raises(ValueError, match="another posterior's eigenbasis"):
         rotated.probs(la, "probit")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"factor_rank": 2, "rank_threshold": 4}])
+def test_eigenbasis_variance_matches_a_dense_inverse_and_explicit_jacobians(kwargs):
+    """Brute force: Σ = (s H + δ)⁻¹ as a dense matrix from the curvature's own factors
+    (``Q diag(λ) Qᵀ`` each, low-rank ones zero off their span), J by autograd per entry."""
+    from laplace_lora_ext.testing.reference import explicit_jacobians, rel
+
+    la, batch = _fitted(**kwargs)
+    L = len(la.params)
+    la.prior_precision = torch.logspace(-1, 1, L, dtype=la._dtype)
+    la.temperature = 0.7
+    blocks = []
+    eigen = zip(la.H.eigenvectors, la.H.eigenvalues, la.prior_precision, strict=True)
+    for Qs, ls, delta in eigen:
+        factors = [Q @ torch.diag(lam) @ Q.T for Q, lam in zip(Qs, ls, strict=True)]
+        H = factors[0] if len(factors) == 1 else torch.kron(factors[0], factors[1])
+        blocks.append(la._H_factor * H + delta * torch.eye(len(H), dtype=H.dtype))
+    Sigma = torch.linalg.inv(torch.block_diag(*blocks))
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    _, J = explicit_jacobians(la.model, x, la.params)
+    expected = J @ Sigma @ J.mT
+    got = _variances(LogitJacobianCache(la, loader(batch, 4), in_eigenbasis=True), la)
+    assert rel(got, expected) < 1e-9
