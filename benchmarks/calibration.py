@@ -128,7 +128,7 @@ def temperature(val_logits: torch.Tensor, val_labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def evaluate_checkpoint(
