@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,6 +278,42 @@ def tweet_polarity_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
     return out
 
 
+def _unique_text_examples(
+    rows: Iterable[tuple[str, str]],
+    classes: Sequence[str],
+    choices: Sequence[str],
+    question: str,
+    prefix: str,
+) -> list[dict]:
+    """Multiple-choice examples from ``(class name, text)`` rows, so no text straddles splits.
+
+    A cleaned text is kept once, in first-seen order; texts that are empty, whose class is
+    not in ``classes``, or that occur under more than one class are dropped. ``question`` is
+    a format string with one ``{}`` for the text; ``choices[k]`` answers ``classes[k]``. Ids
+    are ``f"{prefix}-{i}"``, ``i`` the text's index among the distinct texts.
+    """
+    seen: dict[str, set[str]] = {}
+    for name, text in rows:
+        key = _clean(text)
+        if key and name in classes:
+            seen.setdefault(key, set()).add(name)
+    out = []
+    for i, (text, names) in enumerate(seen.items()):
+        if len(names) != 1:
+            continue
+        q = question.format(text)
+        out.append(
+            {
+                "id": f"{prefix}-{i}",
+                "question": q,
+                "choices": list(choices),
+                "label": list(classes).index(next(iter(names))),
+                "text": format_mc_prompt(q, choices),
+            }
+        )
+    return out
+
+
 DEVICE_SOURCES = ("Twitter for Android", "Twitter for iPhone")
 CAMPAIGN = ("2015-06-16", "2016-11-09")  # announcement to election day, inclusive
 
@@ -295,27 +331,14 @@ def tweet_device_mc_examples(df) -> list[dict]:
         & (created >= CAMPAIGN[0])
         & (created < CAMPAIGN[1])
     )
-    sources: dict[str, set[str]] = {}
-    for source, text in zip(df["source"][keep], df["text"][keep], strict=True):
-        key = _clean(text)
-        if key:
-            sources.setdefault(key, set()).add(source)
-    choices = ["Android", "iPhone"]
-    out = []
-    for i, (text, seen) in enumerate(sources.items()):
-        if len(seen) != 1:
-            continue
-        question = f"From which phone was this tweet posted? Tweet: {text}"
-        out.append(
-            {
-                "id": f"device-{i}",
-                "question": question,
-                "choices": choices,
-                "label": DEVICE_SOURCES.index(next(iter(seen))),
-                "text": format_mc_prompt(question, choices),
-            }
-        )
-    return out
+    rows = zip(df["source"][keep], df["text"][keep], strict=True)
+    return _unique_text_examples(
+        rows,
+        DEVICE_SOURCES,
+        ["Android", "iPhone"],
+        "From which phone was this tweet posted? Tweet: {}",
+        "device",
+    )
 
 
 def tweet_sentiment_rows(path=None) -> list[tuple[str, str]]:
@@ -334,32 +357,13 @@ def tweet_sentiment_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
 
     A cleaned text kept once; texts that occur with more than one label are dropped.
     """
-    labels: dict[str, set[str]] = {}
-    order: list[str] = []
-    for sentiment, text in rows:
-        key = _clean(text)
-        if not key or sentiment not in TWEET_SENTIMENTS:
-            continue
-        if key not in labels:
-            labels[key] = set()
-            order.append(key)
-        labels[key].add(sentiment)
-    choices = list(TWEET_SENTIMENTS)
-    out = []
-    for i, text in enumerate(order):
-        if len(labels[text]) != 1:
-            continue
-        question = f"What is the sentiment of this tweet? Tweet: {text}"
-        out.append(
-            {
-                "id": f"tweet-{i}",
-                "question": question,
-                "choices": choices,
-                "label": TWEET_SENTIMENTS.index(next(iter(labels[text]))),
-                "text": format_mc_prompt(question, choices),
-            }
-        )
-    return out
+    return _unique_text_examples(
+        rows,
+        TWEET_SENTIMENTS,
+        TWEET_SENTIMENTS,
+        "What is the sentiment of this tweet? Tweet: {}",
+        "tweet",
+    )
 
 
 def bbc_headline_rows(root=None) -> list[tuple[str, str]]:
@@ -382,27 +386,13 @@ def bbc_headlines_mc_examples(rows: Sequence[tuple[str, str]]) -> list[dict]:
     """Multiple-choice examples from ``(topic, headline)`` rows: empty and repeated
     headlines are dropped (a repeated headline is kept once, unless its topics disagree:
     then it is dropped), so no text straddles splits."""
-    topics: dict[str, set[str]] = {}
-    for topic, headline in rows:
-        key = _clean(headline)
-        if key:
-            topics.setdefault(key, set()).add(topic)
-    choices = list(BBC_TOPICS)
-    out = []
-    for i, (headline, seen) in enumerate(topics.items()):
-        if len(seen) != 1:
-            continue
-        question = f"What is the topic of this news headline? Headline: {headline}"
-        out.append(
-            {
-                "id": f"bbc-{i}",
-                "question": question,
-                "choices": choices,
-                "label": BBC_TOPICS.index(next(iter(seen))),
-                "text": format_mc_prompt(question, choices),
-            }
-        )
-    return out
+    return _unique_text_examples(
+        rows,
+        BBC_TOPICS,
+        BBC_TOPICS,
+        "What is the topic of this news headline? Headline: {}",
+        "bbc",
+    )
 
 
 # --------------------------------------------------------------------------- splits
