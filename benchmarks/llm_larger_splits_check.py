@@ -30,7 +30,8 @@ Protocol, committed before the first run:
 
 ::
 
-    python -m benchmarks.llm_larger_splits_check benchmarks/results/llm_calibration_fine_foods_mc_3seeds.json 0
+    python -m benchmarks.llm_larger_splits_check \
+        benchmarks/results/llm_calibration_fine_foods_mc_3seeds.json 0
     python -m benchmarks.llm_larger_splits_check --report
 
 Writes ``results/llm_larger_splits_{task}_seed{seed}.json``; ``--report`` writes
