@@ -32,6 +32,15 @@ from benchmarks.llm_summary import RESULTS, TASKS
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 
 PREFIX = "llm_memorised"
+#: The per-seed table's method columns (a column no seed has is left out).
+COLUMNS = {
+    "map": "MAP",
+    "temp": "temperature",
+    "la": "default",
+    "la_previous": "previous default (function space)",
+    "la_marglik": "plain marglik",
+    "la_val": "validation grid",
+}
 
 
 def seed_files(task: str, prefix: str = PREFIX) -> list[Path]:
@@ -53,8 +62,18 @@ def merge_seeds(paths: list[Path]) -> dict:
     return {"args": args, "runs": runs, "summary": calib.summarize(runs), "wall_s": wall}
 
 
-def per_seed_rows(payload: dict) -> list[str]:
-    """Markdown rows: task, seed, MAP training NLL, the default's rule, test numbers."""
+def final_tests(payload: dict) -> list[dict]:
+    """The test-split rows of every run's last checkpoint."""
+    return [
+        run["checkpoints"][max(run["checkpoints"], key=int)]["test"]
+        for per_seed in payload["runs"].values()
+        for run in per_seed.values()
+    ]
+
+
+def per_seed_rows(payload: dict, methods: list[str]) -> list[str]:
+    """Markdown rows: task, seed, MAP training NLL, the default's rule, test numbers of
+    ``methods``."""
     rows = []
     for task, per_seed in payload["runs"].items():
         for seed, run in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
@@ -63,7 +82,6 @@ def per_seed_rows(payload: dict) -> list[str]:
             nll = ckpt["_train_nll"]
             rule = "leave-one-out" if nll < SATURATED_TRAIN_NLL else "evidence"
             test = ckpt["test"]
-            methods = ("map", "temp", "la", "la_previous", "la_marglik", "la_val")
             cells = [_cell(test[m]) if m in test else "–" for m in methods]
             rows.append(
                 f"| {task} | {seed} | {nll:.1e} | {rule} | {ckpt['_temperature']:.1f} | "
@@ -82,8 +100,7 @@ def main(
     tasks: tuple[str, ...] = TASKS,
     title: str = "Issue 13's bars at memorisation",
 ) -> None:
-    merged = []
-    rows: list[str] = []
+    merged, payloads = [], []
     for task in tasks:
         paths = seed_files(task, prefix)
         if not paths:
@@ -93,16 +110,20 @@ def main(
         dest.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
         dest.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
         merged.append(str(dest.with_suffix(".json")))
-        rows += per_seed_rows(payload)
+        payloads.append(payload)
+    tests = [t for payload in payloads for t in final_tests(payload)]
+    methods = [m for m in COLUMNS if any(m in t for t in tests)]
+    rows = [row for payload in payloads for row in per_seed_rows(payload, methods)]
     out = RESULTS / f"{prefix}_bars"
     llm_bars.main([*merged, "--out", str(out)])
     table = [
         "",
         "## Per seed, test: ACC / ECE / NLL / conf",
         "",
-        "| task | seed | MAP train NLL | default's rule | T | MAP | temperature | default "
-        "| previous default (function space) | plain marglik | validation grid |",
-        "| --- |" + " --- |" * 10,
+        "| task | seed | MAP train NLL | default's rule | T | "
+        + " | ".join(COLUMNS[m] for m in methods)
+        + " |",
+        "| --- |" + " --- |" * (4 + len(methods)),
         *rows,
     ]
     md = out.with_suffix(".md")

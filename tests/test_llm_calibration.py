@@ -173,7 +173,7 @@ def test_memorised_merge_combines_seed_files(tmp_path):
     with the default's rule named from the MAP's training NLL."""
     import json
 
-    from benchmarks.llm_memorised import merge_seeds, per_seed_rows
+    from benchmarks.llm_memorised import COLUMNS, final_tests, merge_seeds, per_seed_rows
 
     methods = ("map", "temp", "la", "la_marglik", "la_val")
     paths = []
@@ -193,7 +193,9 @@ def test_memorised_merge_combines_seed_files(tmp_path):
     merged = merge_seeds(paths)
     assert merged["args"]["seeds"] == [0, 1] and merged["wall_s"] == 20.0
     assert merged["summary"]["task"]["240"]["test"]["map"]["acc"][0] == pytest.approx(0.55)
-    rows = per_seed_rows(merged)
+    present = [m for m in COLUMNS if any(m in t for t in final_tests(merged))]
+    assert present == list(methods)  # no previous default in these files: no column
+    rows = per_seed_rows(merged, present)
     assert "| task | 0 | 1.0e-04 | leave-one-out |" in rows[0]
-    assert rows[0].count("–") == 1  # no previous default in these files
+    assert rows[0].count(" | ") == 4 + len(methods) and "–" not in rows[0]
     assert "| task | 1 | 5.0e-02 | evidence |" in rows[1]
