@@ -183,3 +183,32 @@ def test_bench_distributed_measure_compares_factors_across_ranks_and_configs():
     assert last["max_factor_rel_diff_vs_1proc"] == pytest.approx(1.0)
     assert last["lml_rel_diff_vs_1proc"] == pytest.approx(1.0)
     assert not last["identical_on_all_ranks"] and first["identical_on_all_ranks"]
+
+
+def _larger_splits_run(task: str, seed: int, la_acc: float, grid: list[float]) -> dict:
+    part = {"acc": 0.5, "ece": 0.1, "nll": 0.7, "conf": 0.6, "n": 100}
+    split = {m: {p: dict(part) for p in ("original", "fresh", "all")} for m in ("map", "temp")}
+    split["la"] = {p: dict(part, acc=la_acc) for p in ("original", "fresh", "all")}
+    split["_grid"] = {"factor": [0.1, 1, 10], "factor_nll": grid}
+    split["_grid"] |= {"delta_b": [1, 10, 100], "delta_b_nll": grid}
+    run = {"task": task, "seed": seed, "test": split, "wall_s": 1.0}
+    return run | ({"shift": copy.deepcopy(split)} if task == "fine_foods_mc" else {})
+
+
+def test_larger_splits_readings(tmp_path):
+    """Reading (a) compares fresh accuracies with the 1-point bar; (c) takes each seed's and
+    the seed-mean curve's minimum over the prior grid."""
+    from benchmarks import llm_larger_splits_report as report
+
+    for seed, (acc, grid) in enumerate([(0.49, [0.8, 0.65, 0.9]), (0.50, [0.9, 0.70, 0.6])]):
+        for task in ("bbc_headlines_mc", "fine_foods_mc"):
+            run = _larger_splits_run(task, seed, acc, grid)
+            (tmp_path / f"llm_larger_splits_{task}_seed{seed}.json").write_text(json.dumps(run))
+    numbers, lines = report.readings(report.load(tmp_path))
+    assert numbers["a_bbc_acc_diff_fresh"] == pytest.approx([-1.0, 0.0])
+    assert "sampling noise" in lines[0]  # mean −0.5 ≥ −1
+    assert numbers["c_factor"]["per_seed_min"] == pytest.approx([0.65, 0.6])
+    assert numbers["c_factor"]["per_seed_argmin"] == [1, 10]
+    assert numbers["c_factor"]["common_min"] == pytest.approx(0.675)  # (0.65 + 0.70) / 2
+    assert numbers["c_factor"]["common_argmin"] == 1
+    assert "below temperature scaling's 0.700" in lines[2]
