@@ -76,6 +76,12 @@ def readings(data: dict[str, dict[int, dict]]) -> tuple[dict, list[str]]:
             f"{' / '.join(f'{v:.3f}' for v in nll['temp'])} (mean {mean(nll['temp']):.3f}): "
             f"{met}."
         )
+        test = {m: mean([r["test"][m]["all"]["nll"] for r in runs.values()]) for m in METHODS}
+        lines.append(
+            "  - For reference, the in-domain test NLL (all examples, mean over seeds): "
+            + ", ".join(f"{NAMES[m].strip('*')} {v:.3f}" for m, v in test.items())
+            + "."
+        )
         lines += oracle_lines(runs, mean(nll["temp"]), out)
     return out, lines
 
@@ -94,15 +100,65 @@ def oracle_lines(runs: dict[int, dict], temp_nll: float, out: dict) -> list[str]
             "common_min": float(curves.mean(0)[best]),
             "common_argmin": values[best],
         }
+        test_curves = torch.tensor([r["test"]["_grid"][f"{grid}_nll"] for r in runs.values()])
+        out[f"c_{grid}"]["test_nll_at_common_argmin"] = float(test_curves.mean(0)[best])
         verdict = "below" if float(curves.mean(0)[best]) <= temp_nll else "above"
         lines.append(
             f"- **(c) Diagnostic, {what}, chosen on the shift split itself:** per-seed "
             f"minimum {' / '.join(f'{v:.3f}' for v in per_seed.values.tolist())} (at "
             f"{' / '.join(f'{values[i]:.3g}' for i in per_seed.indices.tolist())}); one value "
             f"for all seeds: {float(curves.mean(0)[best]):.3f} at {values[best]:.3g}, "
-            f"{verdict} temperature scaling's {temp_nll:.3f}."
+            f"{verdict} temperature scaling's {temp_nll:.3f}; the in-domain test NLL there: "
+            f"{float(test_curves.mean(0)[best]):.3f}."
+        )
+        lines.append(
+            bar_range(values, curves.mean(0), test_curves.mean(0), temp_nll, out[f"c_{grid}"])
         )
     return lines
+
+
+def bar_range(values, shift_nll, test_nll, temp_nll: float, out: dict) -> str:
+    """Where on a grid the seed-mean shift NLL ``shift_nll`` meets temperature scaling's,
+    and the seed-mean in-domain test NLL ``test_nll`` there."""
+    ok = [i for i in range(len(values)) if float(shift_nll[i]) <= temp_nll]
+    if not ok:
+        return "  - No value on this grid meets the shift bar."
+    i = max(ok, key=lambda j: values[j])  # the narrowest prior that meets it
+    out["narrowest_meeting_bar"] = {"value": values[i], "test_nll": float(test_nll[i])}
+    return (
+        f"  - The narrowest prior on this grid that meets the shift bar: {values[i]:.3g}; "
+        f"there the in-domain test NLL is {float(test_nll[i]):.3f}."
+    )
+
+
+def grid_plot(runs: dict[int, dict], path: Path) -> None:
+    """Mean NLL over seeds against the prior grids, shift and test, with temperature
+    scaling's NLL on each split for reference (the diagnostic of reading (c))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    grids = (("factor", "factor c on the default's prior precisions"),
+             ("delta_b", "one prior precision δ_B for every lora_B"))  # fmt: skip
+    for ax, (grid, label) in zip(axes, grids, strict=True):
+        values = runs[min(runs)]["shift"]["_grid"][grid]
+        for split, colour in (("shift", "tab:red"), ("test", "tab:blue")):
+            curves = torch.tensor([r[split]["_grid"][f"{grid}_nll"] for r in runs.values()])
+            ax.plot(values, curves.mean(0), color=colour, marker=".", label=f"Laplace, {split}")
+            temp = mean([r[split]["temp"]["all"]["nll"] for r in runs.values()])
+            ax.axhline(temp, color=colour, ls="--", label=f"temperature, {split}")
+        if grid == "factor":
+            ax.axvline(1.0, color="grey", ls=":", label="the default (c = 1)")
+        ax.set(xscale="log", xlabel=label + " (wider ←  → narrower)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("NLL, mean over seeds (500 examples per split)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("fine_foods_mc, step 80: NLL against the prior's scale (diagnostic on test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -126,6 +182,9 @@ def main() -> None:
                 lines += ["", f"## {task}, {split}", "", *split_table(runs, split)]
     wall = {f"{t} seed {s}": round(r["wall_s"]) for t, rs in data.items() for s, r in rs.items()}
     lines += ["", f"Wall seconds per checkpoint (3 processes on 2 cores): {wall}."]
+    if "fine_foods_mc" in data:
+        grid_plot(data["fine_foods_mc"], RESULTS / "llm_larger_splits_prior_grid.png")
+        lines += ["", "![NLL against the prior scale](llm_larger_splits_prior_grid.png)"]
     (RESULTS / "llm_larger_splits.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "llm_larger_splits.json").write_text(json.dumps(numbers, indent=1))
     print("\n".join(lines))

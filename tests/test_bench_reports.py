@@ -211,4 +211,6 @@ def test_larger_splits_readings(tmp_path):
     assert numbers["c_factor"]["per_seed_argmin"] == [1, 10]
     assert numbers["c_factor"]["common_min"] == pytest.approx(0.675)  # (0.65 + 0.70) / 2
     assert numbers["c_factor"]["common_argmin"] == 1
-    assert "below temperature scaling's 0.700" in lines[2]
+    (factor_line,) = [line for line in lines if "c · default prior" in line]
+    assert "below temperature scaling's 0.700" in factor_line
+    assert numbers["c_factor"]["narrowest_meeting_bar"]["value"] == 1  # 0.75 at 10 > 0.7
