@@ -44,6 +44,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from laplace import Laplace
@@ -101,23 +102,35 @@ def score_split(la, examples, collate, args, seed: int, T: float, default) -> di
     return out
 
 
-def run(path: str, seed: int, n_more: int) -> Path:
-    """Score step 80 of ``path``'s run with ``seed``; returns the JSON written."""
+def fitted_checkpoint(path: str, seed: int) -> tuple[calib.CachedCheckpoint, Any, float, Any]:
+    """``(checkpoint, la, T, args)``: step 80 of ``path``'s run with ``seed``, its KFAC
+    posterior at the default prior and the validation temperature."""
     payload = json.loads(Path(path).read_text())
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
     runs = {t: {str(seed): {"checkpoints": {STEP: r[str(seed)]["checkpoints"][STEP]}}}
             for t, r in payload["runs"].items()}  # fmt: skip
     (c,) = list(calib.cached_checkpoints(runs, args))
-    t0 = time.perf_counter()
     la = Laplace(c.wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
     la.fit(make_loader(c.data.train, c.collate, args.la_batch_size))
     val_loader = make_loader(c.data.validation, c.collate, args.la_batch_size)
     T = temperature(*calib.validation_logits(la, val_loader))
     la.optimize_prior_precision()  # the default call path
+    return c, la, T, args
+
+
+def larger_test(c: calib.CachedCheckpoint, args, n_more: int) -> list[dict]:
+    """The checkpoint's test split followed by ``n_more`` examples no split used."""
+    sizes = (args.n_train, args.n_val, args.n_test, c.seed)
+    return c.data.test + unused_examples(c.task, *sizes)[:n_more]
+
+
+def run(path: str, seed: int, n_more: int) -> Path:
+    """Score step 80 of ``path``'s run with ``seed``; returns the JSON written."""
+    t0 = time.perf_counter()
+    c, la, T, args = fitted_checkpoint(path, seed)
     default = la.prior_precision.detach().clone()
-    sizes = (args.n_train, args.n_val, args.n_test, seed)
-    splits = {"test": c.data.test + unused_examples(c.task, *sizes)[:n_more]}
+    splits = {"test": larger_test(c, args, n_more)}
     if c.shifted is not None:
         shift_task = calib.SHIFT[c.task]
         fresh = unused_examples(shift_task, 0, 0, args.n_test, seed)[:n_more]
