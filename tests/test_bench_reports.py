@@ -214,3 +214,27 @@ def test_larger_splits_readings(tmp_path):
     (factor_line,) = [line for line in lines if "c · default prior" in line]
     assert "below temperature scaling's 0.700" in factor_line
     assert numbers["c_factor"]["narrowest_meeting_bar"]["value"] == 1  # 0.75 at 10 > 0.7
+
+
+def test_bbc_accuracy_summary_counts_moves_and_flips():
+    """Moves away from MAP's class split into right → wrong and wrong → right; MC flips
+    compare the two 1000-draw runs."""
+    import torch
+
+    from benchmarks.llm_bbc_accuracy_check import summary
+
+    eye = torch.eye(3)
+    labels = torch.tensor([0, 1, 2, 0])
+    probs = {
+        "map": eye[[0, 1, 0, 1]],  # right, right, wrong, wrong
+        "mc1000": eye[[0, 2, 2, 1]],  # one right -> wrong, one wrong -> right
+        "mc1000_other": eye[[0, 2, 2, 0]],
+        "mc20000": eye[[0, 1, 0, 1]],
+        "probit": eye[[1, 1, 0, 1]],
+    }
+    out = summary(probs, labels, torch.ones(4, 3))
+    assert out["acc"]["map"] == 0.5 and out["acc"]["mc1000"] == 0.5
+    assert out["moved"]["mc1000"] == 2 and out["moved"]["mc20000"] == 0
+    assert (out["right_to_wrong"]["mc1000"], out["wrong_to_right"]["mc1000"]) == (1, 1)
+    assert out["right_to_wrong"]["probit"] == 1 and out["mc_flips"] == 1
+    assert out["histogram"]["mc1000"] == [1, 1, 2] and out["labels"] == [2, 1, 1]
