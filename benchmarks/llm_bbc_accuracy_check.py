@@ -28,14 +28,18 @@ Writes ``results/llm_bbc_accuracy_check_seed{seed}.json``; ``--report`` merges t
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from benchmarks import llm_calibration as calib
-from benchmarks.llm_larger_splits_check import fitted_checkpoint, larger_test
+from benchmarks.llm_larger_splits_check import (
+    fitted_checkpoint,
+    larger_test,
+    parse_seed_or_report,
+    seed_or_report_parser,
+)
 from benchmarks.tasks import make_loader
 from laplace_lora_ext import eigenbasis
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
@@ -86,8 +90,7 @@ def run(path: str, seed: int) -> Path:
     loader = make_loader(larger_test(c, args, N_MORE), c.collate, args.la_batch_size)
     if not eigenbasis.supports(la):
         raise RuntimeError("this check scores KFAC posteriors in their eigenbasis")
-    cache = LogitJacobianCache(la, loader, in_eigenbasis=True)  # half the memory of the
-    # plain blocks' scoring path, which held 11 GB per process on BBC's 500 examples
+    cache = LogitJacobianCache(la, loader, in_eigenbasis=True)  # as llm_larger_splits_check
     result = summary(predictions(cache, la, seed), cache.labels, logit_variances(cache, la))
     result |= {"task": c.task, "seed": seed}
     out = RESULTS / f"llm_bbc_accuracy_check_seed{seed}.json"
@@ -134,14 +137,8 @@ def report() -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("path", nargs="?")
-    parser.add_argument("seed", nargs="?", type=int)
-    parser.add_argument("--report", action="store_true")
-    a = parser.parse_args()
+    a = parse_seed_or_report(seed_or_report_parser(__doc__))
     if a.report:
         report()
-    elif a.path is None or a.seed is None:
-        parser.error("give a result JSON and a seed, or --report")
     else:
         run(a.path, a.seed)

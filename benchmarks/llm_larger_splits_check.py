@@ -151,18 +151,32 @@ def run(path: str, seed: int, n_more: int) -> Path:
     return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def seed_or_report_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a per-seed check: ``PATH SEED`` (an ``llm_calibration`` result
+    JSON and a seed) or ``--report``; read it with :func:`parse_seed_or_report`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("path", nargs="?", help="an llm_calibration result JSON")
     parser.add_argument("seed", nargs="?", type=int)
-    parser.add_argument("--n-more", type=int, default=400)
     parser.add_argument("--report", action="store_true", help="summarise the per-seed files")
+    return parser
+
+
+def parse_seed_or_report(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse ``parser``'s arguments; exit with a usage error unless ``--report`` or both
+    ``PATH`` and ``SEED`` are given."""
     a = parser.parse_args()
+    if not a.report and (a.path is None or a.seed is None):
+        parser.error("give a result JSON and a seed, or --report")
+    return a
+
+
+if __name__ == "__main__":
+    parser = seed_or_report_parser(__doc__)
+    parser.add_argument("--n-more", type=int, default=400)
+    a = parse_seed_or_report(parser)
     if a.report:
         from benchmarks.llm_larger_splits_report import main as report
 
         report()
-    elif a.path is None or a.seed is None:
-        parser.error("give a result JSON and a seed, or --report")
     else:
         print(f"wrote {run(a.path, a.seed, a.n_more)}")
