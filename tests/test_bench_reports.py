@@ -238,3 +238,32 @@ def test_bbc_accuracy_summary_counts_moves_and_flips():
     assert (out["right_to_wrong"]["mc1000"], out["wrong_to_right"]["mc1000"]) == (1, 1)
     assert out["right_to_wrong"]["probit"] == 1 and out["mc_flips"] == 1
     assert out["histogram"]["mc1000"] == [1, 1, 2] and out["labels"] == [2, 1, 1]
+
+
+# ------------------------------------------------------------------ prior_threshold_check
+def test_prior_threshold_picks_the_step_nearest_each_target_in_log_scale():
+    from benchmarks.prior_threshold_check import pick_steps
+
+    train_nll = {16: 0.5, 32: 0.05, 48: 0.02, 64: 0.009, 80: 0.004, 96: 0.0005}
+    # 0.03 -> 48 (log distance 0.41 against 0.51 for 32), 0.01 -> 64, 0.003 -> 80
+    assert pick_steps(train_nll) == [48, 64, 80]
+    assert pick_steps({16: 0.5, 32: 0.2}) == [32]  # one step nearest every target
+
+
+def test_prior_threshold_decision_needs_one_percent_and_two_tasks():
+    from benchmarks.prior_threshold_report import decide
+
+    def row(task, train_nll, evidence, loo):
+        return {"task": task, "train_nll": train_nll,
+                "validation": {"evidence": evidence, "leave_one_out": loo}}  # fmt: skip
+
+    # leave-one-out much better at training NLL 0.02 on two tasks: τ = 0.03 or 0.1 wins
+    rows = [row("a", 0.02, 1.0, 0.8), row("b", 0.02, 1.0, 0.8), row("c", 0.05, 1.0, 1.2)]
+    d = decide(rows, thresholds=(0.01, 0.03, 0.1))
+    assert d["qualifying"] == [0.03, 0.1] and d["chosen"] == 0.03  # 0.1 also switches c
+    # the same gain on one task only: keep the current threshold
+    rows = [row("a", 0.02, 1.0, 0.8), row("b", 0.5, 1.0, 0.8), row("c", 0.5, 1.0, 1.2)]
+    assert decide(rows, thresholds=(0.01, 0.03))["chosen"] == 0.01
+    # less than 1 % better: keep it
+    rows = [row("a", 0.02, 1.0, 0.999), row("b", 0.02, 1.0, 0.999)]
+    assert decide(rows, thresholds=(0.01, 0.03))["chosen"] == 0.01

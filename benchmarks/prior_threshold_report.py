@@ -1,0 +1,149 @@
+"""Report of :mod:`benchmarks.prior_threshold_check`: pool its checkpoints with the
+10-epoch benchmark's, apply the pre-registered decision on the switch's threshold, and
+print the test numbers for the record.
+
+Writes ``results/prior_threshold.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+from statistics import mean
+
+from benchmarks.prior_threshold_check import CURRENT, RESULTS, TASKS, THRESHOLDS
+
+OLD = "prior_loo_everywhere_{task}.json"  # the 10-epoch benchmark, both rules on validation
+
+
+def new_rows(task: str) -> list[dict]:
+    """One row per scored trajectory checkpoint of ``task`` (validation and test metrics)."""
+    path = RESULTS / f"prior_threshold_{task}.json"
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text())
+    rows = []
+    for step, c in payload["checkpoints"].items():
+        rule = {"evidence": "evidence", "leave_one_out": "leave_one_out", "map": "map",
+                "temp": "temp"}  # fmt: skip
+        rows.append({
+            "task": task, "source": "trajectory", "seed": payload["seed"], "step": int(step),
+            "train_nll": c["train_nll"],
+            "validation": {k: c["validation"][v]["nll"] for k, v in rule.items()},
+            "test": {k: c["test"][v] for k, v in rule.items()},
+        })  # fmt: skip
+    return rows
+
+
+def old_rows(task: str) -> list[dict]:
+    """The 10-epoch benchmark's checkpoints: ``la`` there is leave-one-out, ``la_previous``
+    the evidence (its default), both on the same fit and draws."""
+    payload = json.loads((RESULTS / OLD.format(task=task)).read_text())
+    rows = []
+    for seed, run in payload["runs"][task].items():
+        for step, c in run["checkpoints"].items():
+            v = c["validation"]
+            rows.append({
+                "task": task, "source": "10-epoch", "seed": int(seed), "step": int(step),
+                "train_nll": c["_train_nll"],
+                "validation": {"evidence": v["la_previous"]["nll"],
+                               "leave_one_out": v["la"]["nll"], "map": v["map"]["nll"],
+                               "temp": v["temp"]["nll"]},
+            })  # fmt: skip
+    return rows
+
+
+def rule_nll(row: dict, tau: float, split: str = "validation") -> float:
+    """The validation NLL of "leave one out below ``tau``, else the evidence" at ``row``."""
+    name = "leave_one_out" if row["train_nll"] < tau else "evidence"
+    value = row[split][name]
+    return value["nll"] if isinstance(value, dict) else value
+
+
+def decide(rows: list[dict], thresholds=THRESHOLDS, current: float = CURRENT) -> dict:
+    """The pre-registered decision: keep ``current`` unless another threshold's mean
+    validation NLL over ``rows`` is at least 1 % lower and its per-task mean is lower on at
+    least 2 of the tasks (the lowest such mean wins)."""
+    tasks = sorted({r["task"] for r in rows})
+    per_task = {
+        tau: {t: mean(rule_nll(r, tau) for r in rows if r["task"] == t) for t in tasks}
+        for tau in thresholds
+    }
+    pooled = {tau: mean(rule_nll(r, tau) for r in rows) for tau in thresholds}
+    need = min(2, len(tasks))
+    better = [
+        tau for tau in thresholds
+        if tau != current and pooled[tau] <= 0.99 * pooled[current]
+        and sum(per_task[tau][t] < per_task[current][t] for t in tasks) >= need
+    ]  # fmt: skip
+    chosen = min(better, key=pooled.get) if better else current
+    return {"pooled": pooled, "per_task": per_task, "chosen": chosen, "qualifying": better}
+
+
+def render(rows: list[dict], decision: dict) -> str:
+    """Markdown: the per-checkpoint validation NLLs, the decision, the test record."""
+    lines = [
+        "# The default's switch threshold (validation; test for the record)",
+        "",
+        "Validation NLL per checkpoint (trajectory checkpoints first):",
+        "",
+        "| task | source | seed | step | train NLL | MAP | temp (fit here) | evidence "
+        "| leave-one-out |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["source"] != "trajectory", r["task"], r["seed"],
+                                          r["step"])):  # fmt: skip
+        v = r["validation"]
+        lines.append(
+            f"| {r['task']} | {r['source']} | {r['seed']} | {r['step']} | "
+            f"{r['train_nll']:.4g} | {v['map']:.3f} | {v['temp']:.3f} | "
+            f"{v['evidence']:.3f} | {v['leave_one_out']:.3f} |"
+        )
+    tasks = sorted(decision["per_task"][CURRENT])
+    lines += ["", "Mean validation NLL of the switch rule at each threshold τ:", "",
+              "| τ | pooled | " + " | ".join(tasks) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]  # fmt: skip
+    for tau, value in decision["pooled"].items():
+        per = " | ".join(f"{decision['per_task'][tau][t]:.4f}" for t in tasks)
+        mark = " (current)" if tau == CURRENT else ""
+        lines.append(f"| {tau:g}{mark} | {value:.4f} | {per} |")
+    lines += ["", f"**Decision: τ = {decision['chosen']:g}** (qualifying: "
+              f"{[f'{t:g}' for t in decision['qualifying']] or 'none'}).", ""]  # fmt: skip
+    lines += _test_record([r for r in rows if "test" in r], decision["chosen"])
+    return "\n".join(lines) + "\n"
+
+
+def _test_record(rows: list[dict], tau: float) -> list[str]:
+    """Test ACC / ECE / NLL / confidence of the trajectory checkpoints (not used to decide)."""
+    lines = [
+        "Test split, for the record (ACC / ECE / NLL / confidence, ×100 where percent):",
+        "",
+        "| task | step | train NLL | MAP | temp | evidence | leave-one-out | default |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fmt = lambda m: (f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / "  # noqa: E731
+                     f"{100 * m['conf']:.0f}")  # fmt: skip
+    for r in rows:
+        t = r["test"]
+        default = t["leave_one_out" if r["train_nll"] < tau else "evidence"]
+        lines.append(
+            f"| {r['task']} | {r['step']} | {r['train_nll']:.4g} | {fmt(t['map'])} | "
+            f"{fmt(t['temp'])} | {fmt(t['evidence'])} | {fmt(t['leave_one_out'])} | "
+            f"{fmt(default)} |"
+        )
+    return lines
+
+
+def main() -> None:
+    rows = [r for t in TASKS for r in new_rows(t)] + [r for t in TASKS for r in old_rows(t)]
+    decision = decide(rows)
+    payload = {"rows": rows, "decision": {**decision, "pooled": {str(k): v for k, v in
+               decision["pooled"].items()}, "per_task": {str(k): v for k, v in
+               decision["per_task"].items()}}}  # fmt: skip
+    (RESULTS / "prior_threshold.json").write_text(json.dumps(payload, indent=1))
+    md = render(rows, decision)
+    (RESULTS / "prior_threshold.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
