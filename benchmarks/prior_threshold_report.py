@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from statistics import mean
 
+from benchmarks.llm_bars import overfit_bars
 from benchmarks.prior_threshold_check import CURRENT, RESULTS, TASKS, THRESHOLDS
 
 OLD = "prior_loo_everywhere_{task}.json"  # the 10-epoch benchmark, both rules on validation
@@ -117,8 +118,9 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
     lines = [
         "Test split, for the record (ACC / ECE / NLL / confidence, ×100 where percent):",
         "",
-        "| task | step | train NLL | MAP | temp | evidence | leave-one-out | default |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| task | step | train NLL | MAP | temp | evidence | leave-one-out | default "
+        "| overfit bars met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fmt = lambda m: (f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / "  # noqa: E731
                      f"{100 * m['conf']:.0f}")  # fmt: skip
@@ -128,9 +130,21 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
         lines.append(
             f"| {r['task']} | {r['step']} | {r['train_nll']:.4g} | {fmt(t['map'])} | "
             f"{fmt(t['temp'])} | {fmt(t['evidence'])} | {fmt(t['leave_one_out'])} | "
-            f"{fmt(default)} |"
+            f"{fmt(default)} | {_bars_met(t['map'], default)} |"
         )
     return lines
+
+
+def _bars_met(map_metrics: dict, default: dict) -> str:
+    """The issue's four overfit bars of one checkpoint (one seed, 100 test examples): which
+    are missed, by :func:`benchmarks.llm_bars.overfit_bars`."""
+    summary = {m: {k: [v] for k, v in d.items()} for m, d in
+               (("map", map_metrics), ("la", default))}  # fmt: skip
+    bars = overfit_bars(summary)
+    missed = [b["bar"] for b in bars if not b["met"]]
+    return f"{len(bars) - len(missed)} of {len(bars)}" + (
+        f" (missed: {'; '.join(missed)})" if missed else ""
+    )
 
 
 def main() -> None:

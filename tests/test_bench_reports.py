@@ -267,3 +267,12 @@ def test_prior_threshold_decision_needs_one_percent_and_two_tasks():
     # less than 1 % better: keep it
     rows = [row("a", 0.02, 1.0, 0.999), row("b", 0.02, 1.0, 0.999)]
     assert decide(rows, thresholds=(0.01, 0.03))["chosen"] == 0.01
+
+
+def test_prior_threshold_bars_name_the_missed_ones():
+    from benchmarks.prior_threshold_report import _bars_met
+
+    map_m = {"acc": 0.5, "ece": 0.3, "nll": 1.0, "conf": 0.8}
+    good = {"acc": 0.5, "ece": 0.1, "nll": 0.7, "conf": 0.52}
+    assert _bars_met(map_m, good) == "4 of 4"
+    assert _bars_met(map_m, good | {"conf": 0.4}) == "3 of 4 (missed: conf within 5 points of ACC)"
