@@ -17,11 +17,15 @@ OLD = "prior_loo_everywhere_{task}.json"  # the 10-epoch benchmark, both rules o
 
 
 def new_rows(task: str) -> list[dict]:
-    """One row per scored trajectory checkpoint of ``task`` (validation and test metrics)."""
-    path = RESULTS / f"prior_threshold_{task}.json"
-    if not path.exists():
-        return []
-    payload = json.loads(path.read_text())
+    """One row per scored trajectory checkpoint of ``task``, every seed (validation and
+    test metrics)."""
+    rows = []
+    for path in sorted(RESULTS.glob(f"prior_threshold_{task}_seed*.json")):
+        rows += _checkpoint_rows(task, json.loads(path.read_text()))
+    return rows
+
+
+def _checkpoint_rows(task: str, payload: dict) -> list[dict]:
     rows = []
     for step, c in payload["checkpoints"].items():
         rule = {"evidence": "evidence", "leave_one_out": "leave_one_out", "map": "map",
@@ -118,9 +122,9 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
     lines = [
         "Test split, for the record (ACC / ECE / NLL / confidence, ×100 where percent):",
         "",
-        "| task | step | train NLL | MAP | temp | evidence | leave-one-out | default "
+        "| task | seed | step | train NLL | MAP | temp | evidence | leave-one-out | default "
         "| overfit bars met |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fmt = lambda m: (f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / "  # noqa: E731
                      f"{100 * m['conf']:.0f}")  # fmt: skip
@@ -128,7 +132,7 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
         t = r["test"]
         default = t["leave_one_out" if r["train_nll"] < tau else "evidence"]
         lines.append(
-            f"| {r['task']} | {r['step']} | {r['train_nll']:.4g} | {fmt(t['map'])} | "
+            f"| {r['task']} | {r['seed']} | {r['step']} | {r['train_nll']:.4g} | {fmt(t['map'])} | "
             f"{fmt(t['temp'])} | {fmt(t['evidence'])} | {fmt(t['leave_one_out'])} | "
             f"{fmt(default)} | {_bars_met(t['map'], default)} |"
         )
