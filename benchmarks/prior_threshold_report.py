@@ -136,7 +136,25 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
             f"{fmt(t['temp'])} | {fmt(t['evidence'])} | {fmt(t['leave_one_out'])} | "
             f"{fmt(default)} | {_bars_met(t['map'], default)} |"
         )
+    counts = {name: _count_met(rows, name, tau) for name in ("temp", "evidence",
+              "leave_one_out", "default")}  # fmt: skip
+    lines += ["", "Overfit bars met over these checkpoints (one seed and 100 test examples "
+              "each): " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."]  # fmt: skip
     return lines
+
+
+def _count_met(rows: list[dict], name: str, tau: float) -> str:
+    """``"met of total"`` overfit bars of method ``name`` (or the switch rule at ``tau``)."""
+    met = total = 0
+    for r in rows:
+        t = r["test"]
+        key = ("leave_one_out" if r["train_nll"] < tau else "evidence") if name == "default" \
+            else name  # fmt: skip
+        summary = {m: {k: [v] for k, v in d.items()} for m, d in
+                   (("map", t["map"]), ("la", t[key]))}  # fmt: skip
+        bars = overfit_bars(summary)
+        met, total = met + sum(b["met"] for b in bars), total + len(bars)
+    return f"{met} of {total}"
 
 
 def _bars_met(map_metrics: dict, default: dict) -> str:
