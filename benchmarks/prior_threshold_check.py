@@ -6,7 +6,7 @@ training NLL is below :data:`~laplace_lora_ext.posterior.tuning.SATURATED_TRAIN_
 (0.01), then ``"leave_one_out"``. The benchmarks so far have checkpoints at training NLL
 0.05–1.55 (10 epochs) and below 0.001 (30 epochs), none in between, so the threshold was
 never tested where it acts. Here the benchmark's 30-epoch runs are repeated with a
-checkpoint every 16 steps (``traj240-{task}-seed0``, otherwise the ``memo240`` runs' config:
+checkpoint every 16 steps (``traj240-{task}-seed{seed}``, otherwise the ``memo240`` runs' config:
 64 train / 50 validation / 100 test, 240 steps of batch 8, lr 1e-3), and the checkpoints
 whose training NLL is nearest the switch are scored with both rules.
 
@@ -19,9 +19,9 @@ Protocol, committed before the first scoring run:
   0.003) the step whose training NLL is nearest in log scale is scored (a step chosen twice
   is scored once);
 * at each: one KFAC fit (the default call path), ``method="lora_marglik"`` and
-  ``method="leave_one_out"``, each scored with the joint MC predictive (1000 draws, generator
-  seeded with 0) on the validation and the test split; ``map`` and ``temp`` (temperature
-  fitted on the validation split) for reference;
+  ``method="leave_one_out"``, each scored with the joint MC predictive (1000 draws,
+  generator seeded with the run's seed) on the validation and the test split; ``map`` and
+  ``temp`` (temperature fitted on the validation split) for reference;
 * pooled with the 18 checkpoints of ``prior_loo_everywhere_*.json`` (the 10-epoch benchmark:
   the same two rules on validation, steps 16 and 80, seeds 0–2, training NLL 0.05–1.55);
 * decision, validation NLL only: for each threshold τ in :data:`THRESHOLDS`, the rule "leave
@@ -35,8 +35,8 @@ Protocol, committed before the first scoring run:
 
 ::
 
-    python -m benchmarks.finetune --task T --seed 0 --data_seed 0 --n_train 64 --n_val 50 \
-        --n_test 100 --steps 240 --lr 1e-3 --save_every 16 --run_name traj240-T-seed0
+    python -m benchmarks.finetune --task T --seed S --data_seed S --n_train 64 --n_val 50 \
+        --n_test 100 --steps 240 --lr 1e-3 --save_every 16 --run_name traj240-T-seedS
     python -m benchmarks.prior_threshold_check T --seed S
     python -m benchmarks.prior_threshold_check --report
 
