@@ -84,7 +84,9 @@ def config(task: str, seed: int) -> FinetuneConfig:
 
 @torch.no_grad()
 def map_nll(wrapper, loader) -> float:
-    """The MAP's mean NLL (nats per example) over ``loader``."""
+    """The MAP's mean NLL (nats per example) over ``loader``, from the logits (not
+    :func:`benchmarks.finetune.evaluate`, which takes it from float32 probabilities and so
+    loses the small NLLs of a saturated softmax that pick the checkpoints here)."""
     total, n = 0.0, 0
     with guards.eval_mode(wrapper):
         for batch in loader:
@@ -104,9 +106,10 @@ def pick_steps(train_nll: dict[int, float]) -> list[int]:
 def score_checkpoint(wrapper, data, collate, seed: int) -> dict:
     """Both rules, MAP and temperature on validation and test at the loaded checkpoint."""
     la = Laplace(wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
-    la.fit(make_loader(data.train, collate, ARGS.la_batch_size))
+    batch_size = ARGS.la_batch_size
+    la.fit(make_loader(data.train, collate, batch_size))
     caches = {
-        split: LogitJacobianCache(la, make_loader(getattr(data, split), collate, 8))
+        split: LogitJacobianCache(la, make_loader(getattr(data, split), collate, batch_size))
         for split in ("validation", "test")
     }
     T = temperature(caches["validation"].logits.float(), caches["validation"].labels)

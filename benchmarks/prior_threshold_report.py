@@ -14,6 +14,7 @@ from benchmarks.llm_bars import overfit_bars
 from benchmarks.prior_threshold_check import CURRENT, RESULTS, TASKS, THRESHOLDS
 
 OLD = "prior_loo_everywhere_{task}.json"  # the 10-epoch benchmark, both rules on validation
+METHODS = ("evidence", "leave_one_out", "map", "temp")  # the trajectory files' method names
 
 
 def new_rows(task: str) -> list[dict]:
@@ -28,13 +29,11 @@ def new_rows(task: str) -> list[dict]:
 def _checkpoint_rows(task: str, payload: dict) -> list[dict]:
     rows = []
     for step, c in payload["checkpoints"].items():
-        rule = {"evidence": "evidence", "leave_one_out": "leave_one_out", "map": "map",
-                "temp": "temp"}  # fmt: skip
         rows.append({
             "task": task, "source": "trajectory", "seed": payload["seed"], "step": int(step),
             "train_nll": c["train_nll"],
-            "validation": {k: c["validation"][v]["nll"] for k, v in rule.items()},
-            "test": {k: c["test"][v] for k, v in rule.items()},
+            "validation": {k: c["validation"][k]["nll"] for k in METHODS},
+            "test": {k: c["test"][k] for k in METHODS},
         })  # fmt: skip
     return rows
 
@@ -57,11 +56,15 @@ def old_rows(task: str) -> list[dict]:
     return rows
 
 
-def rule_nll(row: dict, tau: float, split: str = "validation") -> float:
-    """The validation NLL of "leave one out below ``tau``, else the evidence" at ``row``."""
-    name = "leave_one_out" if row["train_nll"] < tau else "evidence"
-    value = row[split][name]
-    return value["nll"] if isinstance(value, dict) else value
+def rule_name(row: dict, tau: float) -> str:
+    """The rule the default would use at ``row`` with threshold ``tau``: leave one out below
+    it, else the evidence."""
+    return "leave_one_out" if row["train_nll"] < tau else "evidence"
+
+
+def rule_nll(row: dict, tau: float) -> float:
+    """The validation NLL of :func:`rule_name`'s rule at ``row``."""
+    return row["validation"][rule_name(row, tau)]
 
 
 def decide(rows: list[dict], thresholds=THRESHOLDS, current: float = CURRENT) -> dict:
@@ -130,7 +133,7 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
                      f"{100 * m['conf']:.0f}")  # fmt: skip
     for r in rows:
         t = r["test"]
-        default = t["leave_one_out" if r["train_nll"] < tau else "evidence"]
+        default = t[rule_name(r, tau)]
         lines.append(
             f"| {r['task']} | {r['seed']} | {r['step']} | {r['train_nll']:.4g} | {fmt(t['map'])} | "
             f"{fmt(t['temp'])} | {fmt(t['evidence'])} | {fmt(t['leave_one_out'])} | "
@@ -147,22 +150,24 @@ def _count_met(rows: list[dict], name: str, tau: float) -> str:
     """``"met of total"`` overfit bars of method ``name`` (or the switch rule at ``tau``)."""
     met = total = 0
     for r in rows:
-        t = r["test"]
-        key = ("leave_one_out" if r["train_nll"] < tau else "evidence") if name == "default" \
-            else name  # fmt: skip
-        summary = {m: {k: [v] for k, v in d.items()} for m, d in
-                   (("map", t["map"]), ("la", t[key]))}  # fmt: skip
-        bars = overfit_bars(summary)
+        key = rule_name(r, tau) if name == "default" else name
+        bars = _checkpoint_bars(r["test"]["map"], r["test"][key])
         met, total = met + sum(b["met"] for b in bars), total + len(bars)
     return f"{met} of {total}"
 
 
+def _checkpoint_bars(map_metrics: dict, method: dict) -> list[dict]:
+    """:func:`benchmarks.llm_bars.overfit_bars` of one checkpoint's metrics (one seed, so
+    each "mean" is the single value)."""
+    summary = {m: {k: [v] for k, v in d.items()} for m, d in
+               (("map", map_metrics), ("la", method))}  # fmt: skip
+    return overfit_bars(summary)
+
+
 def _bars_met(map_metrics: dict, default: dict) -> str:
     """The issue's four overfit bars of one checkpoint (one seed, 100 test examples): which
-    are missed, by :func:`benchmarks.llm_bars.overfit_bars`."""
-    summary = {m: {k: [v] for k, v in d.items()} for m, d in
-               (("map", map_metrics), ("la", default))}  # fmt: skip
-    bars = overfit_bars(summary)
+    are missed."""
+    bars = _checkpoint_bars(map_metrics, default)
     missed = [b["bar"] for b in bars if not b["met"]]
     return f"{len(bars) - len(missed)} of {len(bars)}" + (
         f" (missed: {'; '.join(missed)})" if missed else ""
