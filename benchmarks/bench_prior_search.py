@@ -27,6 +27,11 @@ Needs that cached checkpoint (``benchmarks.llm_memorised`` trains it) or trains 
 are low-rank (hidden 1024, 4 layers, LoRA r=8 on q, v, ``factor_rank=64`` above a side of
 512, 4 choices, 32 training and 32 validation sequences of 64 tokens), where the eigenbasis
 path also carries each block's complement; it writes ``bench_prior_search_lowrank``.
+``--low-rank --shape 7b`` does the same at Llama-2-7B layer shapes (hidden 4096,
+intermediate 11008, vocabulary 32000, one decoder layer as in :mod:`benchmarks.bench_scale`),
+LoRA r=8 on q, v and ``lm_head``, the library's default ``factor_rank="auto"`` (every 4096-
+and 32000-sided factor at rank 256), 2 choices, 16 training and 16 validation sequences of
+64 tokens; it writes ``bench_prior_search_lowrank_7b``.
 """
 
 from __future__ import annotations
@@ -101,30 +106,61 @@ def measure(model: Any, train_loader: Any, val_loader: Any) -> dict:
     return out
 
 
-def measure_low_rank() -> dict:
+LOW_RANK_SHAPES = {
+    "small": {
+        "model": dict(hidden=1024, intermediate=2048, layers=4, vocab=1000, heads=8,
+                      targets=("q_proj", "v_proj")),
+        "laplace": dict(factor_rank=64, rank_threshold=512),
+        "choices": 4, "sequences": 32,
+    },
+    "7b": {
+        "model": dict(hidden=4096, intermediate=11008, layers=1, vocab=32000, heads=32,
+                      targets=("q_proj", "v_proj", "lm_head")),
+        "laplace": {},  # the library's default, factor_rank="auto"
+        "choices": 2, "sequences": 16,
+    },
+}  # fmt: skip
+
+
+def measure_low_rank(shape: str = "small") -> dict:
     """``gridsearch`` on both paths for a random low-rank-factor posterior (module docstring)."""
     from laplace_lora_ext import LastTokenChoiceLM
 
-    peft_model = C.build_llama_lora(
-        hidden=1024, intermediate=2048, layers=4, vocab=1000, heads=8, targets=("q_proj", "v_proj")
-    )
-    model = LastTokenChoiceLM(peft_model, C.choice_ids(4, 1000)).eval()
-    train = C.make_loader(C.random_data(32, 64, 1000, 4, seed=41), 8)
-    val = C.make_loader(C.random_data(32, 64, 1000, 4, seed=42), 8)
+    spec = LOW_RANK_SHAPES[shape]
+    vocab, C_, n = spec["model"]["vocab"], spec["choices"], spec["sequences"]
+    peft_model = C.build_llama_lora(**spec["model"])
+    model = LastTokenChoiceLM(peft_model, C.choice_ids(C_, vocab)).eval()
+    train = C.make_loader(C.random_data(n, 64, vocab, C_, seed=41), 8)
+    val = C.make_loader(C.random_data(n, 64, vocab, C_, seed=42), 8)
     la = Laplace(
         model, "classification", subset_of_weights="lora", hessian_structure="kron",
-        factor_rank=64, rank_threshold=512,
+        **spec["laplace"],
     )  # fmt: skip
     out = {"fit_cpu_s": C.cpu_seconds(lambda: la.fit(train))}
+    out["low_rank_sides"] = sorted({int(s) for s in _low_rank_sides(la)})
     kwargs = {"method": "gridsearch", "val_loader": val, "grid_size": 21}
     out["gridsearch (21 values)"] = {path: search(la, path, **kwargs) for path in PATHS}
     return out
 
 
+def _low_rank_sides(la: Any) -> list[int]:
+    """Sides of the posterior's Kronecker factors that are kept low-rank."""
+    from laplace_lora_ext.lowrank import LowRankFactor
+
+    return [f.shape[0] for F in la.H_facs.kfacs for f in F if isinstance(f, LowRankFactor)]
+
+
 def render(r: dict, args: argparse.Namespace) -> str:
+    low_rank_setups = {
+        "small": "random Llama (hidden 1024, 4 layers), LoRA r=8 on q, v, Kronecker factors "
+        "of side 1024 at rank 64, 4 choices, 32 training / 32 validation sequences of 64 tokens",
+        "7b": "random Llama at Llama-2-7B layer shapes (hidden 4096, intermediate 11008, "
+        "vocabulary 32000, 1 decoder layer), LoRA r=8 on q, v, lm_head, factor_rank='auto' "
+        f"(low-rank sides: {r.get('low_rank_sides')}), 2 choices, 16 training / 16 "
+        "validation sequences of 64 tokens",
+    }
     setup = (
-        "random Llama (hidden 1024, 4 layers), LoRA r=8 on q, v, Kronecker factors of side "
-        "1024 at rank 64, 4 choices, 32 training / 32 validation sequences of 64 tokens"
+        low_rank_setups[getattr(args, "shape", "small")]
         if args.low_rank
         else f"SmolLM2-135M-Instruct, LoRA r=8 on q, v (460,800 parameters), memorised "
         f"{args.tasks[0]} adapter (seed {args.seeds[0]}, step {args.steps}, {args.n_train} "
@@ -158,11 +194,13 @@ def render(r: dict, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--low-rank", action="store_true", help="a random low-rank-factor model")
+    p.add_argument("--shape", choices=sorted(LOW_RANK_SHAPES), default="small", help="--low-rank")
     args = calib.parse(argv, p)
     torch.set_num_threads(args.threads or 1)
     if args.low_rank:
-        result = measure_low_rank()
-        C.publish(NAME + "_lowrank", args, result, {}, render(result, args))
+        result = measure_low_rank(args.shape)
+        suffix = "_lowrank" + ("" if args.shape == "small" else f"_{args.shape}")
+        C.publish(NAME + suffix, args, result, {}, render(result, args))
         return
     data, wrapper, collate = calib.trained_model(args)
     train_loader = make_loader(data.train, collate, args.la_batch_size)
