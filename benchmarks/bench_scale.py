@@ -811,7 +811,8 @@ def _render_compression(res: dict[str, Any], args: argparse.Namespace) -> list[s
         "## (e) cost of the low-rank compression vs tokens per batch",
         "",
         f"`LowRankFactor.from_root` on a random (4096, m) root, factor_rank={args.factor_rank} "
-        "(thin QR + SVD of the m x m triangle when m <= d, else Gram R Rᵀ + eigh):",
+        "(columns merged in chunks of at most max(256, 2 × rank): a thin QR of [current root, "
+        "chunk] and an eigh of its small triangle's Gram, truncated back to the rank):",
         "",
         C.md_table(
             ["root rows m", "CPU time", "peak memory", "creates a 4096 x 4096 tensor"], rows
