@@ -276,3 +276,30 @@ def test_prior_threshold_bars_name_the_missed_ones():
     good = {"acc": 0.5, "ece": 0.1, "nll": 0.7, "conf": 0.52}
     assert _bars_met(map_m, good) == "4 of 4"
     assert _bars_met(map_m, good | {"conf": 0.4}) == "3 of 4 (missed: conf within 5 points of ACC)"
+
+
+@pytest.mark.parametrize("name", ["bench_prior_search", "bench_prior_search_lowrank_7b"])
+def test_bench_prior_search_report_is_the_committed_one(name):
+    from benchmarks import bench_prior_search as B
+
+    payload, md = committed(name)
+    args = types.SimpleNamespace(**payload["args"])
+    assert B.render(payload["summary"], args) == md.rstrip("\n") + "\n"
+
+
+def test_bench_prior_search_report_compares_with_stock():
+    from benchmarks import bench_prior_search as B
+
+    payload, md = committed("bench_prior_search")
+    grid = payload["summary"]["gridsearch (21 values)"]
+    ratio = grid[B.STOCK]["cpu_s"] / grid["eigenbasis once"]["cpu_s"]
+    assert f"ours {ratio:.2f}× faster than stock" in md
+    assert "stock's validation batch: 1; ours: 8" in md
+
+
+def test_mem_probs_check_report_is_the_committed_one():
+    from benchmarks import mem_probs_check as M
+
+    payload, md = committed("mem_probs_check")
+    assert M.render(payload["summary"]) == md.rstrip("\n") + "\n"
+    assert md.count("+0.0 MiB") == 3
