@@ -130,11 +130,11 @@ def measure_low_rank(shape: str = "small") -> dict:
     from laplace_lora_ext import LastTokenChoiceLM
 
     spec = LOW_RANK_SHAPES[shape]
-    vocab, C_, n = spec["model"]["vocab"], spec["choices"], spec["sequences"]
+    vocab, n_choices, n = spec["model"]["vocab"], spec["choices"], spec["sequences"]
     peft_model = C.build_llama_lora(**spec["model"])
-    model = LastTokenChoiceLM(peft_model, C.choice_ids(C_, vocab)).eval()
-    train = C.make_loader(C.random_data(n, 64, vocab, C_, seed=41), 8)
-    val = C.make_loader(C.random_data(n, 64, vocab, C_, seed=42), 8)
+    model = LastTokenChoiceLM(peft_model, C.choice_ids(n_choices, vocab)).eval()
+    train = C.make_loader(C.random_data(n, 64, vocab, n_choices, seed=41), 8)
+    val = C.make_loader(C.random_data(n, 64, vocab, n_choices, seed=42), 8)
     la = Laplace(
         model, "classification", subset_of_weights="lora", hessian_structure="kron",
         **spec["laplace"],
