@@ -113,6 +113,16 @@ def rescore_checkpoint(
         }
 
 
+def write_rescored(payload: dict, out: Path, partial: Path) -> None:
+    """Write a re-scored file as ``out``'s JSON, markdown table and reliability plot (its
+    ``summary`` already recomputed), then drop the ``partial`` resume file."""
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+    out.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
+    calib.reliability_plot(payload["runs"], out.with_name(out.name + "_reliability.png"))
+    partial.unlink(missing_ok=True)
+    print(f"wrote {out}.json, {out}.md")
+
+
 def main(path: str, method: str | None = None, out: str | None = None) -> None:
     out = Path(out or path).with_suffix("")
     partial = out.with_suffix(".partial.json")
@@ -132,11 +142,7 @@ def main(path: str, method: str | None = None, out: str | None = None) -> None:
         "la_previous: the default this file was run with"
         + (" (its stored prior, re-scored in this run)" if method else "")
     )
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    out.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
-    calib.reliability_plot(payload["runs"], out.with_name(out.name + "_reliability.png"))
-    partial.unlink(missing_ok=True)
-    print(f"wrote {out}.json, {out}.md")
+    write_rescored(payload, out, partial)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
-from benchmarks.llm_rescore_default import score_rows
+from benchmarks.llm_rescore_default import score_rows, write_rescored
 from benchmarks.tasks import make_loader
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
@@ -100,11 +100,7 @@ def main(path: str) -> None:
         "la_diag: the current library's diagonal posterior and default prior "
         "(lora_marglik to convergence); _la_diag_previous: the rows this file was run with"
     )
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    out.with_suffix(".md").write_text(calib.render(payload["summary"], payload["args"]))
-    calib.reliability_plot(payload["runs"], out.with_name(out.name + "_reliability.png"))
-    partial.unlink(missing_ok=True)
-    print(f"wrote {out}.json, {out}.md")
+    write_rescored(payload, out, partial)
 
 
 if __name__ == "__main__":
