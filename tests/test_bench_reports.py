@@ -303,3 +303,47 @@ def test_mem_probs_check_report_is_the_committed_one():
     payload, md = committed("mem_probs_check")
     assert M.render(payload["summary"]) == md.rstrip("\n") + "\n"
     assert md.count("+0.0 MiB") == 3
+
+
+def _prior_scale_run(task: str, seed: int, accs: list[float], shift_nll: list[float]) -> dict:
+    """A per-seed file of ``llm_prior_scale_check`` on a 3-value grid (MAP: ACC 0.5, ECE
+    0.2, NLL 1.0; temperature: shift NLL 0.7)."""
+    base = {"acc": 0.5, "ece": 0.2, "nll": 1.0, "brier": 0.6, "conf": 0.5, "n": 100}
+    parts = ("original", "fresh", "all")
+
+    def at(**kw) -> dict:
+        return {p: dict(base, **kw) for p in parts}
+
+    grid = [at(acc=a, ece=0.05, nll=0.8, conf=a) for a in accs]
+    test = {"map": at(), "temp": at(nll=0.7), "factor": grid, "delta_b": copy.deepcopy(grid)}
+    run = {"task": task, "seed": seed, "factor": [0.1, 1.0, 10.0], "delta_b": [1.0, 10.0, 100.0],
+           "test": test}  # fmt: skip
+    if task == "fine_foods_mc":
+        shift = [at(nll=v) for v in shift_nll]
+        run["shift"] = {"map": at(), "temp": at(nll=0.7), "factor": shift,
+                        "delta_b": copy.deepcopy(shift)}  # fmt: skip
+    return run
+
+
+def test_prior_scale_readings_find_no_common_width(tmp_path):
+    """BBC keeps MAP's accuracy only at the narrow end, fine foods meets the shift bar only
+    at the wide end: each task has a width meeting its bars, no width meets both."""
+    from benchmarks import llm_prior_scale_report as report
+
+    for seed in (0, 1):
+        bbc = _prior_scale_run("bbc_headlines_mc", seed, [0.47, 0.48, 0.5], [])
+        ff = _prior_scale_run("fine_foods_mc", seed, [0.5, 0.5, 0.5], [0.69, 0.75, 0.9])
+        for run in (bbc, ff):
+            name = f"llm_prior_scale_{run['task']}_seed{seed}.json"
+            (tmp_path / name).write_text(json.dumps(run))
+    found = report.values_meeting(report.load(tmp_path), "factor")
+    assert found["tasks"]["bbc_headlines_mc"]["all_bars"] == [10.0]
+    assert found["tasks"]["fine_foods_mc"]["all_bars"] == [0.1]
+    assert found["tasks"]["fine_foods_mc"]["per_bar"]["NLL ≤ temperature's"] == [0.1]
+    assert found["every_task"] == []
+    assert report.spans([0.1, 1.0], [0.1, 1.0, 10.0]) == "0.1–1"
+    assert report.spans([0.1, 10.0], [0.1, 1.0, 10.0]) == "0.1, 10"
+    report.main(tmp_path)
+    text = (tmp_path / "llm_prior_scale.md").read_text()
+    assert "Every bar of every task: **none**" in text
+    assert (tmp_path / "llm_prior_scale.png").exists()
