@@ -515,7 +515,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
 
         Warns:
             UserWarning: when the loaded ``mean`` differs from the model's current LoRA
-            weights (the posterior was fitted at other weights).
+                weights (the posterior was fitted at other weights).
         """
         config = state_dict.get("lora_config")
         if config is not None:
