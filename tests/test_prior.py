@@ -203,6 +203,36 @@ def test_lora_marglik_runs_rounds_until_converged(monkeypatch):
     assert 600 + 3 <= len(calls) <= 600 + 5  # three rounds, a check after each, the warning
 
 
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize("method", ["auto", "lora_marglik", "marglik"])
+def test_chosen_prior_is_a_plain_tensor(structure, method):
+    """As in laplace-torch, the chosen prior carries no autograd graph (``.numpy()`` and
+    ``float()`` work), and the convergence check after the search leaves its value alone."""
+    la = fitted(structure)
+    seen = []
+    original = type(la)._marglik_gradient
+
+    def recorded(self, *args, **kwargs):
+        seen.append(self.prior_precision.detach().clone())
+        return original(self, *args, **kwargs)
+
+    type(la)._marglik_gradient = recorded
+    try:
+        la.optimize_prior_precision(method=method)
+    finally:
+        type(la)._marglik_gradient = original
+    assert not la.prior_precision.requires_grad and la.prior_precision.grad_fn is None
+    la.prior_precision.numpy()
+    assert seen and torch.equal(la.prior_precision, seen[-1])
+
+
+@pytest.mark.parametrize("method", ["linearised", "function_space", "leave_one_out"])
+def test_other_methods_choose_a_plain_tensor(method):
+    la = fitted("kron")
+    la.optimize_prior_precision(method=method)
+    assert not la.prior_precision.requires_grad and la.prior_precision.grad_fn is None
+
+
 def test_marglik_converged_is_silent():
     import warnings
 

@@ -355,10 +355,19 @@ class PriorTuningMixin:
     # ------------------------------------------------------------------ marglik
     def _marglik_gradient(self, free: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """``d log Z / d log δ`` at the current prior (entries ``free`` ``(L,)`` only) and its
-        largest magnitude per training example."""
-        log_prec = self.prior_precision.detach().log().requires_grad_(True)
-        lml = self.log_marginal_likelihood(prior_precision=log_prec.exp())
-        (grad,) = torch.autograd.grad(lml, log_prec)
+        largest magnitude per training example.
+
+        laplace-torch's ``log_marginal_likelihood(prior_precision=...)`` stores the tensor it
+        is given as the prior; the current one is put back afterwards, so the chosen prior
+        keeps its value and carries no autograd graph.
+        """
+        current = self.prior_precision.detach().clone()
+        log_prec = current.log().requires_grad_(True)
+        try:
+            lml = self.log_marginal_likelihood(prior_precision=log_prec.exp())
+            (grad,) = torch.autograd.grad(lml, log_prec)
+        finally:
+            self.prior_precision = current
         grad = grad if free is None else grad[free]
         return grad, float(grad.abs().max()) / max(self.n_data, 1)
 
