@@ -17,10 +17,10 @@ METHODS = ("map", "temp", "la")
 NAMES = {"map": "MAP", "temp": "temperature (validation)", "la": "**default**"}
 
 
-def load(results: Path = RESULTS) -> dict[str, dict[int, dict]]:
-    """task -> seed -> the per-seed JSON of the check."""
+def load(results: Path = RESULTS, prefix: str = "llm_larger_splits") -> dict[str, dict[int, dict]]:
+    """task -> seed -> the per-seed JSON of a check (``{prefix}_{task}_seed{seed}.json``)."""
     out: dict[str, dict[int, dict]] = {}
-    for path in sorted(results.glob("llm_larger_splits_*_seed*.json")):
+    for path in sorted(results.glob(f"{prefix}_*_seed*.json")):
         r = json.loads(path.read_text())
         out.setdefault(r["task"], {})[r["seed"]] = r
     return out

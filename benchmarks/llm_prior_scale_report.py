@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from benchmarks import llm_bars
+from benchmarks import llm_larger_splits_report as larger_splits_report
 from benchmarks.llm_calibration import RESULTS
 
 METRICS = ("acc", "ece", "nll", "brier", "conf")
@@ -21,17 +20,12 @@ PART = "all"  # the readings' part; "original" (the benchmark's 100) is reported
 
 def load(results: Path = RESULTS) -> dict[str, dict[int, dict]]:
     """task -> seed -> the per-seed JSON of the check."""
-    out: dict[str, dict[int, dict]] = {}
-    for path in sorted(results.glob("llm_prior_scale_*_seed*.json")):
-        r = json.loads(path.read_text())
-        out.setdefault(r["task"], {})[r["seed"]] = r
-    return out
+    return larger_splits_report.load(results, prefix="llm_prior_scale")
 
 
 def seed_mean(rows: list[dict]) -> dict[str, tuple[float]]:
     """Mean over seeds of each metric, as ``llm_bars`` reads it (``metric -> (mean,)``)."""
-    return {k: (float(torch.tensor([r[k] for r in rows], dtype=torch.float64).mean()),)
-            for k in METRICS}  # fmt: skip
+    return {k: (larger_splits_report.mean([r[k] for r in rows]),) for k in METRICS}
 
 
 def split_summary(runs: dict[int, dict], split: str, grid: str, i: int, part: str) -> dict:
