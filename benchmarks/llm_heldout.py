@@ -1,5 +1,6 @@
-"""The default prior on a task it was never chosen on: ``tweet_device_mc`` at issue 13's
-sizes (protocol fixed before the first run; nothing here is tuned).
+"""The default prior on tasks it was never chosen on: ``tweet_device_mc`` and
+``pet_species_mc`` at issue 13's sizes (protocols fixed before the first runs; nothing here
+is tuned).
 
 The default (``optimize_prior_precision()``: the evidence, or the leave-one-out rule once
 the MAP's training NLL is below ``SATURATED_TRAIN_NLL``) was chosen on validation splits of
@@ -15,13 +16,21 @@ with an early checkpoint after one epoch (32 steps). Three seeds, each one proce
         --run-name 'heldout960-{task}-seed{seed}' \\
         --out benchmarks/results/llm_heldout_tweet_device_mc_seedS
 
-Then this script merges the seeds into ``llm_heldout_tweet_device_mc_3seeds.{json,md}``
+A second held-out task, ``pet_species_mc`` (is a Seattle pet with this licence name a cat or
+a dog), was added on 2026-12-01 with this protocol committed before its first run: the
+same sizes, steps, LoRA, seeds 0, 1, 2 and command with ``--tasks pet_species_mc`` and
+``--run-name 'heldout960-{task}-seed{seed}'``, written to
+``benchmarks/results/llm_heldout_pet_species_mc_seedS``. Its bars are read exactly as the
+first task's; the default (its threshold, rules and grids) stays as it is whatever comes
+out, and a miss is reported with its per-seed numbers.
+
+Then this script merges each task's seeds into ``llm_heldout_{task}_3seeds.{json,md}``
 and checks issue 13's overfit and early bars (no shift task) into
 ``llm_heldout_bars.{json,md}``, with a per-seed table::
 
     python -m benchmarks.llm_heldout
 
-Whatever comes out is reported; the default is not changed on the strength of this task.
+Whatever comes out is reported; the default is not changed on the strength of these tasks.
 """
 
 from __future__ import annotations
@@ -29,11 +38,11 @@ from __future__ import annotations
 from benchmarks import llm_memorised
 
 PREFIX = "llm_heldout"
-TASKS = ("tweet_device_mc",)
+TASKS = ("tweet_device_mc", "pet_species_mc")
 
 
 def main() -> None:
-    llm_memorised.main(prefix=PREFIX, tasks=TASKS, title="Issue 13's bars on a held-out task")
+    llm_memorised.main(prefix=PREFIX, tasks=TASKS, title="Issue 13's bars on held-out tasks")
 
 
 if __name__ == "__main__":

