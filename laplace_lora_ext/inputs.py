@@ -77,8 +77,10 @@ def forward_logits(
 
     Raises:
         TypeError: if the model's ``forward`` cannot take the batch as one argument.
-        ValueError: if the logits are not 2-D (e.g. a causal LM's ``(B, T, V)``).
+        ValueError: if the batch holds no examples, or the logits are not 2-D (e.g. a
+            causal LM's ``(B, T, V)``).
     """
+    check_not_empty(x)
     out = call_model(model, x, dict_key_y, model_kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     if not torch.is_tensor(logits):
@@ -92,6 +94,22 @@ def forward_logits(
             "restrict the last position to the choice tokens."
         )
     return logits
+
+
+def check_not_empty(x: Batch) -> None:
+    """Raise a clear ``ValueError`` when the batch holds 0 examples.
+
+    The batch size is the leading dimension of ``x`` (a tensor) or of its first tensor
+    value with at least one dimension (a dict). HF models fail on an empty batch deep
+    inside their attention code (a reshape of 0 elements), so this is checked first.
+    """
+    tensors = [x] if torch.is_tensor(x) else list(x.values()) if isinstance(x, Mapping) else []
+    sizes = [t.shape[0] for t in tensors if torch.is_tensor(t) and t.ndim >= 1]
+    if sizes and sizes[0] == 0:
+        raise ValueError(
+            "The batch holds no examples (batch size 0). Pass at least one example, or "
+            "skip empty batches before calling the model or the posterior."
+        )
 
 
 def is_hf_model(model: nn.Module) -> bool:

@@ -45,6 +45,25 @@ def test_empty_loader():
         la.fit(DataLoader([], batch_size=2))
 
 
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_empty_batch_is_a_clear_error_everywhere(structure):
+    b = random_batch(6, 5, 3, "left")
+    la = make(tiny_llama(), structure)
+    la.fit(loader(b, 3))
+    empty = {k: v[:0] for k, v in b.items()}
+    for call in (
+        lambda: la(empty, link_approx="mc"),
+        lambda: la(empty["input_ids"]),
+        lambda: la(empty, pred_type="nn", link_approx="mc", n_samples=2),
+        lambda: la.predictive_samples(empty, n_samples=2),
+        lambda: la.optimize_prior_precision(
+            method="gridsearch", val_loader=DataLoader([empty], batch_size=None), grid_size=2
+        ),
+    ):
+        with pytest.raises(ValueError, match="no examples"):
+            call()
+
+
 def test_labels_out_of_range():
     b = random_batch(4, 5, 3, "left")
     b["labels"][1] = 3
