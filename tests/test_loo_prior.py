@@ -147,3 +147,29 @@ def test_only_the_examples_within_the_jacobian_budget_are_used(monkeypatch):
     torch.testing.assert_close(
         cache.logits, brute_force_loo_logits(model, first), rtol=1e-6, atol=1e-8
     )
+
+
+def test_margin_check_loo_logits_equal_the_library_and_fresh_lora_a_is_restored():
+    from benchmarks import llm_loo_margin_check as check
+    from laplace_lora_ext.loo_prior import _kernel_and_base
+
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model, "kron")
+    la.fit(loader(batch, 2))
+    is_a = lora_a_mask(la.lora_param_names)
+    K, f_base, _ = _kernel_and_base(la, loader(batch, 2), ~is_a)
+    want = loo_prior.loo_cache(la, loader(batch, 2)).logits
+    f_map = la.model(batch).detach()
+    torch.testing.assert_close(check.loo_logits(f_map, f_base, K).to(want), want)
+
+    before = [p.detach().clone() for p in la.params]
+    with check.fresh_lora_a(la, seed=0):
+        for name, p, old in zip(la.lora_param_names, la.params, before, strict=True):
+            if ".lora_A." in name:
+                assert not torch.equal(p, old)
+                assert p.abs().max() <= 1 / p.shape[1] ** 0.5  # PEFT's Kaiming-uniform bound
+            else:
+                assert torch.equal(p, old)
+    for p, old in zip(la.params, before, strict=True):
+        assert torch.equal(p, old)
