@@ -291,6 +291,21 @@ def cached_checkpoints(
                 yield CachedCheckpoint(task, int(seed), step, ckpt, wrapper, data, shifted, collate)
 
 
+def cached_checkpoint(
+    path: str | Path, seed: int, step: str
+) -> tuple[CachedCheckpoint, argparse.Namespace]:
+    """``(checkpoint, args)``: ``step`` of the run with ``seed`` in the result file ``path``,
+    rebuilt from the cache (:func:`cached_checkpoints`), with torch's threads set to the
+    file's ``--threads``."""
+    payload = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**payload["args"])
+    torch.set_num_threads(args.threads or 1)
+    runs = {t: {str(seed): {"checkpoints": {step: r[str(seed)]["checkpoints"][step]}}}
+            for t, r in payload["runs"].items()}  # fmt: skip
+    (c,) = list(cached_checkpoints(runs, args))
+    return c, args
+
+
 def trained_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """``(data, wrapper, collate)``: the fine-tuned model (last step) of ``args``' first
     task and seed, trained first unless cached (eval mode)."""

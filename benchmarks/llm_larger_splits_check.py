@@ -105,12 +105,7 @@ def score_split(la, examples, collate, args, seed: int, T: float, default) -> di
 def fitted_checkpoint(path: str, seed: int) -> tuple[calib.CachedCheckpoint, Any, float, Any]:
     """``(checkpoint, la, T, args)``: step 80 of ``path``'s run with ``seed``, its KFAC
     posterior at the default prior and the validation temperature."""
-    payload = json.loads(Path(path).read_text())
-    args = argparse.Namespace(**payload["args"])
-    torch.set_num_threads(args.threads or 1)
-    runs = {t: {str(seed): {"checkpoints": {STEP: r[str(seed)]["checkpoints"][STEP]}}}
-            for t, r in payload["runs"].items()}  # fmt: skip
-    (c,) = list(calib.cached_checkpoints(runs, args))
+    c, args = calib.cached_checkpoint(path, seed, STEP)
     la = Laplace(c.wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
     la.fit(make_loader(c.data.train, c.collate, args.la_batch_size))
     val_loader = make_loader(c.data.validation, c.collate, args.la_batch_size)

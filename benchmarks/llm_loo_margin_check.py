@@ -25,8 +25,7 @@ reports:
     python -m benchmarks.llm_loo_margin_check \\
         benchmarks/results/llm_heldout_pet_species_mc_seed0.json --seed 0
 
-writes ``benchmarks/results/llm_loo_margin_check_{task}_seed{S}.json``; the report
-(``--report``) collects every such file into ``llm_loo_margin_check.md``.
+writes ``benchmarks/results/llm_loo_margin_check_{task}_seed{S}.json``.
 """
 
 from __future__ import annotations
@@ -114,12 +113,7 @@ def loo_logits(f_map: torch.Tensor, f_base: torch.Tensor, K: torch.Tensor) -> to
 
 
 def run(path: str, seed: int) -> Path:
-    payload = json.loads(Path(path).read_text())
-    args = argparse.Namespace(**payload["args"])
-    torch.set_num_threads(args.threads or 1)
-    runs = {t: {str(seed): {"checkpoints": {STEP: r[str(seed)]["checkpoints"][STEP]}}}
-            for t, r in payload["runs"].items()}  # fmt: skip
-    (c,) = list(calib.cached_checkpoints(runs, args))
+    c, args = calib.cached_checkpoint(path, seed, STEP)
     la = Laplace(c.wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
     train_loader = make_loader(c.data.train, c.collate, args.la_batch_size)
     la.fit(train_loader)
