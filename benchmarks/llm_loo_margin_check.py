@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +46,7 @@ from laplace_lora_ext.loo_prior import (
     _kernel_and_base,
     centred_basis,
     loo_residuals,
+    lora_a_redrawn,
 )
 from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
 
@@ -83,27 +81,6 @@ def nll_curve(la, cache: LogitJacobianCache, prior_at, seed: int) -> list[float]
     return out
 
 
-@contextmanager
-def fresh_lora_a(la, seed: int) -> Iterator[None]:
-    """``lora_A`` drawn anew as PEFT initialises it (Kaiming-uniform, ``a = √5``), then
-    restored."""
-    gen = torch.Generator().manual_seed(seed)
-    saved = {}
-    for name, p in zip(la.lora_param_names, la.params, strict=True):
-        if ".lora_A." in name:
-            saved[name] = p.detach().clone()
-            bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform_(a=√5): √(6 / 6 fan_in)
-            with torch.no_grad():
-                p.copy_(torch.empty_like(p).uniform_(-bound, bound, generator=gen))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, p in zip(la.lora_param_names, la.params, strict=True):
-                if name in saved:
-                    p.copy_(saved[name])
-
-
 def loo_logits(f_map: torch.Tensor, f_base: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Leave-one-out logits ``(M, C)``: ``f_map`` minus the kernel-regression residuals of
     the fine-tuning change ``f_map - f_base`` (as :func:`laplace_lora_ext.loo_prior.loo_cache`)."""
@@ -119,7 +96,7 @@ def run(path: str, seed: int) -> Path:
     la.fit(train_loader)
     is_a = lora_a_mask(la.lora_param_names)
     K, f_base, used = _kernel_and_base(la, train_loader, ~is_a)
-    with fresh_lora_a(la, seed):
+    with lora_a_redrawn(la, seed):
         K_fresh, _, _ = _kernel_and_base(la, used, ~is_a)
     train = LogitJacobianCache(la, used, in_eigenbasis=True)
     loo = train.with_logits(loo_logits(train.logits, f_base, K))

@@ -40,9 +40,26 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
 from benchmarks.tasks import make_loader
-from laplace_lora_ext import eigenbasis
+from laplace_lora_ext import eigenbasis, loo_prior
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
+
+#: Candidate priors that are not (yet) a method of ``optimize_prior_precision``, by the name
+#: ``--method`` takes (dev studies): each sets ``la.prior_precision`` from ``fit``'s data.
+CANDIDATES = {
+    # the leave-one-out rule with its kernel's lora_A redrawn (benchmarks.prior_loo_redrawn_check)
+    "leave_one_out_redrawn_a": lambda la: loo_prior.loo_precision(
+        la, la._fit_batches(la._fit_loaders), kernel_lora_a="redrawn"
+    ),
+}
+
+
+def tune(la, method: str | None) -> None:
+    """``la.optimize_prior_precision(method=method)``, or the candidate of that name."""
+    if method in CANDIDATES:
+        CANDIDATES[method](la)
+    else:
+        la.optimize_prior_precision(method=method)
 
 
 def score_rows(rows: dict, name: str, probs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -69,7 +86,7 @@ def rescore_checkpoint(
     la.fit(train_loader)
     previous = torch.tensor(ckpt["_prior"]["la"], dtype=la._dtype)
     t0 = time.perf_counter()
-    la.optimize_prior_precision(method=method)
+    tune(la, method)
     ckpt["_default_s"] = time.perf_counter() - t0
     ckpt["_eigenbasis"] = eigenbasis.supports(la)  # the search's fast path (since cb4c4d0)
     splits = {"test": data.test} | ({"shift": shifted.test} if "shift" in ckpt else {})

@@ -41,12 +41,13 @@ THRESHOLDS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
 EARLY, OVERFIT = "16", "80"
 
 
-def load_rows() -> list[dict]:
-    """One row per checkpoint: task, seed, step, training NLL and every split's metrics of
-    ``la`` (leave-one-out) and ``la_previous`` (the file's default), plus MAP/temperature."""
+def load_rows(prefix: str = PREFIX) -> list[dict]:
+    """One row per checkpoint of the re-scored files ``{prefix}_{task}.json`` (or their
+    partial files): task, seed, step, training NLL and every split's metrics of ``la`` (the
+    candidate) and ``la_previous`` (the file's default), plus MAP/temperature."""
     rows = []
     for task in TASKS:
-        path = RESULTS / f"{PREFIX}_{task}.json"
+        path = RESULTS / f"{prefix}_{task}.json"
         if not path.exists():
             path = path.with_suffix(".partial.json")
         if not path.exists():

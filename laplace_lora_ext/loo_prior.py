@@ -39,7 +39,7 @@ its own shard and the grid's NLL sums are all-reduced.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -53,7 +53,9 @@ from .prior import UnchangedLogitsError, adapters_disabled, lora_a_mask, spread_
 
 __all__ = [
     "LOO_JACOBIAN_BYTES",
+    "KERNEL_LORA_A",
     "lora_b_zeroed",
+    "lora_a_redrawn",
     "centred_basis",
     "loo_residuals",
     "loo_cache",
@@ -68,6 +70,10 @@ LOO_CACHE_BYTES = 2 * 1024**3
 #: ``log10 δ_B``: a coarse grid, then a fine one around its best value.
 COARSE_LOG10 = torch.arange(-4.0, 6.01, 0.5)
 FINE_STEP = 0.0625
+#: The kernel's ``lora_A``: ``"trained"`` (as fitted) or ``"redrawn"`` (a fresh draw from
+#: PEFT's initialisation, seeded by :data:`REDRAW_SEED`; see :func:`lora_a_redrawn`).
+KERNEL_LORA_A = ("trained", "redrawn")
+REDRAW_SEED = 0
 
 
 def _is_lora_b(name: str) -> bool:
@@ -87,6 +93,35 @@ def lora_b_zeroed(la: Any) -> Iterator[None]:
         with torch.no_grad():
             for p, _ in saved:
                 p.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
+@contextmanager
+def lora_a_redrawn(la: Any, seed: int = REDRAW_SEED) -> Iterator[None]:
+    """Every ``lora_A`` tensor of ``la.params`` drawn anew as PEFT initialises it
+    (Kaiming-uniform with ``a = √5``: uniform on ``±1/√fan_in``, ``fan_in`` the elements
+    of one row), from a CPU generator seeded with ``seed`` (the same draw on every rank),
+    then restored exactly (also when the body raises).
+
+    Why: after many epochs the trained ``lora_A`` has been fitted to every training
+    example, the one a leave-one-out prediction leaves out too; a kernel built on it
+    predicts left-out training examples better than the MAP predicts new inputs
+    (docs/benchmarks.md, ``pet_species_mc``)."""
+    gen = torch.Generator().manual_seed(seed)
+    saved = [
+        (p, p.detach().clone())
+        for p, name in zip(la.params, la.lora_param_names, strict=True)
+        if ".lora_A." in name
+    ]
+    try:
+        with torch.no_grad():
+            for p, _ in saved:
+                bound = 1.0 / p[0].numel() ** 0.5
+                p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen))
         yield
     finally:
         with torch.no_grad():
@@ -122,12 +157,18 @@ def loo_residuals(y: Tensor, K: Tensor) -> Tensor:
     return torch.linalg.solve(diag_blocks, alpha.unsqueeze(-1)).squeeze(-1)
 
 
-def _kernel_and_base(la: Any, batches: Iterable[Any], free: Tensor) -> tuple[Tensor, Tensor, list]:
+def _kernel_and_base(
+    la: Any, batches: Iterable[Any], free: Tensor, kernel_lora_a: str = "trained"
+) -> tuple[Tensor, Tensor, list]:
     """``K`` ``(M(C-1), M(C-1))`` from the ``B = 0`` Jacobians of the ``free`` tensors (in
-    the centred basis), the base logits ``(M, C)`` and the batches used: the first ones
-    whose Jacobian rows fit :data:`LOO_JACOBIAN_BYTES` (at least one batch)."""
+    the centred basis; ``lora_A`` as :data:`KERNEL_LORA_A` says), the base logits ``(M, C)``
+    and the batches used: the first ones whose Jacobian rows fit :data:`LOO_JACOBIAN_BYTES`
+    (at least one batch)."""
+    if kernel_lora_a not in KERNEL_LORA_A:
+        raise ValueError(f"kernel_lora_a must be one of {KERNEL_LORA_A}, got {kernel_lora_a!r}.")
+    redraw = lora_a_redrawn(la) if kernel_lora_a == "redrawn" else nullcontext()
     rows, bases, used, size = [], [], [], 0
-    with guards.eval_mode(la.model):
+    with guards.eval_mode(la.model), redraw:
         for batch in batches:
             X, _ = split_batch(batch, la.dict_key_y, la._device)
             with lora_b_zeroed(la):
@@ -175,17 +216,20 @@ def _grid_nll(
     return total
 
 
-def loo_cache(la: Any, batches: Iterable[Any]) -> LogitJacobianCache:
+def loo_cache(
+    la: Any, batches: Iterable[Any], kernel_lora_a: str = "trained"
+) -> LogitJacobianCache:
     """The training examples used (the first ones whose ``B = 0`` Jacobians fit
     :data:`LOO_JACOBIAN_BYTES`) with their MAP Jacobian blocks and labels, centred at the
-    leave-one-out logits ``f_MAP(x_n) - Q (y_n - μ_-n)`` ``(M, C)`` (module docstring).
+    leave-one-out logits ``f_MAP(x_n) - Q (y_n - μ_-n)`` ``(M, C)`` (module docstring),
+    the kernel's ``lora_A`` as ``kernel_lora_a`` says (:data:`KERNEL_LORA_A`).
 
     Raises:
         UnchangedLogitsError: the adapter has not changed the logits (``B = 0``).
         ValueError: fewer than two training examples.
     """
     is_a = lora_a_mask(la.lora_param_names)
-    K, f_base, used = _kernel_and_base(la, batches, ~is_a)
+    K, f_base, used = _kernel_and_base(la, batches, ~is_a, kernel_lora_a)
     cache = LogitJacobianCache(la, used, max_bytes=LOO_CACHE_BYTES, in_eigenbasis=True)
     f_map = cache.logits.double().to(f_base.device)
     if len(f_map) < 2:
@@ -200,7 +244,9 @@ def loo_cache(la: Any, batches: Iterable[Any]) -> LogitJacobianCache:
     return cache.with_logits(f_map - loo_residuals(y, K) @ Q.T)
 
 
-def loo_precision(la: Any, batches: Iterable[Any], n_samples: int = 100) -> Tensor:
+def loo_precision(
+    la: Any, batches: Iterable[Any], n_samples: int = 100, kernel_lora_a: str = "trained"
+) -> Tensor:
     """``(L,)``: ``lora_A`` at :func:`spread_matched_precision`, every other tensor at the
     ``δ_B`` whose joint MC predictive (``n_samples``, common random numbers), centred at
     the leave-one-out logits of :func:`loo_cache`, has the lowest NLL on the training
@@ -209,7 +255,7 @@ def loo_precision(la: Any, batches: Iterable[Any], n_samples: int = 100) -> Tens
     Raises:
         UnchangedLogitsError, ValueError: as :func:`loo_cache`.
     """
-    return best_loo_precision(la, [loo_cache(la, batches)], n_samples)
+    return best_loo_precision(la, [loo_cache(la, batches, kernel_lora_a)], n_samples)
 
 
 def best_loo_precision(la: Any, caches: list[LogitJacobianCache], n_samples: int = 100) -> Tensor:

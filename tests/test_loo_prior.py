@@ -60,10 +60,17 @@ def test_lora_b_zeroed_restores_the_weights_even_on_error():
         assert torch.equal(p, before[n]), n
 
 
-def brute_force_loo_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0``."""
+def brute_force_loo_logits(
+    model: torch.nn.Module, batch: dict, lora_a: dict | None = None
+) -> torch.Tensor:
+    """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0`` (``lora_A``
+    replaced by ``lora_a``, name to value, in the kernel's copy of the model if given)."""
     X = {k: v for k, v in batch.items() if k != "labels"}
     zeroed = zero_lora_B(copy.deepcopy(model))
+    with torch.no_grad():
+        for n, p in zeroed.named_parameters():
+            if lora_a and n in lora_a:
+                p.copy_(lora_a[n])
     params = [p for n, p in zeroed.named_parameters() if "lora_B" in n]
     base = zeroed(X)
     C = base.shape[-1]
@@ -149,6 +156,23 @@ def test_only_the_examples_within_the_jacobian_budget_are_used(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_redrawn_lora_a_kernel_matches_brute_force(structure):
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model, structure)
+    la.fit(loader(batch, 2))
+    with loo_prior.lora_a_redrawn(la):
+        drawn = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    cache = loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="redrawn")
+    want = brute_force_loo_logits(model, batch, lora_a=drawn)
+    torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
+    trained = loo_prior.loo_cache(la, loader(batch, 2)).logits
+    assert not torch.allclose(cache.logits, trained)  # the kernel did change
+    with pytest.raises(ValueError, match="kernel_lora_a"):
+        loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="fresh")
+
+
 def test_margin_check_loo_logits_equal_the_library_and_fresh_lora_a_is_restored():
     from benchmarks import llm_loo_margin_check as check
     from laplace_lora_ext.loo_prior import _kernel_and_base
@@ -164,7 +188,7 @@ def test_margin_check_loo_logits_equal_the_library_and_fresh_lora_a_is_restored(
     torch.testing.assert_close(check.loo_logits(f_map, f_base, K).to(want), want)
 
     before = [p.detach().clone() for p in la.params]
-    with check.fresh_lora_a(la, seed=0):
+    with loo_prior.lora_a_redrawn(la, seed=0):
         for name, p, old in zip(la.lora_param_names, la.params, before, strict=True):
             if ".lora_A." in name:
                 assert not torch.equal(p, old)
