@@ -24,6 +24,8 @@ chosen on validation data and compared on test without confounds (used by
 
     python -m benchmarks.llm_rescore_default benchmarks/results/llm_calibration_T_3seeds.json \
         --method leave_one_out --out benchmarks/results/prior_loo_everywhere_T
+
+``--steps S ...`` keeps only those checkpoints (the file is written to ``--out``).
 """
 
 from __future__ import annotations
@@ -140,11 +142,23 @@ def write_rescored(payload: dict, out: Path, partial: Path) -> None:
     print(f"wrote {out}.json, {out}.md")
 
 
-def main(path: str, method: str | None = None, out: str | None = None) -> None:
+def keep_steps(runs: dict, steps: list[str]) -> None:
+    """Drop from ``runs`` (``task -> seed -> run``) every checkpoint whose step is not in
+    ``steps``."""
+    for per_seed in runs.values():
+        for run in per_seed.values():
+            run["checkpoints"] = {s: c for s, c in run["checkpoints"].items() if s in steps}
+
+
+def main(
+    path: str, method: str | None = None, out: str | None = None, steps: list[str] | None = None
+) -> None:
     out = Path(out or path).with_suffix("")
     partial = out.with_suffix(".partial.json")
     resume = method is not None and partial.exists()  # a candidate run that was stopped
     payload = json.loads((partial if resume else Path(path).with_suffix(".json")).read_text())
+    if steps:
+        keep_steps(payload["runs"], steps)
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
     scored = (lambda ckpt: "validation" in ckpt) if resume else (lambda ckpt: False)
@@ -167,7 +181,8 @@ if __name__ == "__main__":
     parser.add_argument("path", help="an llm_calibration / llm_memorised result JSON")
     parser.add_argument("--method", default=None, help="a candidate prior method")
     parser.add_argument("--out", default=None, help="output base path (default: rewrite)")
+    parser.add_argument("--steps", nargs="+", help="only these checkpoints (needs --out)")
     a = parser.parse_args()
-    if a.method and not a.out:
-        parser.error("--method needs --out: a candidate is written to a new file")
-    main(a.path, a.method, a.out)
+    if (a.method or a.steps) and not a.out:
+        parser.error("--method and --steps need --out: the result is written to a new file")
+    main(a.path, a.method, a.out, a.steps)

@@ -347,3 +347,26 @@ def test_prior_scale_readings_find_no_common_width(tmp_path):
     text = (tmp_path / "llm_prior_scale.md").read_text()
     assert "Every bar of every task: **none**" in text
     assert (tmp_path / "llm_prior_scale.png").exists()
+
+
+def test_rescore_keeps_only_the_steps_asked_for():
+    from benchmarks.llm_rescore_default import keep_steps
+
+    runs = {"t": {"0": {"checkpoints": {"32": {"a": 1}, "960": {"b": 2}}}}}
+    keep_steps(runs, ["960"])
+    assert runs == {"t": {"0": {"checkpoints": {"960": {"b": 2}}}}}
+
+
+def test_prior_loo_redrawn_decision_needs_both_conditions():
+    from benchmarks.prior_loo_redrawn_check import decide
+
+    def row(task: str, new: float, old: float) -> dict:
+        return {"task": task, "validation": {"la": {"nll": new}, "la_previous": {"nll": old}}}
+
+    tasks = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
+    better = [row(t, 0.5, 0.6) for t in tasks for _ in range(3)]
+    assert decide(better)["verdict"] == "adopt the redrawn kernel"
+    assert decide(better[:8])["verdict"] == "no change"  # all nine checkpoints needed
+    one_task_worse = [row(t, 0.7 if t == "bbc_headlines_mc" else 0.3, 0.6) for t in tasks] * 3
+    d = decide(one_task_worse)
+    assert d["condition_1"] and not d["condition_2"] and d["verdict"] == "no change"
