@@ -66,6 +66,7 @@ def _splits(ckpt: dict) -> dict:
         "train_nll": ckpt["_train_nll"],
         "seconds": ckpt["_default_s"],
         "loo_delta_b": statistics.mode(loo),
+        "previous_delta_b": statistics.mode(ckpt["_prior"]["la_previous"]),
     }
     for split in ("validation", "test", "shift"):
         if split in ckpt:

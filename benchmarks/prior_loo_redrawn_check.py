@@ -71,7 +71,7 @@ def decide(rows: list[dict]) -> dict:
 def render(rows: list[dict], decision: dict) -> str:
     head = (
         "| task | seed | train NLL | split | MAP | temperature | default (trained lora_A) "
-        "| redrawn lora_A | δ_B redrawn | s |\n"
+        "| redrawn lora_A | δ_B trained / redrawn | s |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = ["# The leave-one-out rule with lora_A redrawn in its kernel", "", head]
@@ -84,7 +84,8 @@ def render(rows: list[dict], decision: dict) -> str:
                     f"| {_cells(r, split, 'map') if val else ''} "
                     f"| {_cells(r, split, 'temp') if val else ''} "
                     f"| {_cells(r, split, 'la_previous')} | {_cells(r, split, 'la')} "
-                    f"| {r['loo_delta_b']:.3g} | {r['seconds']:.0f} |"
+                    f"| {r['previous_delta_b']:.3g} / {r['loo_delta_b']:.3g} "
+                    f"| {r['seconds']:.0f} |"
                 )
     lines += ["", "ACC / ECE / NLL / confidence (×100 but NLL).", "", "## Decision", ""]
     lines += [f"- {k}: {v}" for k, v in decision.items()]
