@@ -95,9 +95,9 @@ def run(path: str, seed: int) -> Path:
     train_loader = make_loader(c.data.train, c.collate, args.la_batch_size)
     la.fit(train_loader)
     is_a = lora_a_mask(la.lora_param_names)
-    K, f_base, used = _kernel_and_base(la, train_loader, ~is_a)
+    K, f_base, used = _kernel_and_base(la, train_loader, ~is_a, "trained")
     with lora_a_redrawn(la, seed):
-        K_fresh, _, _ = _kernel_and_base(la, used, ~is_a)
+        K_fresh, _, _ = _kernel_and_base(la, used, ~is_a, "trained")  # A as drawn here
     train = LogitJacobianCache(la, used, in_eigenbasis=True)
     loo = train.with_logits(loo_logits(train.logits, f_base, K))
     loo_fresh = train.with_logits(loo_logits(train.logits, f_base, K_fresh))

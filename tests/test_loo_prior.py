@@ -88,6 +88,12 @@ def brute_force_loo_logits(
     return f_map - resid @ Q.T
 
 
+def redrawn_lora_a(la) -> dict[str, torch.Tensor]:
+    """The model's ``lora_A`` values under :func:`loo_prior.lora_a_redrawn`, by name."""
+    with loo_prior.lora_a_redrawn(la):
+        return {n: p.detach().clone() for n, p in la.model.named_parameters() if "lora_A" in n}
+
+
 @pytest.mark.parametrize(
     "structure, kwargs",
     [("kron", {}), ("kron", {"factor_rank": 2, "rank_threshold": 4}), ("diag", {}), ("full", {})],
@@ -97,9 +103,12 @@ def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structur
     batch = random_batch(n=6, n_classes=3, seed=4)
     la = lora_laplace(model, structure, **kwargs)
     la.fit(loader(batch, 2))
-    cache = loo_prior.loo_cache(la, loader(batch, 2))
+    cache = loo_prior.loo_cache(la, loader(batch, 2))  # the kernel's lora_A redrawn
     torch.testing.assert_close(
-        cache.logits, brute_force_loo_logits(model, batch), rtol=1e-6, atol=1e-8
+        cache.logits,
+        brute_force_loo_logits(model, batch, lora_a=redrawn_lora_a(la)),
+        rtol=1e-6,
+        atol=1e-8,
     )
     torch.testing.assert_close(cache.labels, batch["labels"])
 
@@ -151,24 +160,21 @@ def test_only_the_examples_within_the_jacobian_budget_are_used(monkeypatch):
     cache = loo_prior.loo_cache(la, loader(batch, 2))
     assert len(cache.labels) == 2
     first = {k: v[:2] for k, v in batch.items()}
-    torch.testing.assert_close(
-        cache.logits, brute_force_loo_logits(model, first), rtol=1e-6, atol=1e-8
-    )
+    want = brute_force_loo_logits(model, first, lora_a=redrawn_lora_a(la))
+    torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])
-def test_redrawn_lora_a_kernel_matches_brute_force(structure):
+def test_trained_lora_a_kernel_matches_brute_force(structure):
     model = tiny_llama(seed=3)
     batch = random_batch(n=6, n_classes=3, seed=4)
     la = lora_laplace(model, structure)
     la.fit(loader(batch, 2))
-    with loo_prior.lora_a_redrawn(la):
-        drawn = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
-    cache = loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="redrawn")
-    want = brute_force_loo_logits(model, batch, lora_a=drawn)
+    cache = loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="trained")
+    want = brute_force_loo_logits(model, batch)
     torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
-    trained = loo_prior.loo_cache(la, loader(batch, 2)).logits
-    assert not torch.allclose(cache.logits, trained)  # the kernel did change
+    redrawn = loo_prior.loo_cache(la, loader(batch, 2)).logits
+    assert not torch.allclose(cache.logits, redrawn)  # the kernel did change
     with pytest.raises(ValueError, match="kernel_lora_a"):
         loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="fresh")
 
