@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 
 from benchmarks.llm_summary import RESULTS, TASKS
 
@@ -119,37 +120,60 @@ def _cells(row: dict, split: str, method: str) -> str:
     return f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.0f}"
 
 
-def render(rows: list[dict], decision: dict) -> str:
-    head = (
-        "| task | seed | step | train NLL | split | MAP | temperature | default (evidence) "
-        "| leave-one-out | LOO δ_B | LOO s |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    )
-    lines = ["# The leave-one-out prior on unmemorised checkpoints", "", head]
+SPLITS = ("validation", "test", "shift")
+
+
+def render_report(
+    title: str,
+    columns: list[str],
+    rows: list[dict],
+    decision: dict,
+    cells: Callable[[dict, str], list[str]],
+) -> str:
+    """A study's markdown: one table row per checkpoint and split (``cells(row, split)``
+    gives its cells), then the decision."""
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
-        for split in ("validation", "test", "shift"):
-            if split not in r:
-                continue
-            ref = r["validation"] if split == "validation" else None
-            lines.append(
-                f"| {r['task']} | {r['seed']} | {r['step']} | {r['train_nll']:.3f} | {split} "
-                f"| {_cells(r, split, 'map') if ref else ''} "
-                f"| {_cells(r, split, 'temp') if ref else ''} "
-                f"| {_cells(r, split, 'la_previous')} | {_cells(r, split, 'la')} "
-                f"| {r['loo_delta_b']:.3g} | {r['seconds']:.0f} |"
-            )
+        lines += ["| " + " | ".join(cells(r, split)) + " |" for split in SPLITS if split in r]
     lines += ["", "ACC / ECE / NLL / confidence (×100 but NLL).", "", "## Decision", ""]
     lines += [f"- {k}: {v}" for k, v in decision.items()]
     return "\n".join(lines) + "\n"
 
 
+def write_report(prefix: str, rows: list[dict], decision: dict, markdown: str) -> None:
+    """``{prefix}.json`` (rows and decision) and ``{prefix}.md`` under results; prints the
+    markdown."""
+    out = RESULTS / prefix
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "decision": decision}, indent=1))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+def method_cells(r: dict, split: str) -> list[str]:
+    """MAP and temperature (validation rows only), the file's default, the candidate."""
+    val = split == "validation"
+    ref = [_cells(r, split, "map"), _cells(r, split, "temp")] if val else ["", ""]
+    return [*ref, _cells(r, split, "la_previous"), _cells(r, split, "la")]
+
+
+def _row_cells(r: dict, split: str) -> list[str]:
+    head = [r["task"], str(r["seed"]), r["step"], f"{r['train_nll']:.3f}", split]
+    return [*head, *method_cells(r, split), f"{r['loo_delta_b']:.3g}", f"{r['seconds']:.0f}"]
+
+
+def render(rows: list[dict], decision: dict) -> str:
+    columns = [
+        "task", "seed", "step", "train NLL", "split", "MAP", "temperature",
+        "default (evidence)", "leave-one-out", "LOO δ_B", "LOO s",
+    ]  # fmt: skip
+    title = "The leave-one-out prior on unmemorised checkpoints"
+    return render_report(title, columns, rows, decision, _row_cells)
+
+
 def main() -> None:
     rows = load_rows()
     decision = decide(rows)
-    out = RESULTS / PREFIX
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "decision": decision}, indent=1))
-    out.with_suffix(".md").write_text(render(rows, decision))
-    print(render(rows, decision))
+    write_report(PREFIX, rows, decision, render(rows, decision))
 
 
 if __name__ == "__main__":

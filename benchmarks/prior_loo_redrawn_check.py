@@ -34,11 +34,16 @@ there). This script applies the rule and writes ``prior_loo_redrawn.{json,md}``:
 
 from __future__ import annotations
 
-import json
 import statistics
 
-from benchmarks.llm_summary import RESULTS, TASKS
-from benchmarks.prior_loo_everywhere_check import _cells, load_rows, nll
+from benchmarks.llm_summary import TASKS
+from benchmarks.prior_loo_everywhere_check import (
+    load_rows,
+    method_cells,
+    nll,
+    render_report,
+    write_report,
+)
 
 PREFIX = "prior_loo_redrawn"
 #: Condition 2: the largest ratio of a task's mean validation NLL, candidate / default.
@@ -68,37 +73,25 @@ def decide(rows: list[dict]) -> dict:
     }
 
 
+def _row_cells(r: dict, split: str) -> list[str]:
+    deltas = f"{r['previous_delta_b']:.3g} / {r['loo_delta_b']:.3g}"
+    head = [r["task"], str(r["seed"]), f"{r['train_nll']:.1e}", split]
+    return [*head, *method_cells(r, split), deltas, f"{r['seconds']:.0f}"]
+
+
 def render(rows: list[dict], decision: dict) -> str:
-    head = (
-        "| task | seed | train NLL | split | MAP | temperature | default (trained lora_A) "
-        "| redrawn lora_A | δ_B trained / redrawn | s |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    )
-    lines = ["# The leave-one-out rule with lora_A redrawn in its kernel", "", head]
-    for r in rows:
-        for split in ("validation", "test", "shift"):
-            if split in r:
-                val = split == "validation"
-                lines.append(
-                    f"| {r['task']} | {r['seed']} | {r['train_nll']:.1e} | {split} "
-                    f"| {_cells(r, split, 'map') if val else ''} "
-                    f"| {_cells(r, split, 'temp') if val else ''} "
-                    f"| {_cells(r, split, 'la_previous')} | {_cells(r, split, 'la')} "
-                    f"| {r['previous_delta_b']:.3g} / {r['loo_delta_b']:.3g} "
-                    f"| {r['seconds']:.0f} |"
-                )
-    lines += ["", "ACC / ECE / NLL / confidence (×100 but NLL).", "", "## Decision", ""]
-    lines += [f"- {k}: {v}" for k, v in decision.items()]
-    return "\n".join(lines) + "\n"
+    columns = [
+        "task", "seed", "train NLL", "split", "MAP", "temperature", "default (trained lora_A)",
+        "redrawn lora_A", "δ_B trained / redrawn", "s",
+    ]  # fmt: skip
+    title = "The leave-one-out rule with lora_A redrawn in its kernel"
+    return render_report(title, columns, rows, decision, _row_cells)
 
 
 def main() -> None:
     rows = load_rows(PREFIX)
     decision = decide(rows)
-    out = RESULTS / PREFIX
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "decision": decision}, indent=1))
-    out.with_suffix(".md").write_text(render(rows, decision))
-    print(render(rows, decision))
+    write_report(PREFIX, rows, decision, render(rows, decision))
 
 
 if __name__ == "__main__":

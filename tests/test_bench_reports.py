@@ -370,3 +370,14 @@ def test_prior_loo_redrawn_decision_needs_both_conditions():
     one_task_worse = [row(t, 0.7 if t == "bbc_headlines_mc" else 0.3, 0.6) for t in tasks] * 3
     d = decide(one_task_worse)
     assert d["condition_1"] and not d["condition_2"] and d["verdict"] == "no change"
+
+
+@pytest.mark.parametrize("name", ["prior_loo_everywhere_check", "prior_loo_redrawn_check"])
+def test_leave_one_out_study_reports_are_the_committed_ones(name):
+    import importlib
+
+    study = importlib.import_module(f"benchmarks.{name}")
+    prefix = study.PREFIX
+    _, md = committed(prefix)
+    rows = study.load_rows(prefix)
+    assert study.render(rows, study.decide(rows)) == md
