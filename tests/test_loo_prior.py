@@ -60,6 +60,18 @@ def test_lora_b_zeroed_restores_the_weights_even_on_error():
         assert torch.equal(p, before[n]), n
 
 
+def test_lora_a_redrawn_restores_the_weights_even_on_error():
+    model = tiny_llama(seed=3)
+    la = lora_laplace(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), loo_prior.lora_a_redrawn(la):
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) != ("lora_A" in n), n
+        raise RuntimeError("boom")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def brute_force_loo_logits(
     model: torch.nn.Module, batch: dict, lora_a: dict | None = None
 ) -> torch.Tensor:
