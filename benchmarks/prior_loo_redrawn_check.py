@@ -50,8 +50,12 @@ PREFIX = "prior_loo_redrawn"
 TASK_RATIO = 1.02
 
 
-def decide(rows: list[dict]) -> dict:
-    """Apply the module's rule (validation NLL only)."""
+def decide(
+    rows: list[dict], candidate: str = "redrawn", adopt: str = "adopt the redrawn kernel"
+) -> dict:
+    """Apply the module's rule (validation NLL only): ``la`` is the candidate (named
+    ``candidate`` in the keys), ``la_previous`` the file's default; ``adopt`` is the verdict
+    when both conditions hold on all nine checkpoints."""
     mean = statistics.fmean
     new, old = mean(nll(r, "la") for r in rows), mean(nll(r, "la_previous") for r in rows)
     ratios = {
@@ -64,12 +68,12 @@ def decide(rows: list[dict]) -> dict:
     c2 = all(ratio <= TASK_RATIO for ratio in ratios.values())
     return {
         "checkpoints": len(rows),
-        "mean_val_nll_redrawn": new,
+        f"mean_val_nll_{candidate}": new,
         "mean_val_nll_default": old,
         "condition_1": c1,
         "task_ratios": ratios,
         "condition_2": c2,
-        "verdict": "adopt the redrawn kernel" if c1 and c2 and len(rows) == 9 else "no change",
+        "verdict": adopt if c1 and c2 and len(rows) == 9 else "no change",
     }
 
 

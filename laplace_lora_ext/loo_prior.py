@@ -59,6 +59,7 @@ from .prior import UnchangedLogitsError, adapters_disabled, lora_a_mask, spread_
 __all__ = [
     "LOO_JACOBIAN_BYTES",
     "KERNEL_LORA_A",
+    "KERNEL_DRAWS",
     "lora_b_zeroed",
     "lora_a_redrawn",
     "centred_basis",
@@ -79,6 +80,8 @@ FINE_STEP = 0.0625
 #: PEFT's initialisation, seeded by :data:`REDRAW_SEED`; see :func:`lora_a_redrawn`).
 KERNEL_LORA_A = ("trained", "redrawn")
 REDRAW_SEED = 0
+#: How many draws of ``lora_A`` the redrawn kernel averages (seeds ``REDRAW_SEED + i``).
+KERNEL_DRAWS = 1
 
 
 def _is_lora_b(name: str) -> bool:
@@ -162,36 +165,60 @@ def loo_residuals(y: Tensor, K: Tensor) -> Tensor:
     return torch.linalg.solve(diag_blocks, alpha.unsqueeze(-1)).squeeze(-1)
 
 
+def _centred_jacobian_rows(la: Any, batch: Any, free: Tensor) -> tuple[Tensor, int]:
+    """``(rows, bytes)``: the ``B = 0`` Jacobian ``(B(C-1), P_B)`` of ``batch``'s logits with
+    respect to the ``free`` tensors, in the centred basis (example-major), ``lora_A`` as it
+    is now, and the bytes of the uncentred ``(B, C, P_B)`` Jacobian (the budget's unit)."""
+    X, _ = split_batch(batch, la.dict_key_y, la._device)
+    with lora_b_zeroed(la):
+        _, blocks = logit_jacobian_blocks(la.backend, X)
+    J0 = torch.cat(
+        [W.flatten(2) for W, keep in zip(blocks, free.tolist(), strict=True) if keep], dim=-1
+    ).double()  # (B, C, P_B)
+    Q = centred_basis(J0.shape[1]).to(J0.device)
+    rows = torch.einsum("bcp,ck->bkp", J0, Q).reshape(-1, J0.shape[-1])
+    return rows, J0.numel() * J0.element_size()
+
+
 def _kernel_and_base(
-    la: Any, batches: Iterable[Any], free: Tensor, kernel_lora_a: str = "redrawn"
+    la: Any,
+    batches: Iterable[Any],
+    free: Tensor,
+    kernel_lora_a: str = "redrawn",
+    kernel_draws: int = 1,
 ) -> tuple[Tensor, Tensor, list]:
     """``K`` ``(M(C-1), M(C-1))`` from the ``B = 0`` Jacobians of the ``free`` tensors (in
-    the centred basis; ``lora_A`` as :data:`KERNEL_LORA_A` says), the base logits ``(M, C)``
-    and the batches used: the first ones whose Jacobian rows fit :data:`LOO_JACOBIAN_BYTES`
-    (at least one batch)."""
+    the centred basis; ``lora_A`` as :data:`KERNEL_LORA_A` says; with ``"redrawn"`` the mean
+    of the kernels of ``kernel_draws`` draws, seeded ``REDRAW_SEED + i``), the base logits
+    ``(M, C)`` and the batches used: the first ones whose Jacobian rows fit
+    :data:`LOO_JACOBIAN_BYTES` (at least one batch)."""
     if kernel_lora_a not in KERNEL_LORA_A:
         raise ValueError(f"kernel_lora_a must be one of {KERNEL_LORA_A}, got {kernel_lora_a!r}.")
+    if kernel_draws < 1 or (kernel_lora_a == "trained" and kernel_draws != 1):
+        raise ValueError(
+            f"kernel_draws must be a positive integer (1 with kernel_lora_a='trained'), "
+            f"got {kernel_draws!r}."
+        )
     redraw = lora_a_redrawn(la) if kernel_lora_a == "redrawn" else nullcontext()
     rows, bases, used, size = [], [], [], 0
     with guards.eval_mode(la.model), redraw:
         for batch in batches:
-            X, _ = split_batch(batch, la.dict_key_y, la._device)
-            with lora_b_zeroed(la):
-                _, blocks = logit_jacobian_blocks(la.backend, X)
-            J0 = torch.cat(
-                [W.flatten(2) for W, keep in zip(blocks, free.tolist(), strict=True) if keep],
-                dim=-1,
-            ).double()  # (B, C, P_B)
-            size += J0.numel() * J0.element_size()
+            J, nbytes = _centred_jacobian_rows(la, batch, free)
+            size += nbytes
             if used and size > LOO_JACOBIAN_BYTES:
                 break
+            X, _ = split_batch(batch, la.dict_key_y, la._device)
             with torch.no_grad(), adapters_disabled(la.model):
                 bases.append(forward_logits(la.model, X, la.dict_key_y).double())
-            Q = centred_basis(J0.shape[1]).to(J0.device)
-            rows.append(torch.einsum("bcp,ck->bkp", J0, Q).reshape(-1, J0.shape[-1]))
+            rows.append(J)
             used.append(batch)
     J = torch.cat(rows)
-    return J @ J.T, torch.cat(bases), used
+    K = J @ J.T
+    for i in range(1, kernel_draws):  # more draws of lora_A, on the same examples
+        with guards.eval_mode(la.model), lora_a_redrawn(la, REDRAW_SEED + i):
+            J = torch.cat([_centred_jacobian_rows(la, batch, free)[0] for batch in used])
+        K += J @ J.T
+    return K / kernel_draws, torch.cat(bases), used
 
 
 def _grid_nll(
@@ -222,19 +249,23 @@ def _grid_nll(
 
 
 def loo_cache(
-    la: Any, batches: Iterable[Any], kernel_lora_a: str = "redrawn"
+    la: Any,
+    batches: Iterable[Any],
+    kernel_lora_a: str = "redrawn",
+    kernel_draws: int = KERNEL_DRAWS,
 ) -> LogitJacobianCache:
     """The training examples used (the first ones whose ``B = 0`` Jacobians fit
     :data:`LOO_JACOBIAN_BYTES`) with their MAP Jacobian blocks and labels, centred at the
     leave-one-out logits ``f_MAP(x_n) - Q (y_n - μ_-n)`` ``(M, C)`` (module docstring),
-    the kernel's ``lora_A`` as ``kernel_lora_a`` says (:data:`KERNEL_LORA_A`).
+    the kernel's ``lora_A`` as ``kernel_lora_a`` says (:data:`KERNEL_LORA_A`; a redrawn
+    kernel is the mean over ``kernel_draws`` draws).
 
     Raises:
         UnchangedLogitsError: the adapter has not changed the logits (``B = 0``).
         ValueError: fewer than two training examples.
     """
     is_a = lora_a_mask(la.lora_param_names)
-    K, f_base, used = _kernel_and_base(la, batches, ~is_a, kernel_lora_a)
+    K, f_base, used = _kernel_and_base(la, batches, ~is_a, kernel_lora_a, kernel_draws)
     cache = LogitJacobianCache(la, used, max_bytes=LOO_CACHE_BYTES, in_eigenbasis=True)
     f_map = cache.logits.double().to(f_base.device)
     if len(f_map) < 2:
@@ -250,7 +281,11 @@ def loo_cache(
 
 
 def loo_precision(
-    la: Any, batches: Iterable[Any], n_samples: int = 100, kernel_lora_a: str = "redrawn"
+    la: Any,
+    batches: Iterable[Any],
+    n_samples: int = 100,
+    kernel_lora_a: str = "redrawn",
+    kernel_draws: int = KERNEL_DRAWS,
 ) -> Tensor:
     """``(L,)``: ``lora_A`` at :func:`spread_matched_precision`, every other tensor at the
     ``δ_B`` whose joint MC predictive (``n_samples``, common random numbers), centred at
@@ -260,7 +295,8 @@ def loo_precision(
     Raises:
         UnchangedLogitsError, ValueError: as :func:`loo_cache`.
     """
-    return best_loo_precision(la, [loo_cache(la, batches, kernel_lora_a)], n_samples)
+    cache = loo_cache(la, batches, kernel_lora_a, kernel_draws)
+    return best_loo_precision(la, [cache], n_samples)
 
 
 def best_loo_precision(la: Any, caches: list[LogitJacobianCache], n_samples: int = 100) -> Tensor:

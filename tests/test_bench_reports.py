@@ -357,15 +357,24 @@ def test_rescore_keeps_only_the_steps_asked_for():
     assert runs == {"t": {"0": {"checkpoints": {"960": {"b": 2}}}}}
 
 
-def test_prior_loo_redrawn_decision_needs_both_conditions():
-    from benchmarks.prior_loo_redrawn_check import decide
+@pytest.mark.parametrize(
+    "name, verdict",
+    [
+        ("prior_loo_redrawn_check", "adopt the redrawn kernel"),
+        ("prior_loo_draws_check", "adopt the 8-draw kernel"),
+    ],
+)
+def test_leave_one_out_kernel_decisions_need_both_conditions(name, verdict):
+    import importlib
+
+    decide = importlib.import_module(f"benchmarks.{name}").decide
 
     def row(task: str, new: float, old: float) -> dict:
         return {"task": task, "validation": {"la": {"nll": new}, "la_previous": {"nll": old}}}
 
     tasks = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
     better = [row(t, 0.5, 0.6) for t in tasks for _ in range(3)]
-    assert decide(better)["verdict"] == "adopt the redrawn kernel"
+    assert decide(better)["verdict"] == verdict
     assert decide(better[:8])["verdict"] == "no change"  # all nine checkpoints needed
     one_task_worse = [row(t, 0.7 if t == "bbc_headlines_mc" else 0.3, 0.6) for t in tasks] * 3
     d = decide(one_task_worse)

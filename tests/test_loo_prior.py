@@ -72,12 +72,10 @@ def test_lora_a_redrawn_restores_the_weights_even_on_error():
         assert torch.equal(p, before[n]), n
 
 
-def brute_force_loo_logits(
-    model: torch.nn.Module, batch: dict, lora_a: dict | None = None
-) -> torch.Tensor:
-    """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0`` (``lora_A``
-    replaced by ``lora_a``, name to value, in the kernel's copy of the model if given)."""
-    X = {k: v for k, v in batch.items() if k != "labels"}
+def explicit_centred_jacobian(model: torch.nn.Module, X: dict, lora_a: dict | None):
+    """``(J, base)``: the centred-basis Jacobian ``(N(C-1), P_B)`` of the logits with respect
+    to every ``lora_B`` at ``B = 0``, row by row with autograd (``lora_A`` replaced by
+    ``lora_a``, name to value, if given), and the base logits ``(N, C)``."""
     zeroed = zero_lora_B(copy.deepcopy(model))
     with torch.no_grad():
         for n, p in zeroed.named_parameters():
@@ -85,24 +83,37 @@ def brute_force_loo_logits(
                 p.copy_(lora_a[n])
     params = [p for n, p in zeroed.named_parameters() if "lora_B" in n]
     base = zeroed(X)
-    C = base.shape[-1]
-    Q = loo_prior.centred_basis(C)
+    Q = loo_prior.centred_basis(base.shape[-1])
     rows = []
     for i in range(base.shape[0]):
-        for j in range(C - 1):
-            out = base[i] @ Q[:, j]
-            grads = torch.autograd.grad(out, params, retain_graph=True)
+        for j in range(base.shape[-1] - 1):
+            grads = torch.autograd.grad(base[i] @ Q[:, j], params, retain_graph=True)
             rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    J = torch.stack(rows)
+    return torch.stack(rows), base.detach()
+
+
+def brute_force_loo_logits(
+    model: torch.nn.Module, batch: dict, lora_a: dict | list[dict] | None = None
+) -> torch.Tensor:
+    """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0``, ``lora_A``
+    replaced by ``lora_a`` in the kernel's copy of the model if given (a list: the kernel is
+    the mean of one kernel per entry)."""
+    X = {k: v for k, v in batch.items() if k != "labels"}
+    draws = lora_a if isinstance(lora_a, list) else [lora_a]
+    kernels = []
+    for draw in draws:
+        J, base = explicit_centred_jacobian(model, X, draw)
+        kernels.append(J @ J.T)
+    Q = loo_prior.centred_basis(base.shape[-1])
     f_map = model(X).detach()
-    y = (f_map - base.detach()) @ Q
-    resid = explicit_loo_residuals(y, J @ J.T)
+    y = (f_map - base) @ Q
+    resid = explicit_loo_residuals(y, torch.stack(kernels).mean(0))
     return f_map - resid @ Q.T
 
 
-def redrawn_lora_a(la) -> dict[str, torch.Tensor]:
+def redrawn_lora_a(la, seed: int = loo_prior.REDRAW_SEED) -> dict[str, torch.Tensor]:
     """The model's ``lora_A`` values under :func:`loo_prior.lora_a_redrawn`, by name."""
-    with loo_prior.lora_a_redrawn(la):
+    with loo_prior.lora_a_redrawn(la, seed):
         return {n: p.detach().clone() for n, p in la.model.named_parameters() if "lora_A" in n}
 
 
@@ -189,6 +200,25 @@ def test_trained_lora_a_kernel_matches_brute_force(structure):
     assert not torch.allclose(cache.logits, redrawn)  # the kernel did change
     with pytest.raises(ValueError, match="kernel_lora_a"):
         loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="fresh")
+
+
+@pytest.mark.parametrize("structure, kwargs", [("kron", {"factor_rank": 2}), ("full", {})])
+def test_kernel_averaged_over_draws_matches_brute_force(structure, kwargs):
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model, structure, **kwargs)
+    la.fit(loader(batch, 2))
+    cache = loo_prior.loo_cache(la, loader(batch, 2), kernel_draws=3)
+    draws = [redrawn_lora_a(la, loo_prior.REDRAW_SEED + i) for i in range(3)]
+    want = brute_force_loo_logits(model, batch, lora_a=draws)
+    torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
+    one = loo_prior.loo_cache(la, loader(batch, 2), kernel_draws=1).logits
+    assert not torch.allclose(cache.logits, one)
+    for bad in [0, -1]:
+        with pytest.raises(ValueError, match="kernel_draws"):
+            loo_prior.loo_cache(la, loader(batch, 2), kernel_draws=bad)
+    with pytest.raises(ValueError, match="kernel_draws"):
+        loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="trained", kernel_draws=2)
 
 
 def test_margin_check_loo_logits_equal_the_library_and_fresh_lora_a_is_restored():
