@@ -51,7 +51,7 @@ from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 CANDIDATES = {
     # the leave-one-out rule with its kernel's lora_A redrawn (benchmarks.prior_loo_redrawn_check)
     "leave_one_out_redrawn_a": lambda la: loo_prior.loo_precision(
-        la, la._fit_batches(la._fit_loaders), kernel_lora_a="redrawn"
+        la, la._fit_batches(la._fit_loaders), kernel_lora_a="redrawn", kernel_draws=1
     ),
     # the redrawn kernel averaged over 8 draws (benchmarks.prior_loo_draws_check)
     "leave_one_out_8_draws": lambda la: loo_prior.loo_precision(

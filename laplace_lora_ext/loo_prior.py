@@ -12,14 +12,18 @@ retraining:
   ``n`` with respect to the ``lora_B`` matrices at ``B = 0`` (the adapter before
   fine-tuning) and ``lora_A`` redrawn from PEFT's initialisation (:func:`lora_a_redrawn`),
   in an orthonormal basis ``Q`` ``(C, C-1)`` of the centred logits; ``K = J0 J0ᵀ``
-  ``(M(C-1), M(C-1))``. At ``B = 0`` the kernel does not yet contain the fitted labels.
-  The kernel at the MAP does: there its leave-one-out predictions of memorised SmolLM2
-  adapters were 98 % accurate where validation accuracy was 42-72 %
-  (``benchmarks/prior_loo_check.py``). The trained ``lora_A`` does too, more weakly: after
-  30 epochs it has been fitted to every training example, the left-out one too. Redrawing
-  it had the lower validation NLL on the memorised benchmark (1.073 against 1.081 over 9
-  checkpoints, ``benchmarks/prior_loo_redrawn_check.py``); ``kernel_lora_a="trained"``
-  keeps the trained one.
+  ``(M(C-1), M(C-1))``, averaged over :data:`KERNEL_DRAWS` draws of ``lora_A``. At ``B = 0``
+  the kernel does not yet contain the fitted labels. The kernel at the MAP does: there its
+  leave-one-out predictions of memorised SmolLM2 adapters were 98 % accurate where
+  validation accuracy was 42-72 % (``benchmarks/prior_loo_check.py``). The trained
+  ``lora_A`` does too, more weakly: after 30 epochs it has been fitted to every training
+  example, the left-out one too. Redrawing it had the lower validation NLL on the memorised
+  benchmark (1.073 against 1.081 over 9 checkpoints,
+  ``benchmarks/prior_loo_redrawn_check.py``); ``kernel_lora_a="trained"`` keeps the trained
+  one. At ``B = 0`` the forward pass does not depend on ``lora_A``, so the mean over draws
+  tends to the kernel's expectation over the initialisation, which depends on no seed; 8
+  draws had a slightly lower validation NLL than one (1.072 against 1.073,
+  ``benchmarks/prior_loo_draws_check.py``) for 7 more Jacobian passes.
 * **Targets.** ``y_n = Qᵀ (f_MAP(x_n) - f_base(x_n))`` ``(C-1,)``: the change fine-tuning made
   (adapters switched off for ``f_base``).
 * **Leave-one-out.** Kernel regression (the minimum-norm ``B`` that fits the other examples,
@@ -32,13 +36,13 @@ retraining:
   μ_-n)``. At memorisation an example's own curvature is negligible, so the posterior's
   variance at ``x_n`` is already about what it would be without ``x_n``.
 
-Cost: two more GLM passes over the examples used (the Jacobians at ``B = 0`` and at the
-MAP), one forward with the adapters off, an ``M(C-1)``-sided Cholesky, and the grid's
-predictive evaluations on those examples. ``K`` needs every ``J0_n`` at once, so the
-examples used are the first ``M`` of the training data whose ``J0`` fit in
-:data:`LOO_JACOBIAN_BYTES`; with fewer examples each one is predicted from fewer others,
-which errs towards more variance. In a data-parallel fit each rank leaves one out within
-its own shard and the grid's NLL sums are all-reduced.
+Cost: two more GLM passes over the examples used (the Jacobians at ``B = 0``, once per draw
+of ``lora_A``, and at the MAP), one forward with the adapters off, an ``M(C-1)``-sided
+Cholesky, and the grid's predictive evaluations on those examples. ``K`` needs every
+``J0_n`` at once, so the examples used are the first ``M`` of the training data whose ``J0``
+fit in :data:`LOO_JACOBIAN_BYTES`; with fewer examples each one is predicted from fewer
+others, which errs towards more variance. In a data-parallel fit each rank leaves one out
+within its own shard and the grid's NLL sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ FINE_STEP = 0.0625
 KERNEL_LORA_A = ("trained", "redrawn")
 REDRAW_SEED = 0
 #: How many draws of ``lora_A`` the redrawn kernel averages (seeds ``REDRAW_SEED + i``).
-KERNEL_DRAWS = 1
+KERNEL_DRAWS = 8
 
 
 def _is_lora_b(name: str) -> bool:
@@ -185,19 +189,22 @@ def _kernel_and_base(
     batches: Iterable[Any],
     free: Tensor,
     kernel_lora_a: str = "redrawn",
-    kernel_draws: int = 1,
+    kernel_draws: int | None = None,
 ) -> tuple[Tensor, Tensor, list]:
     """``K`` ``(M(C-1), M(C-1))`` from the ``B = 0`` Jacobians of the ``free`` tensors (in
     the centred basis; ``lora_A`` as :data:`KERNEL_LORA_A` says; with ``"redrawn"`` the mean
-    of the kernels of ``kernel_draws`` draws, seeded ``REDRAW_SEED + i``), the base logits
+    of the kernels of ``kernel_draws`` draws, seeded ``REDRAW_SEED + i``, by default
+    :data:`KERNEL_DRAWS`; ``"trained"`` is one kernel), the base logits
     ``(M, C)`` and the batches used: the first ones whose Jacobian rows fit
     :data:`LOO_JACOBIAN_BYTES` (at least one batch)."""
     if kernel_lora_a not in KERNEL_LORA_A:
         raise ValueError(f"kernel_lora_a must be one of {KERNEL_LORA_A}, got {kernel_lora_a!r}.")
+    if kernel_draws is None:
+        kernel_draws = KERNEL_DRAWS if kernel_lora_a == "redrawn" else 1
     if kernel_draws < 1 or (kernel_lora_a == "trained" and kernel_draws != 1):
         raise ValueError(
-            f"kernel_draws must be a positive integer (1 with kernel_lora_a='trained'), "
-            f"got {kernel_draws!r}."
+            f"kernel_draws must be a positive integer, and 1 (or None) with "
+            f"kernel_lora_a='trained' (there is one trained lora_A), got {kernel_draws!r}."
         )
     redraw = lora_a_redrawn(la) if kernel_lora_a == "redrawn" else nullcontext()
     rows, bases, used, size = [], [], [], 0
@@ -252,13 +259,13 @@ def loo_cache(
     la: Any,
     batches: Iterable[Any],
     kernel_lora_a: str = "redrawn",
-    kernel_draws: int = KERNEL_DRAWS,
+    kernel_draws: int | None = None,
 ) -> LogitJacobianCache:
     """The training examples used (the first ones whose ``B = 0`` Jacobians fit
     :data:`LOO_JACOBIAN_BYTES`) with their MAP Jacobian blocks and labels, centred at the
     leave-one-out logits ``f_MAP(x_n) - Q (y_n - μ_-n)`` ``(M, C)`` (module docstring),
     the kernel's ``lora_A`` as ``kernel_lora_a`` says (:data:`KERNEL_LORA_A`; a redrawn
-    kernel is the mean over ``kernel_draws`` draws).
+    kernel is the mean over ``kernel_draws`` draws, :data:`KERNEL_DRAWS` if ``None``).
 
     Raises:
         UnchangedLogitsError: the adapter has not changed the logits (``B = 0``).
@@ -285,7 +292,7 @@ def loo_precision(
     batches: Iterable[Any],
     n_samples: int = 100,
     kernel_lora_a: str = "redrawn",
-    kernel_draws: int = KERNEL_DRAWS,
+    kernel_draws: int | None = None,
 ) -> Tensor:
     """``(L,)``: ``lora_A`` at :func:`spread_matched_precision`, every other tensor at the
     ``δ_B`` whose joint MC predictive (``n_samples``, common random numbers), centred at

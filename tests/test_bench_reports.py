@@ -381,7 +381,9 @@ def test_leave_one_out_kernel_decisions_need_both_conditions(name, verdict):
     assert d["condition_1"] and not d["condition_2"] and d["verdict"] == "no change"
 
 
-@pytest.mark.parametrize("name", ["prior_loo_everywhere_check", "prior_loo_redrawn_check"])
+@pytest.mark.parametrize(
+    "name", ["prior_loo_everywhere_check", "prior_loo_redrawn_check", "prior_loo_draws_check"]
+)
 def test_leave_one_out_study_reports_are_the_committed_ones(name):
     import importlib
 

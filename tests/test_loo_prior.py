@@ -117,6 +117,11 @@ def redrawn_lora_a(la, seed: int = loo_prior.REDRAW_SEED) -> dict[str, torch.Ten
         return {n: p.detach().clone() for n, p in la.model.named_parameters() if "lora_A" in n}
 
 
+def default_draws(la) -> list[dict[str, torch.Tensor]]:
+    """The default kernel's draws of ``lora_A`` (:data:`loo_prior.KERNEL_DRAWS` seeds)."""
+    return [redrawn_lora_a(la, loo_prior.REDRAW_SEED + i) for i in range(loo_prior.KERNEL_DRAWS)]
+
+
 @pytest.mark.parametrize(
     "structure, kwargs",
     [("kron", {}), ("kron", {"factor_rank": 2, "rank_threshold": 4}), ("diag", {}), ("full", {})],
@@ -126,10 +131,10 @@ def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structur
     batch = random_batch(n=6, n_classes=3, seed=4)
     la = lora_laplace(model, structure, **kwargs)
     la.fit(loader(batch, 2))
-    cache = loo_prior.loo_cache(la, loader(batch, 2))  # the kernel's lora_A redrawn
+    cache = loo_prior.loo_cache(la, loader(batch, 2))  # lora_A redrawn, 8 draws
     torch.testing.assert_close(
         cache.logits,
-        brute_force_loo_logits(model, batch, lora_a=redrawn_lora_a(la)),
+        brute_force_loo_logits(model, batch, lora_a=default_draws(la)),
         rtol=1e-6,
         atol=1e-8,
     )
@@ -183,7 +188,7 @@ def test_only_the_examples_within_the_jacobian_budget_are_used(monkeypatch):
     cache = loo_prior.loo_cache(la, loader(batch, 2))
     assert len(cache.labels) == 2
     first = {k: v[:2] for k, v in batch.items()}
-    want = brute_force_loo_logits(model, first, lora_a=redrawn_lora_a(la))
+    want = brute_force_loo_logits(model, first, lora_a=default_draws(la))
     torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
 
 

@@ -21,8 +21,9 @@ laplace-torch's two methods.
 * ``method="leave_one_out"``: ``lora_A`` as above; one ``lora_B`` precision whose
   predictive, centred at kernel leave-one-out logits of the training examples, has the
   lowest NLL on their labels (:mod:`laplace_lora_ext.loo_prior`; two more GLM passes). The
-  kernel is taken at ``B = 0`` with ``lora_A`` redrawn from PEFT's initialisation: the
-  trained ``lora_A`` has seen every training example, the left-out one too.
+  kernel is taken at ``B = 0`` with ``lora_A`` redrawn from PEFT's initialisation (the
+  mean kernel over 8 draws): the trained ``lora_A`` has seen every training example, the
+  left-out one too.
 * ``method="function_space"``: ``lora_A`` as above; one ``lora_B`` precision chosen so that
   the prior explains the size of the logit change fine-tuning made on the training data
   (:func:`laplace_lora_ext.prior.function_space_precision`; one more pass over them).
