@@ -85,6 +85,8 @@ FINE_STEP = 0.0625
 KERNEL_LORA_A = ("trained", "redrawn")
 REDRAW_SEED = 0
 #: How many draws of ``lora_A`` the redrawn kernel averages (seeds ``REDRAW_SEED + i``).
+#: A Monte Carlo mean, not the exact expectation over the draw: that is the kernel of the
+#: full ``out × in`` weight matrices, whose per-example Jacobians do not fit at LLM sizes.
 KERNEL_DRAWS = 8
 
 
@@ -201,7 +203,11 @@ def _kernel_and_base(
         raise ValueError(f"kernel_lora_a must be one of {KERNEL_LORA_A}, got {kernel_lora_a!r}.")
     if kernel_draws is None:
         kernel_draws = KERNEL_DRAWS if kernel_lora_a == "redrawn" else 1
-    if kernel_draws < 1 or (kernel_lora_a == "trained" and kernel_draws != 1):
+    if (
+        not isinstance(kernel_draws, int)
+        or kernel_draws < 1
+        or (kernel_lora_a == "trained" and kernel_draws != 1)
+    ):
         raise ValueError(
             f"kernel_draws must be a positive integer, and 1 (or None) with "
             f"kernel_lora_a='trained' (there is one trained lora_A), got {kernel_draws!r}."

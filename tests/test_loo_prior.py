@@ -219,7 +219,7 @@ def test_kernel_averaged_over_draws_matches_brute_force(structure, kwargs):
     torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
     one = loo_prior.loo_cache(la, loader(batch, 2), kernel_draws=1).logits
     assert not torch.allclose(cache.logits, one)
-    for bad in [0, -1]:
+    for bad in [0, -1, 2.5]:
         with pytest.raises(ValueError, match="kernel_draws"):
             loo_prior.loo_cache(la, loader(batch, 2), kernel_draws=bad)
     with pytest.raises(ValueError, match="kernel_draws"):
