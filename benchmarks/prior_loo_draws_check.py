@@ -38,11 +38,11 @@ from __future__ import annotations
 
 from benchmarks.prior_loo_everywhere_check import (
     load_rows,
-    method_cells,
     render_report,
     write_report,
 )
 from benchmarks.prior_loo_redrawn_check import decide as decide_rule
+from benchmarks.prior_loo_redrawn_check import row_cells
 
 PREFIX = "prior_loo_draws"
 #: The candidate's number of ``lora_A`` draws (fixed before the runs).
@@ -54,19 +54,13 @@ def decide(rows: list[dict]) -> dict:
     return decide_rule(rows, f"{DRAWS}_draws", f"adopt the {DRAWS}-draw kernel")
 
 
-def _row_cells(r: dict, split: str) -> list[str]:
-    deltas = f"{r['previous_delta_b']:.3g} / {r['loo_delta_b']:.3g}"
-    head = [r["task"], str(r["seed"]), f"{r['train_nll']:.1e}", split]
-    return [*head, *method_cells(r, split), deltas, f"{r['seconds']:.0f}"]
-
-
 def render(rows: list[dict], decision: dict) -> str:
     columns = [
         "task", "seed", "train NLL", "split", "MAP", "temperature", "default (1 draw)",
         f"{DRAWS} draws", f"δ_B 1 / {DRAWS} draws", "s",
     ]  # fmt: skip
     title = f"The leave-one-out kernel averaged over {DRAWS} draws of lora_A"
-    return render_report(title, columns, rows, decision, _row_cells)
+    return render_report(title, columns, rows, decision, row_cells)
 
 
 def main() -> None:

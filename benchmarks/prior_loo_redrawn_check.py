@@ -77,7 +77,8 @@ def decide(
     }
 
 
-def _row_cells(r: dict, split: str) -> list[str]:
+def row_cells(r: dict, split: str) -> list[str]:
+    """One table row: task, seed, training NLL, split, the methods' cells, both δ_B, seconds."""
     deltas = f"{r['previous_delta_b']:.3g} / {r['loo_delta_b']:.3g}"
     head = [r["task"], str(r["seed"]), f"{r['train_nll']:.1e}", split]
     return [*head, *method_cells(r, split), deltas, f"{r['seconds']:.0f}"]
@@ -89,7 +90,7 @@ def render(rows: list[dict], decision: dict) -> str:
         "redrawn lora_A", "δ_B trained / redrawn", "s",
     ]  # fmt: skip
     title = "The leave-one-out rule with lora_A redrawn in its kernel"
-    return render_report(title, columns, rows, decision, _row_cells)
+    return render_report(title, columns, rows, decision, row_cells)
 
 
 def main() -> None:
