@@ -30,10 +30,18 @@ and checks issue 13's overfit and early bars (no shift task) into
 
     python -m benchmarks.llm_heldout
 
+``--prefix`` reads and writes another family of per-seed files the same way, e.g. the
+held-out checkpoints re-scored with the 8-draw leave-one-out kernel
+(``prior_loo_draws_heldout_{task}_seedS``, from ``benchmarks.llm_rescore_default``)::
+
+    python -m benchmarks.llm_heldout --prefix prior_loo_draws_heldout
+
 Whatever comes out is reported; the default is not changed on the strength of these tasks.
 """
 
 from __future__ import annotations
+
+import argparse
 
 from benchmarks import llm_memorised
 
@@ -41,8 +49,12 @@ PREFIX = "llm_heldout"
 TASKS = ("tweet_device_mc", "pet_species_mc")
 
 
-def main() -> None:
-    llm_memorised.main(prefix=PREFIX, tasks=TASKS, title="Issue 13's bars on held-out tasks")
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Merge the held-out seeds and check the bars.")
+    p.add_argument("--prefix", default=PREFIX, help="per-seed files {prefix}_{task}_seedS")
+    args = p.parse_args(argv)
+    title = "Issue 13's bars on held-out tasks"
+    llm_memorised.main(prefix=args.prefix, tasks=TASKS, title=title)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,20 @@ def test_memorised_merge_combines_seed_files(tmp_path):
     assert "| task | 0 | 1.0e-04 | leave-one-out |" in rows[0]
     assert rows[0].count(" | ") == 4 + len(methods) and "–" not in rows[0]
     assert "| task | 1 | 5.0e-02 | evidence |" in rows[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [([], "llm_heldout"), (["--prefix", "prior_loo_draws_heldout"], "prior_loo_draws_heldout")],
+)
+def test_heldout_merges_the_file_family_asked_for(monkeypatch, argv, prefix):
+    """``llm_heldout --prefix P`` merges and checks ``P_{task}_seedS`` for both held-out
+    tasks; without it, the held-out runs' own files."""
+    from benchmarks import llm_heldout, llm_memorised
+
+    calls = []
+    monkeypatch.setattr(llm_memorised, "main", lambda **kw: calls.append(kw))
+    llm_heldout.main(argv)
+    assert calls == [
+        {"prefix": prefix, "tasks": llm_heldout.TASKS, "title": "Issue 13's bars on held-out tasks"}
+    ]
