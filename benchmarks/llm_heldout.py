@@ -34,7 +34,11 @@ and checks issue 13's overfit and early bars (no shift task) into
 held-out checkpoints re-scored with the 8-draw leave-one-out kernel
 (``prior_loo_draws_heldout_{task}_seedS``, from ``benchmarks.llm_rescore_default``)::
 
-    python -m benchmarks.llm_heldout --prefix prior_loo_draws_heldout
+    python -m benchmarks.llm_heldout --prefix prior_loo_draws_heldout \\
+        --previous "trained lora_A kernel"
+
+(``--previous`` names the files' ``la_previous`` column: there, the rule's kernel with the
+trained ``lora_A``, re-scored in the same run.)
 
 Whatever comes out is reported; the default is not changed on the strength of these tasks.
 """
@@ -52,9 +56,12 @@ TASKS = ("tweet_device_mc", "pet_species_mc")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Merge the held-out seeds and check the bars.")
     p.add_argument("--prefix", default=PREFIX, help="per-seed files {prefix}_{task}_seedS")
+    p.add_argument("--previous", default=None, help="name of the files' la_previous column")
     args = p.parse_args(argv)
-    title = "Issue 13's bars on held-out tasks"
-    llm_memorised.main(prefix=args.prefix, tasks=TASKS, title=title)
+    kwargs = {"prefix": args.prefix, "tasks": TASKS, "title": "Issue 13's bars on held-out tasks"}
+    if args.previous:
+        kwargs["previous"] = args.previous
+    llm_memorised.main(**kwargs)
 
 
 if __name__ == "__main__":

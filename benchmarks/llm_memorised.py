@@ -99,7 +99,11 @@ def main(
     prefix: str = PREFIX,
     tasks: tuple[str, ...] = TASKS,
     title: str = "Issue 13's bars at memorisation",
+    previous: str = COLUMNS["la_previous"],
 ) -> None:
+    """Merge each task's per-seed ``{prefix}_{task}_seedS`` files, check the bars and add a
+    per-seed table; ``previous`` names the files' ``la_previous`` column there."""
+    labels = {**COLUMNS, "la_previous": previous}
     merged, payloads = [], []
     for task in tasks:
         paths = seed_files(task, prefix)
@@ -121,7 +125,7 @@ def main(
         "## Per seed, test: ACC / ECE / NLL / conf",
         "",
         "| task | seed | MAP train NLL | default's rule | T | "
-        + " | ".join(COLUMNS[m] for m in methods)
+        + " | ".join(labels[m] for m in methods)
         + " |",
         "| --- |" + " --- |" * (4 + len(methods)),
         *rows,

@@ -202,17 +202,23 @@ def test_memorised_merge_combines_seed_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("argv", "prefix"),
-    [([], "llm_heldout"), (["--prefix", "prior_loo_draws_heldout"], "prior_loo_draws_heldout")],
+    ("argv", "extra"),
+    [
+        ([], {"prefix": "llm_heldout"}),
+        (
+            ["--prefix", "p", "--previous", "trained kernel"],
+            {"prefix": "p", "previous": "trained kernel"},
+        ),
+    ],
 )
-def test_heldout_merges_the_file_family_asked_for(monkeypatch, argv, prefix):
+def test_heldout_merges_the_file_family_asked_for(monkeypatch, argv, extra):
     """``llm_heldout --prefix P`` merges and checks ``P_{task}_seedS`` for both held-out
-    tasks; without it, the held-out runs' own files."""
+    tasks (``--previous`` names their ``la_previous`` column); without it, the held-out
+    runs' own files."""
     from benchmarks import llm_heldout, llm_memorised
 
     calls = []
     monkeypatch.setattr(llm_memorised, "main", lambda **kw: calls.append(kw))
     llm_heldout.main(argv)
-    assert calls == [
-        {"prefix": prefix, "tasks": llm_heldout.TASKS, "title": "Issue 13's bars on held-out tasks"}
-    ]
+    title = "Issue 13's bars on held-out tasks"
+    assert calls == [{"tasks": llm_heldout.TASKS, "title": title, **extra}]
