@@ -1,0 +1,92 @@
+"""Cost of the leave-one-out rule's kernel: the trained ``lora_A``, one redraw, 8 redraws.
+
+The default leave-one-out kernel is the mean over :data:`laplace_lora_ext.loo_prior.
+KERNEL_DRAWS` (8) draws of ``lora_A`` (adopted by ``benchmarks.prior_loo_draws_check``).
+Each extra draw is one more ``B = 0`` Jacobian pass over the training examples the rule
+uses. This script times the whole rule (``loo_prior.loo_precision``: kernel, MAP
+Jacobians, leave-one-out logits and the 38-value search) with each kernel, in one process
+on one memorised SmolLM2 adapter, 1 thread, CPU seconds (``time.process_time``), one call
+each, in the order trained → 1 draw → 8 draws. It also records the ``δ_B`` each chose.
+
+    python -m benchmarks.bench_loo_kernel_draws --tasks fine_foods_mc --seeds 0 \\
+        --steps 240 --early 0 --run-name 'memo240-{task}-seed{seed}'
+
+Needs that cached checkpoint (``benchmarks.llm_memorised`` trains it) or trains it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import torch
+from laplace import Laplace
+
+import laplace_lora_ext  # noqa: F401
+from benchmarks import _common as C
+from benchmarks import llm_calibration as calib
+from benchmarks.tasks import make_loader
+from laplace_lora_ext import loo_prior
+from laplace_lora_ext.prior import lora_a_mask
+
+NAME = "bench_loo_kernel_draws"
+#: (label, ``kernel_lora_a``, ``kernel_draws``), in the order they are timed
+KERNELS = (
+    ("trained lora_A", "trained", 1),
+    ("1 draw of lora_A", "redrawn", 1),
+    ("8 draws of lora_A (default)", "redrawn", 8),
+)
+
+
+def chosen_delta_b(la: Any) -> float:
+    """The ``lora_B`` prior precision ``la`` holds (every non-``lora_A`` tensor shares it)."""
+    prior = la.prior_precision.reshape(-1)
+    return float(prior[~lora_a_mask(la.lora_param_names)][0])
+
+
+def measure(model: Any, train_loader: Any) -> dict:
+    """CPU seconds of ``la.fit`` and of the leave-one-out rule with each of :data:`KERNELS`."""
+    la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
+    out: dict[str, Any] = {"fit_cpu_s": C.cpu_seconds(lambda: la.fit(train_loader))}
+    for label, lora_a, draws in KERNELS:
+        rule = partial(
+            loo_prior.loo_precision, la, train_loader, kernel_lora_a=lora_a, kernel_draws=draws
+        )
+        out[label] = {"cpu_s": C.cpu_seconds(rule), "delta_b": chosen_delta_b(la)}
+    return out
+
+
+def render(r: dict, args: argparse.Namespace) -> str:
+    base = r[KERNELS[1][0]]["cpu_s"]
+    lines = [
+        "# bench_loo_kernel_draws: the leave-one-out rule's cost with each kernel",
+        "",
+        f"SmolLM2-135M-Instruct, LoRA r=8 on q, v (460,800 parameters), memorised "
+        f"{args.tasks[0]} adapter (seed {args.seeds[0]}, step {args.steps}, {args.n_train} "
+        f"training examples); 1 thread, CPU seconds, one call each. `la.fit` took "
+        f"{r['fit_cpu_s']:.1f} s.",
+        "",
+        "| kernel | CPU s | × fit | × 1 draw | δ_B chosen |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, _, _ in KERNELS:
+        m = r[label]
+        lines.append(
+            f"| {label} | {m['cpu_s']:.1f} | {m['cpu_s'] / r['fit_cpu_s']:.2f} "
+            f"| {m['cpu_s'] / base:.2f} | {m['delta_b']:.4g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = calib.parse(argv)
+    torch.set_num_threads(args.threads or 1)
+    data, wrapper, collate = calib.trained_model(args)
+    train_loader = make_loader(data.train, collate, args.la_batch_size)
+    result = measure(wrapper, train_loader)
+    C.publish(NAME, args, result, {}, render(result, args))
+
+
+if __name__ == "__main__":
+    main()
