@@ -26,9 +26,9 @@ from laplace import Laplace
 import laplace_lora_ext  # noqa: F401
 from benchmarks import _common as C
 from benchmarks import llm_calibration as calib
+from benchmarks.bench_prior_search import chosen_delta_b
 from benchmarks.tasks import make_loader
 from laplace_lora_ext import loo_prior
-from laplace_lora_ext.prior import lora_a_mask
 
 NAME = "bench_loo_kernel_draws"
 #: (label, ``kernel_lora_a``, ``kernel_draws``), in the order they are timed
@@ -37,12 +37,6 @@ KERNELS = (
     ("1 draw of lora_A", "redrawn", 1),
     ("8 draws of lora_A (default)", "redrawn", 8),
 )
-
-
-def chosen_delta_b(la: Any) -> float:
-    """The ``lora_B`` prior precision ``la`` holds (every non-``lora_A`` tensor shares it)."""
-    prior = la.prior_precision.reshape(-1)
-    return float(prior[~lora_a_mask(la.lora_param_names)][0])
 
 
 def measure(model: Any, train_loader: Any) -> dict:

@@ -62,15 +62,19 @@ STOCK = "stock laplace-torch 0.3"
 _supports = eigenbasis.supports  # the library's own test, before any patching
 
 
+def chosen_delta_b(la: Any) -> float:
+    """The ``lora_B`` prior precision ``la`` holds: the first non-``lora_A`` tensor's of a
+    per-tensor prior (they share it), or a scalar prior's one value."""
+    prior = la.prior_precision.reshape(-1)
+    return float(prior[~lora_a_mask(la.lora_param_names)][0] if len(prior) > 1 else prior[0])
+
+
 def search(la: Any, path: str, **kwargs: Any) -> dict:
     """CPU seconds and the chosen ``lora_B`` precision of one search on ``path``."""
     fast = path == "eigenbasis once"
     with mock.patch.object(eigenbasis, "supports", lambda la: fast and _supports(la)):
         seconds = C.cpu_seconds(lambda: la.optimize_prior_precision(**kwargs))
-    prior = la.prior_precision.reshape(-1)
-    is_b = ~lora_a_mask(la.lora_param_names)
-    delta = prior[is_b][0] if len(prior) > 1 else prior[0]
-    return {"cpu_s": seconds, "delta": float(delta)}
+    return {"cpu_s": seconds, "delta": chosen_delta_b(la)}
 
 
 def stock_search(model: Any, ours: Any, val_loader: Any, grid_size: int) -> dict:

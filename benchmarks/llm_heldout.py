@@ -56,12 +56,14 @@ TASKS = ("tweet_device_mc", "pet_species_mc")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Merge the held-out seeds and check the bars.")
     p.add_argument("--prefix", default=PREFIX, help="per-seed files {prefix}_{task}_seedS")
-    p.add_argument("--previous", default=None, help="name of the files' la_previous column")
+    p.add_argument(
+        "--previous",
+        default=llm_memorised.COLUMNS["la_previous"],
+        help="name of the files' la_previous column",
+    )
     args = p.parse_args(argv)
-    kwargs = {"prefix": args.prefix, "tasks": TASKS, "title": "Issue 13's bars on held-out tasks"}
-    if args.previous:
-        kwargs["previous"] = args.previous
-    llm_memorised.main(**kwargs)
+    title = "Issue 13's bars on held-out tasks"
+    llm_memorised.main(prefix=args.prefix, tasks=TASKS, title=title, previous=args.previous)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -403,3 +404,14 @@ def test_leave_one_out_study_reports_are_the_committed_ones(name):
     _, md = committed(prefix)
     rows = study.load_rows(prefix)
     assert study.render(rows, study.decide(rows)) == md
+
+
+def test_chosen_delta_b_reads_lora_b_of_a_per_tensor_or_scalar_prior():
+    from benchmarks.bench_prior_search import chosen_delta_b
+
+    names = ["m.lora_A.default.weight", "m.lora_B.default.weight"]
+    per_tensor = types.SimpleNamespace(
+        prior_precision=torch.tensor([3.0, 7.0]), lora_param_names=names
+    )
+    scalar = types.SimpleNamespace(prior_precision=torch.tensor([5.0]), lora_param_names=names)
+    assert chosen_delta_b(per_tensor) == 7.0 and chosen_delta_b(scalar) == 5.0

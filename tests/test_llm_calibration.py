@@ -204,7 +204,7 @@ def test_memorised_merge_combines_seed_files(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "extra"),
     [
-        ([], {"prefix": "llm_heldout"}),
+        ([], {"prefix": "llm_heldout", "previous": "previous default (function space)"}),
         (
             ["--prefix", "p", "--previous", "trained kernel"],
             {"prefix": "p", "previous": "trained kernel"},
