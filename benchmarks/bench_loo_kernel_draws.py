@@ -2,11 +2,13 @@
 
 The default leave-one-out kernel is the mean over :data:`laplace_lora_ext.loo_prior.
 KERNEL_DRAWS` (8) draws of ``lora_A`` (adopted by ``benchmarks.prior_loo_draws_check``).
-Each extra draw is one more ``B = 0`` Jacobian pass over the training examples the rule
-uses. This script times the whole rule (``loo_prior.loo_precision``: kernel, MAP
+At ``B = 0`` one forward and ``C`` backward passes serve every draw, as many as
+:data:`laplace_lora_ext.loo_prior.LOO_DRAW_BYTES` holds; with that budget at 0 each draw
+takes its own pass, as every draw did before the shared pass was built (the "one pass per
+draw" row). This script times the whole rule (``loo_prior.loo_precision``: kernel, MAP
 Jacobians, leave-one-out logits and the 38-value search) with each kernel, in one process
 on one memorised SmolLM2 adapter, 1 thread, CPU seconds (``time.process_time``), one call
-each, in the order trained → 1 draw → 8 draws. It also records the ``δ_B`` each chose.
+each, in :data:`KERNELS` order. It also records the ``δ_B`` each chose.
 
     python -m benchmarks.bench_loo_kernel_draws --tasks fine_foods_mc --seeds 0 \\
         --steps 240 --early 0 --run-name 'memo240-{task}-seed{seed}'
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import torch
 from laplace import Laplace
@@ -31,11 +34,13 @@ from benchmarks.tasks import make_loader
 from laplace_lora_ext import loo_prior
 
 NAME = "bench_loo_kernel_draws"
-#: (label, ``kernel_lora_a``, ``kernel_draws``), in the order they are timed
+#: (label, ``kernel_lora_a``, ``kernel_draws``, ``LOO_DRAW_BYTES`` or ``None`` for the
+#: library's), in the order they are timed
 KERNELS = (
-    ("trained lora_A", "trained", 1),
-    ("1 draw of lora_A", "redrawn", 1),
-    ("8 draws of lora_A (default)", "redrawn", 8),
+    ("trained lora_A", "trained", 1, None),
+    ("1 draw of lora_A", "redrawn", 1, None),
+    ("8 draws, one pass per draw (as before)", "redrawn", 8, 0),
+    ("8 draws, shared pass (default)", "redrawn", 8, None),
 )
 
 
@@ -43,11 +48,13 @@ def measure(model: Any, train_loader: Any) -> dict:
     """CPU seconds of ``la.fit`` and of the leave-one-out rule with each of :data:`KERNELS`."""
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
     out: dict[str, Any] = {"fit_cpu_s": C.cpu_seconds(lambda: la.fit(train_loader))}
-    for label, lora_a, draws in KERNELS:
+    for label, lora_a, draws, draw_bytes in KERNELS:
         rule = partial(
             loo_prior.loo_precision, la, train_loader, kernel_lora_a=lora_a, kernel_draws=draws
         )
-        out[label] = {"cpu_s": C.cpu_seconds(rule), "delta_b": chosen_delta_b(la)}
+        budget = loo_prior.LOO_DRAW_BYTES if draw_bytes is None else draw_bytes
+        with mock.patch.object(loo_prior, "LOO_DRAW_BYTES", budget):
+            out[label] = {"cpu_s": C.cpu_seconds(rule), "delta_b": chosen_delta_b(la)}
     return out
 
 
@@ -64,7 +71,7 @@ def render(r: dict, args: argparse.Namespace) -> str:
         "| kernel | CPU s | × fit | × 1 draw | δ_B chosen |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for label, _, _ in KERNELS:
+    for label, *_ in KERNELS:
         m = r[label]
         lines.append(
             f"| {label} | {m['cpu_s']:.1f} | {m['cpu_s'] / r['fit_cpu_s']:.2f} "

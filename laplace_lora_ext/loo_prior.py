@@ -23,7 +23,9 @@ retraining:
   one. At ``B = 0`` the forward pass does not depend on ``lora_A``, so the mean over draws
   tends to the kernel's expectation over the initialisation, which depends on no seed; 8
   draws had a slightly lower validation NLL than one (1.072 against 1.073,
-  ``benchmarks/prior_loo_draws_check.py``) for 7 more Jacobian passes.
+  ``benchmarks/prior_loo_draws_check.py``). The draws share one Jacobian pass: at ``B = 0``
+  the gradient that reaches each ``lora_B`` does not depend on ``lora_A``, only ``lora_B``'s
+  input ``A x`` does, so each draw costs one ``A x`` and one per-example product.
 * **Targets.** ``y_n = Qᵀ (f_MAP(x_n) - f_base(x_n))`` ``(C-1,)``: the change fine-tuning made
   (adapters switched off for ``f_base``).
 * **Leave-one-out.** Kernel regression (the minimum-norm ``B`` that fits the other examples,
@@ -36,32 +38,34 @@ retraining:
   μ_-n)``. At memorisation an example's own curvature is negligible, so the posterior's
   variance at ``x_n`` is already about what it would be without ``x_n``.
 
-Cost: two more GLM passes over the examples used (the Jacobians at ``B = 0``, once per draw
-of ``lora_A``, and at the MAP), one forward with the adapters off, an ``M(C-1)``-sided
-Cholesky, and the grid's predictive evaluations on those examples. ``K`` needs every
-``J0_n`` at once, so the examples used are the first ``M`` of the training data whose ``J0``
-fit in :data:`LOO_JACOBIAN_BYTES`; with fewer examples each one is predicted from fewer
-others, which errs towards more variance. In a data-parallel fit each rank leaves one out
+Cost: two more GLM passes over the examples used (the Jacobians at ``B = 0``, for every
+draw of ``lora_A`` whose rows fit :data:`LOO_DRAW_BYTES`, and at the MAP), one more pass at
+``B = 0`` per group of draws that did not fit, one forward with the adapters off, an
+``M(C-1)``-sided Cholesky, and the grid's predictive evaluations on those examples. ``K``
+needs every ``J0_n`` at once, so the examples used are the first ``M`` of the training data
+whose ``J0`` fit in :data:`LOO_JACOBIAN_BYTES`; with fewer examples each one is predicted
+from fewer others, which errs towards more variance. In a data-parallel fit each rank leaves one out
 within its own shard and the grid's NLL sums are all-reduced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import distributed, guards
+from .curvature.capture import Captured, output_gradients
 from .inputs import forward_logits, split_batch
 from .jacobian_cache import LogitJacobianCache
-from .predictive import logit_jacobian_blocks
 from .prior import UnchangedLogitsError, adapters_disabled, lora_a_mask, spread_matched_precision
 
 __all__ = [
     "LOO_JACOBIAN_BYTES",
+    "LOO_DRAW_BYTES",
     "KERNEL_LORA_A",
     "KERNEL_DRAWS",
     "lora_b_zeroed",
@@ -75,6 +79,9 @@ __all__ = [
 
 #: Memory for the ``B = 0`` Jacobians of the examples used (later examples are left out).
 LOO_JACOBIAN_BYTES = 1024**3
+#: Memory for the centred Jacobian rows of the kernel's further draws of ``lora_A`` held
+#: in one pass with the first draw's; draws that do not fit take further passes.
+LOO_DRAW_BYTES = 2 * 1024**3
 #: Jacobian blocks of the examples used, at the MAP, kept for the grid (else recomputed).
 LOO_CACHE_BYTES = 2 * 1024**3
 #: ``log10 δ_B``: a coarse grid, then a fine one around its best value.
@@ -125,21 +132,20 @@ def lora_a_redrawn(la: Any, seed: int = REDRAW_SEED) -> Iterator[None]:
     example, the one a leave-one-out prediction leaves out too; a kernel built on it
     predicts left-out training examples better than the MAP predicts new inputs
     (docs/benchmarks.md, ``pet_species_mc``)."""
-    gen = torch.Generator().manual_seed(seed)
+    drawn = _draws_of_lora_a(la, seed)
     saved = [
-        (p, p.detach().clone())
+        (p, p.detach().clone(), drawn[name])
         for p, name in zip(la.params, la.lora_param_names, strict=True)
-        if ".lora_A." in name
+        if name in drawn
     ]
     try:
         with torch.no_grad():
-            for p, _ in saved:
-                bound = 1.0 / p[0].numel() ** 0.5
-                p.copy_(torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen))
+            for p, _, value in saved:
+                p.copy_(value)
         yield
     finally:
         with torch.no_grad():
-            for p, value in saved:
+            for p, value, _ in saved:
                 p.copy_(value)
 
 
@@ -171,19 +177,107 @@ def loo_residuals(y: Tensor, K: Tensor) -> Tensor:
     return torch.linalg.solve(diag_blocks, alpha.unsqueeze(-1)).squeeze(-1)
 
 
-def _centred_jacobian_rows(la: Any, batch: Any, free: Tensor) -> tuple[Tensor, int]:
-    """``(rows, bytes)``: the ``B = 0`` Jacobian ``(B(C-1), P_B)`` of ``batch``'s logits with
-    respect to the ``free`` tensors, in the centred basis (example-major), ``lora_A`` as it
-    is now, and the bytes of the uncentred ``(B, C, P_B)`` Jacobian (the budget's unit)."""
-    X, _ = split_batch(batch, la.dict_key_y, la._device)
+def _draws_of_lora_a(la: Any, seed: int) -> dict[str, Tensor]:
+    """One draw of every ``lora_A`` tensor of ``la.params`` from PEFT's initialisation
+    (Kaiming-uniform with ``a = √5``: uniform on ``±1/√fan_in``, ``fan_in`` the elements of
+    one row), by parameter name, from a CPU generator seeded with ``seed`` (the same draw
+    on every rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for p, name in zip(la.params, la.lora_param_names, strict=True):
+        if ".lora_A." in name:
+            bound = 1.0 / p[0].numel() ** 0.5
+            out[name] = torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen)
+    return out
+
+
+def _lora_b_inputs(cap: Captured, targets: list, draw: dict[str, Tensor]) -> list[Tensor]:
+    """The captured layer inputs with each ``lora_B``'s input ``(B, T, r)`` recomputed as
+    ``lora_A(x)`` with ``lora_A`` from ``draw``. At ``B = 0`` nothing else in the forward
+    pass depends on ``lora_A``, so these are the inputs that draw would have produced.
+
+    Raises:
+        ValueError: a ``lora_B``'s captured input is not its ``lora_A`` applied to the
+            ``lora_A``'s input (a PEFT LoRA variant that changes the adapter's path).
+    """
+    where = {t.name: i for i, t in enumerate(targets)}
+    inputs = list(cap.inputs)
+    for i, t in enumerate(targets):
+        if t.kind != "lora_B":
+            continue
+        a = where[t.name.replace(".lora_B.", ".lora_A.", 1)]
+        x = cap.inputs[a]
+        seen = cap.inputs[i]
+        own = torch.nn.functional.linear(x, targets[a].module.weight.detach().to(x.dtype))
+        if not float((own - seen).norm()) <= 1e-2 * float(seen.norm()) + 1e-30:
+            raise ValueError(
+                f"The input of {t.name} is not lora_A(x) in this model (a PEFT LoRA variant?), "
+                "so the redrawn leave-one-out kernel cannot be formed; use "
+                "kernel_lora_a='trained' or method='lora_marglik'."
+            )
+        weight = draw[f"{targets[a].name}.weight"].to(device=x.device, dtype=x.dtype)
+        inputs[i] = torch.nn.functional.linear(x, weight)
+    return inputs
+
+
+def _centred_jacobian_rows(
+    la: Any, X: Any, free: Tensor, draws: list[dict[str, Tensor] | None]
+) -> tuple[list[Tensor], int]:
+    """``(rows, bytes)``: per entry of ``draws``, the ``B = 0`` Jacobian ``(B(C-1), P_B)``
+    of the logits of inputs ``X`` with respect to the ``free`` tensors, in the centred
+    basis (example-major), with ``lora_A`` from that draw (``None``: as it is now); and the
+    bytes of one uncentred ``(B, C, P_B)`` Jacobian (the budget's unit).
+
+    One forward and ``C`` backward passes serve every draw: at ``B = 0`` the gradient that
+    reaches each ``lora_B`` does not depend on ``lora_A``, only ``lora_B``'s input
+    ``A x`` does (:func:`_lora_b_inputs`)."""
+    backend = la.backend
+    keep = free.tolist()
     with lora_b_zeroed(la):
-        _, blocks = logit_jacobian_blocks(la.backend, X)
-    J0 = torch.cat(
-        [W.flatten(2) for W, keep in zip(blocks, free.tolist(), strict=True) if keep], dim=-1
-    ).double()  # (B, C, P_B)
-    Q = centred_basis(J0.shape[1]).to(J0.device)
-    rows = torch.einsum("bcp,ck->bkp", J0, Q).reshape(-1, J0.shape[-1])
-    return rows, J0.numel() * J0.element_size()
+        cap = backend.capture(X)
+        B, C = cap.logits.shape
+        views = [
+            cap
+            if draw is None
+            else Captured(cap.logits, _lora_b_inputs(cap, backend.targets, draw), cap.outputs)
+            for draw in draws
+        ]
+        Q = centred_basis(C).to(cap.logits.device)
+        eye = torch.eye(C, dtype=backend.curvature_dtype, device=cap.logits.device)
+        rows: list[Tensor] = [torch.zeros(())] * len(draws)
+        for c, grads in enumerate(
+            output_gradients(cap, eye.unsqueeze(1).expand(C, B, C), backend.targets)
+        ):
+            for d, view in enumerate(views):
+                phis = backend.per_example_gradients(view, grads)
+                J_c = torch.cat([W for W, k in zip(phis, keep, strict=True) if k], -1).double()
+                rows[d] = rows[d] + J_c.unsqueeze(1) * Q[c].view(1, -1, 1)  # (B, C-1, P_B)
+    nbytes = B * C * rows[0].shape[-1] * 8
+    return [r.reshape(-1, r.shape[-1]) for r in rows], nbytes
+
+
+def _draws_that_fit(rows_of_one_draw: list[Tensor]) -> int:
+    """How many draws' Jacobian rows one pass holds: one, plus as many as fit
+    :data:`LOO_DRAW_BYTES` at the size of ``rows_of_one_draw``."""
+    size = sum(r.numel() * r.element_size() for r in rows_of_one_draw)
+    return 1 + int(LOO_DRAW_BYTES // max(size, 1))
+
+
+def _checked_draws(kernel_lora_a: str, kernel_draws: int | None) -> int:
+    if kernel_lora_a not in KERNEL_LORA_A:
+        raise ValueError(f"kernel_lora_a must be one of {KERNEL_LORA_A}, got {kernel_lora_a!r}.")
+    if kernel_draws is None:
+        kernel_draws = KERNEL_DRAWS if kernel_lora_a == "redrawn" else 1
+    if (
+        not isinstance(kernel_draws, int)
+        or kernel_draws < 1
+        or (kernel_lora_a == "trained" and kernel_draws != 1)
+    ):
+        raise ValueError(
+            f"kernel_draws must be a positive integer, and 1 (or None) with "
+            f"kernel_lora_a='trained' (there is one trained lora_A), got {kernel_draws!r}."
+        )
+    return kernel_draws
 
 
 def _kernel_and_base(
@@ -198,40 +292,51 @@ def _kernel_and_base(
     of the kernels of ``kernel_draws`` draws, seeded ``REDRAW_SEED + i``, by default
     :data:`KERNEL_DRAWS`; ``"trained"`` is one kernel), the base logits
     ``(M, C)`` and the batches used: the first ones whose Jacobian rows fit
-    :data:`LOO_JACOBIAN_BYTES` (at least one batch)."""
-    if kernel_lora_a not in KERNEL_LORA_A:
-        raise ValueError(f"kernel_lora_a must be one of {KERNEL_LORA_A}, got {kernel_lora_a!r}.")
-    if kernel_draws is None:
-        kernel_draws = KERNEL_DRAWS if kernel_lora_a == "redrawn" else 1
-    if (
-        not isinstance(kernel_draws, int)
-        or kernel_draws < 1
-        or (kernel_lora_a == "trained" and kernel_draws != 1)
-    ):
-        raise ValueError(
-            f"kernel_draws must be a positive integer, and 1 (or None) with "
-            f"kernel_lora_a='trained' (there is one trained lora_A), got {kernel_draws!r}."
-        )
-    redraw = lora_a_redrawn(la) if kernel_lora_a == "redrawn" else nullcontext()
-    rows, bases, used, size = [], [], [], 0
-    with guards.eval_mode(la.model), redraw:
+    :data:`LOO_JACOBIAN_BYTES` (at least one batch).
+
+    One pass over the batches forms every draw's rows whose memory fits
+    :data:`LOO_DRAW_BYTES` (:func:`_centred_jacobian_rows`); the draws left over take
+    further passes over the batches used, as many draws each as fit."""
+    n_draws = _checked_draws(kernel_lora_a, kernel_draws)
+    draws: list[dict[str, Tensor] | None] = (
+        [_draws_of_lora_a(la, REDRAW_SEED + i) for i in range(n_draws)]
+        if kernel_lora_a == "redrawn"
+        else [None]
+    )
+    rows: list[list[Tensor]] = [[] for _ in draws]
+    bases, used, size = [], [], 0
+    with guards.eval_mode(la.model):
         for batch in batches:
-            J, nbytes = _centred_jacobian_rows(la, batch, free)
+            X, _ = split_batch(batch, la.dict_key_y, la._device)
+            J, nbytes = _centred_jacobian_rows(la, X, free, draws[: len(rows)])
             size += nbytes
             if used and size > LOO_JACOBIAN_BYTES:
                 break
-            X, _ = split_batch(batch, la.dict_key_y, la._device)
             with torch.no_grad(), adapters_disabled(la.model):
                 bases.append(forward_logits(la.model, X, la.dict_key_y).double())
-            rows.append(J)
+            for held, J_d in zip(rows, J, strict=True):
+                held.append(J_d)
             used.append(batch)
+            del rows[_draws_that_fit(rows[0]) :]
+        K = sum(_gram(held) for held in rows)
+        done = len(rows)
+        while done < n_draws:  # the draws that did not fit, on the same examples
+            group = draws[done : done + _draws_that_fit(rows[0])]
+            more: list[list[Tensor]] = [[] for _ in group]
+            for batch in used:
+                X, _ = split_batch(batch, la.dict_key_y, la._device)
+                J, _ = _centred_jacobian_rows(la, X, free, group)
+                for held, J_d in zip(more, J, strict=True):
+                    held.append(J_d)
+            K += sum(_gram(held) for held in more)
+            done += len(group)
+    return K / n_draws, torch.cat(bases), used
+
+
+def _gram(rows: list[Tensor]) -> Tensor:
+    """``J Jᵀ`` of the stacked rows ``J`` ``(M(C-1), P_B)``."""
     J = torch.cat(rows)
-    K = J @ J.T
-    for i in range(1, kernel_draws):  # more draws of lora_A, on the same examples
-        with guards.eval_mode(la.model), lora_a_redrawn(la, REDRAW_SEED + i):
-            J = torch.cat([_centred_jacobian_rows(la, batch, free)[0] for batch in used])
-        K += J @ J.T
-    return K / kernel_draws, torch.cat(bases), used
+    return J @ J.T
 
 
 def _grid_nll(

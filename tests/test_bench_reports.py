@@ -294,9 +294,7 @@ def test_bench_loo_kernel_draws_report_is_the_committed_one():
     payload, md = committed("bench_loo_kernel_draws")
     args = types.SimpleNamespace(**payload["args"])
     assert B.render(payload["summary"], args) == md.rstrip("\n") + "\n"
-    assert [label for label, _, _ in B.KERNELS] == [
-        k for k in payload["summary"] if k != "fit_cpu_s"
-    ]
+    assert [label for label, *_ in B.KERNELS] == [k for k in payload["summary"] if k != "fit_cpu_s"]
 
 
 def test_bench_prior_search_report_compares_with_stock():

@@ -250,3 +250,49 @@ def test_margin_check_loo_logits_equal_the_library_and_fresh_lora_a_is_restored(
                 assert torch.equal(p, old)
     for p, old in zip(la.params, before, strict=True):
         assert torch.equal(p, old)
+
+
+def count_captures(monkeypatch, la) -> list[int]:
+    """A one-element counter of ``la.backend.capture`` calls (forward passes)."""
+    calls = [0]
+    capture = la.backend.capture
+
+    def counted(x):
+        calls[0] += 1
+        return capture(x)
+
+    monkeypatch.setattr(la.backend, "capture", counted)
+    return calls
+
+
+@pytest.mark.parametrize("draws_held, passes", [(None, 1), (2, 2), (1, 3)])
+def test_draws_share_passes_within_the_draw_budget(monkeypatch, draws_held, passes):
+    """Every draw's kernel from as few passes over the examples as the draw budget allows
+    (3 draws; one forward per batch and pass), each time equal to brute force."""
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model, "kron")
+    la.fit(loader(batch, 2))
+    if draws_held is not None:  # the first draw's rows plus draws_held - 1 more fit
+        is_a = lora_a_mask(la.lora_param_names)
+        P_B = sum(p.numel() for p, a in zip(la.params, is_a.tolist(), strict=True) if not a)
+        one_draw = 6 * 2 * P_B * 8  # M (C - 1) P_B float64
+        monkeypatch.setattr(loo_prior, "LOO_DRAW_BYTES", (draws_held - 1) * one_draw)
+    calls = count_captures(monkeypatch, la)
+    cache = loo_prior.loo_cache(la, loader(batch, 2), kernel_draws=3)
+    assert calls[0] == 3 * passes + 3  # + the MAP pass of the cache
+    draws = [redrawn_lora_a(la, loo_prior.REDRAW_SEED + i) for i in range(3)]
+    want = brute_force_loo_logits(model, batch, lora_a=draws)
+    torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
+
+
+def test_redrawn_kernel_refuses_a_lora_b_whose_input_is_not_lora_a_of_x():
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=4, n_classes=3, seed=4)
+    la = lora_laplace(model, "kron")
+    la.fit(loader(batch, 2))
+    lora_b = next(m for n, m in model.named_modules() if n.endswith("lora_B.default"))
+    lora_b.register_forward_pre_hook(lambda module, args: (2.0 * args[0],))  # a LoRA variant
+    with pytest.raises(ValueError, match=r"lora_B.default is not lora_A\(x\)"):
+        loo_prior.loo_cache(la, loader(batch, 2))
+    loo_prior.loo_cache(la, loader(batch, 2), kernel_lora_a="trained")  # uses the real input
