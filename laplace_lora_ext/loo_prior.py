@@ -132,11 +132,18 @@ def lora_a_redrawn(la: Any, seed: int = REDRAW_SEED) -> Iterator[None]:
     example, the one a leave-one-out prediction leaves out too; a kernel built on it
     predicts left-out training examples better than the MAP predicts new inputs
     (docs/benchmarks.md, ``pet_species_mc``)."""
-    drawn = _draws_of_lora_a(la, seed)
+    with _lora_a_set(la, _draws_of_lora_a(la, seed)):
+        yield
+
+
+@contextmanager
+def _lora_a_set(la: Any, values: dict[str, Tensor]) -> Iterator[None]:
+    """The ``lora_A`` tensors of ``la.params`` named in ``values`` set to them, then
+    restored exactly (also when the body raises)."""
     saved = [
-        (p, p.detach().clone(), drawn[name])
+        (p, p.detach().clone(), values[name])
         for p, name in zip(la.params, la.lora_param_names, strict=True)
-        if name in drawn
+        if name in values
     ]
     try:
         with torch.no_grad():
@@ -191,30 +198,22 @@ def _draws_of_lora_a(la: Any, seed: int) -> dict[str, Tensor]:
     return out
 
 
-def _lora_b_inputs(cap: Captured, targets: list, draw: dict[str, Tensor]) -> list[Tensor]:
+def _lora_b_inputs(cap: Captured, targets: list, draw: dict[str, Tensor]) -> list[Tensor] | None:
     """The captured layer inputs with each ``lora_B``'s input ``(B, T, r)`` recomputed as
     ``lora_A(x)`` with ``lora_A`` from ``draw``. At ``B = 0`` nothing else in the forward
     pass depends on ``lora_A``, so these are the inputs that draw would have produced.
-
-    Raises:
-        ValueError: a ``lora_B``'s captured input is not its ``lora_A`` applied to the
-            ``lora_A``'s input (a PEFT LoRA variant that changes the adapter's path).
-    """
+    ``None`` if a ``lora_B``'s captured input is not its ``lora_A`` applied to the
+    ``lora_A``'s input (a PEFT LoRA variant that changes the adapter's path)."""
     where = {t.name: i for i, t in enumerate(targets)}
     inputs = list(cap.inputs)
     for i, t in enumerate(targets):
         if t.kind != "lora_B":
             continue
         a = where[t.name.replace(".lora_B.", ".lora_A.", 1)]
-        x = cap.inputs[a]
-        seen = cap.inputs[i]
+        x, seen = cap.inputs[a], cap.inputs[i]
         own = torch.nn.functional.linear(x, targets[a].module.weight.detach().to(x.dtype))
         if not float((own - seen).norm()) <= 1e-2 * float(seen.norm()) + 1e-30:
-            raise ValueError(
-                f"The input of {t.name} is not lora_A(x) in this model (a PEFT LoRA variant?), "
-                "so the redrawn leave-one-out kernel cannot be formed; use "
-                "kernel_lora_a='trained' or method='lora_marglik'."
-            )
+            return None
         weight = draw[f"{targets[a].name}.weight"].to(device=x.device, dtype=x.dtype)
         inputs[i] = torch.nn.functional.linear(x, weight)
     return inputs
@@ -230,18 +229,17 @@ def _centred_jacobian_rows(
 
     One forward and ``C`` backward passes serve every draw: at ``B = 0`` the gradient that
     reaches each ``lora_B`` does not depend on ``lora_A``, only ``lora_B``'s input
-    ``A x`` does (:func:`_lora_b_inputs`)."""
+    ``A x`` does (:func:`_lora_b_inputs`). Where a LoRA variant breaks that, each draw is
+    set in the model and takes its own pass."""
     backend = la.backend
     keep = free.tolist()
     with lora_b_zeroed(la):
         cap = backend.capture(X)
         B, C = cap.logits.shape
-        views = [
-            cap
-            if draw is None
-            else Captured(cap.logits, _lora_b_inputs(cap, backend.targets, draw), cap.outputs)
-            for draw in draws
-        ]
+        inputs = [None if d is None else _lora_b_inputs(cap, backend.targets, d) for d in draws]
+        if any(d is not None and i is None for d, i in zip(draws, inputs, strict=True)):
+            return _rows_draw_by_draw(la, X, free, draws)
+        views = [cap if i is None else Captured(cap.logits, i, cap.outputs) for i in inputs]
         Q = centred_basis(C).to(cap.logits.device)
         eye = torch.eye(C, dtype=backend.curvature_dtype, device=cap.logits.device)
         rows: list[Tensor] = [torch.zeros(())] * len(draws)
@@ -254,6 +252,18 @@ def _centred_jacobian_rows(
                 rows[d] = rows[d] + J_c.unsqueeze(1) * Q[c].view(1, -1, 1)  # (B, C-1, P_B)
     nbytes = B * C * rows[0].shape[-1] * 8
     return [r.reshape(-1, r.shape[-1]) for r in rows], nbytes
+
+
+def _rows_draw_by_draw(
+    la: Any, X: Any, free: Tensor, draws: list[dict[str, Tensor] | None]
+) -> tuple[list[Tensor], int]:
+    """:func:`_centred_jacobian_rows` with one pass per draw, the draw set in the model."""
+    rows, nbytes = [], 0
+    for draw in draws:
+        with _lora_a_set(la, draw or {}):
+            (J,), nbytes = _centred_jacobian_rows(la, X, free, [None])
+        rows.append(J)
+    return rows, nbytes
 
 
 def _draws_that_fit(rows_of_one_draw: list[Tensor]) -> int:
