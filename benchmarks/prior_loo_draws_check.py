@@ -11,7 +11,8 @@ the mean of the kernels of ``S`` independent draws converges to the kernel's exp
 over PEFT's initialisation, which depends on no seed. The candidate is the mean over
 ``S = 8`` draws (seeds 0-7; ``loo_prior.loo_cache(..., kernel_draws=8)``), chosen before
 any run: 8 draws of rank 8 give 64 input directions per layer at a cost of 7 more
-Jacobian passes over the examples the rule uses.
+Jacobian passes over the examples the rule uses (as the kernel was then computed; the
+draws now share one pass, ``benchmarks.bench_loo_kernel_draws``).
 
 The data are the nine memorised checkpoints of the last study (3 tasks × 3 seeds, 240
 steps over 64 examples), each re-scored with the candidate against the current default
