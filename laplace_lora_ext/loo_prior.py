@@ -44,8 +44,8 @@ draw of ``lora_A`` whose rows fit :data:`LOO_DRAW_BYTES`, and at the MAP), one m
 ``M(C-1)``-sided Cholesky, and the grid's predictive evaluations on those examples. ``K``
 needs every ``J0_n`` at once, so the examples used are the first ``M`` of the training data
 whose ``J0`` fit in :data:`LOO_JACOBIAN_BYTES`; with fewer examples each one is predicted
-from fewer others, which errs towards more variance. In a data-parallel fit each rank leaves one out
-within its own shard and the grid's NLL sums are all-reduced.
+from fewer others, which errs towards more variance. In a data-parallel fit each rank
+leaves one out within its own shard and the grid's NLL sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -232,26 +232,36 @@ def _centred_jacobian_rows(
     ``A x`` does (:func:`_lora_b_inputs`). Where a LoRA variant breaks that, each draw is
     set in the model and takes its own pass."""
     backend = la.backend
-    keep = free.tolist()
     with lora_b_zeroed(la):
         cap = backend.capture(X)
-        B, C = cap.logits.shape
         inputs = [None if d is None else _lora_b_inputs(cap, backend.targets, d) for d in draws]
-        if any(d is not None and i is None for d, i in zip(draws, inputs, strict=True)):
-            return _rows_draw_by_draw(la, X, free, draws)
-        views = [cap if i is None else Captured(cap.logits, i, cap.outputs) for i in inputs]
-        Q = centred_basis(C).to(cap.logits.device)
-        eye = torch.eye(C, dtype=backend.curvature_dtype, device=cap.logits.device)
-        rows: list[Tensor] = [torch.zeros(())] * len(draws)
-        for c, grads in enumerate(
-            output_gradients(cap, eye.unsqueeze(1).expand(C, B, C), backend.targets)
-        ):
-            for d, view in enumerate(views):
-                phis = backend.per_example_gradients(view, grads)
-                J_c = torch.cat([W for W, k in zip(phis, keep, strict=True) if k], -1).double()
-                rows[d] = rows[d] + J_c.unsqueeze(1) * Q[c].view(1, -1, 1)  # (B, C-1, P_B)
-    nbytes = B * C * rows[0].shape[-1] * 8
-    return [r.reshape(-1, r.shape[-1]) for r in rows], nbytes
+        shared = all(i is not None for d, i in zip(draws, inputs, strict=True) if d is not None)
+        if shared:
+            views = [cap if i is None else Captured(cap.logits, i, cap.outputs) for i in inputs]
+            rows = _rows_from_capture(la, cap, views, free)
+    if not shared:
+        return _rows_draw_by_draw(la, X, free, draws)
+    B, C = cap.logits.shape
+    return [r.reshape(-1, r.shape[-1]) for r in rows], B * C * rows[0].shape[-1] * 8
+
+
+def _rows_from_capture(la: Any, cap: Captured, views: list[Captured], free: Tensor) -> list[Tensor]:
+    """Per view (the capture with one draw's ``lora_B`` inputs), the Jacobian of the
+    captured logits with respect to the ``free`` tensors in the centred basis
+    ``(B, C-1, P_B)``, from ``C`` backward passes shared by all views."""
+    backend, keep = la.backend, free.tolist()
+    B, C = cap.logits.shape
+    P_B = sum(p.numel() for p, k in zip(la.params, keep, strict=True) if k)
+    Q = centred_basis(C).to(cap.logits.device)
+    eye = torch.eye(C, dtype=backend.curvature_dtype, device=cap.logits.device)
+    rows = [cap.logits.new_zeros((B, C - 1, P_B), dtype=torch.float64) for _ in views]
+    grad_outputs = eye.unsqueeze(1).expand(C, B, C)
+    for c, grads in enumerate(output_gradients(cap, grad_outputs, backend.targets)):
+        for d, view in enumerate(views):
+            phis = backend.per_example_gradients(view, grads)
+            J_c = torch.cat([W for W, k in zip(phis, keep, strict=True) if k], -1).double()
+            rows[d] += J_c.unsqueeze(1) * Q[c].view(1, -1, 1)
+    return rows
 
 
 def _rows_draw_by_draw(
