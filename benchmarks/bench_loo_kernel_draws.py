@@ -14,6 +14,13 @@ each, in :data:`KERNELS` order. It also records the ``δ_B`` each chose.
         --steps 240 --early 0 --run-name 'memo240-{task}-seed{seed}'
 
 Needs that cached checkpoint (``benchmarks.llm_memorised`` trains it) or trains it first.
+At the issue's sizes (256 training examples, where the 8 draws take two passes), on a
+held-out task's memorised checkpoint (``benchmarks.llm_heldout`` trains it)::
+
+    python -m benchmarks.bench_loo_kernel_draws --name bench_loo_kernel_draws_256 \\
+        --tasks pet_species_mc --seeds 0 --n-train 256 --n-val 100 --n-test 240 \\
+        --steps 960 --early 0 --run-name 'heldout960-{task}-seed{seed}'
+
 """
 
 from __future__ import annotations
@@ -81,12 +88,17 @@ def render(r: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = calib.parse(argv)
+    """``--name`` (default :data:`NAME`) names the results; the rest as
+    :func:`benchmarks.llm_calibration.parse`."""
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default=NAME)
+    own, rest = named.parse_known_args(argv)
+    args = calib.parse(rest)
     torch.set_num_threads(args.threads or 1)
     data, wrapper, collate = calib.trained_model(args)
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     result = measure(wrapper, train_loader)
-    C.publish(NAME, args, result, {}, render(result, args))
+    C.publish(own.name, args, result, {}, render(result, args))
 
 
 if __name__ == "__main__":
