@@ -79,3 +79,29 @@ def test_4bit_equals_dequantized_reference(qlora_and_reference, structure):
     assert rel(mu4, mur) < 1e-5
     assert rel(var4, varr) < 1e-4
     assert rel(pp4, ppr) < 1e-3
+
+
+def test_4bit_leave_one_out_kernel_shares_its_pass_and_equals_the_reference(
+    qlora_and_reference, monkeypatch
+):
+    """The kernel's 8 draws of ``lora_A`` share one ``B = 0`` pass through the 4-bit layers
+    (no fall-back to one pass per draw) and give the dequantized reference's leave-one-out
+    logits."""
+    from laplace_lora_ext import loo_prior
+
+    batch = random_batch(6, 7, 3, "left", seed=3)
+    batch["input_ids"] = batch["input_ids"] % VOCAB
+    logits = []
+    for m in qlora_and_reference:
+        la = Laplace(m, "classification", subset_of_weights="lora", hessian_structure="kron")
+        la.fit(loader(batch, 3))
+        calls, capture = [0], la.backend.capture
+
+        def counted(x, capture=capture, calls=calls):
+            calls[0] += 1
+            return capture(x)
+
+        monkeypatch.setattr(la.backend, "capture", counted)
+        logits.append(loo_prior.loo_cache(la, loader(batch, 3)).logits)
+        assert calls[0] == 2 + 2  # the shared B = 0 pass and the MAP pass, 2 batches each
+    assert rel(logits[0], logits[1]) < 1e-4
