@@ -288,10 +288,11 @@ def test_bench_prior_search_report_is_the_committed_one(name):
     assert B.render(payload["summary"], args) == md.rstrip("\n") + "\n"
 
 
-def test_bench_loo_kernel_draws_report_is_the_committed_one():
+@pytest.mark.parametrize("name", ["bench_loo_kernel_draws", "bench_loo_kernel_draws_256"])
+def test_bench_loo_kernel_draws_report_is_the_committed_one(name):
     from benchmarks import bench_loo_kernel_draws as B
 
-    payload, md = committed("bench_loo_kernel_draws")
+    payload, md = committed(name)
     args = types.SimpleNamespace(**payload["args"])
     assert B.render(payload["summary"], args) == md.rstrip("\n") + "\n"
     assert [label for label, *_ in B.KERNELS] == [k for k in payload["summary"] if k != "fit_cpu_s"]
