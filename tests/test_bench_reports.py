@@ -414,3 +414,11 @@ def test_chosen_delta_b_reads_lora_b_of_a_per_tensor_or_scalar_prior():
     )
     scalar = types.SimpleNamespace(prior_precision=torch.tensor([5.0]), lora_param_names=names)
     assert chosen_delta_b(per_tensor) == 7.0 and chosen_delta_b(scalar) == 5.0
+
+
+def test_loo_shared_pass_check_report_is_the_committed_one():
+    from benchmarks import loo_shared_pass_check as B
+
+    payload, md = committed("loo_shared_pass_check")
+    assert B.render(payload["summary"]) == md.rstrip("\n") + "\n"
+    assert len(payload["summary"]) == len(B.TASKS) * len(B.SEEDS)
