@@ -188,13 +188,14 @@ def _draws_of_lora_a(la: Any, seed: int) -> dict[str, Tensor]:
     """One draw of every ``lora_A`` tensor of ``la.params`` from PEFT's initialisation
     (Kaiming-uniform with ``a = √5``: uniform on ``±1/√fan_in``, ``fan_in`` the elements of
     one row), by parameter name, from a CPU generator seeded with ``seed`` (the same draw
-    on every rank)."""
+    on every rank), each on its parameter's device."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for p, name in zip(la.params, la.lora_param_names, strict=True):
         if ".lora_A." in name:
             bound = 1.0 / p[0].numel() ** 0.5
-            out[name] = torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen)
+            value = torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen)
+            out[name] = value.to(p.device)
     return out
 
 
