@@ -199,24 +199,37 @@ def _draws_of_lora_a(la: Any, seed: int) -> dict[str, Tensor]:
     return out
 
 
-def _lora_b_inputs(cap: Captured, targets: list, draw: dict[str, Tensor]) -> list[Tensor] | None:
-    """The captured layer inputs with each ``lora_B``'s input ``(B, T, r)`` recomputed as
-    ``lora_A(x)`` with ``lora_A`` from ``draw``. At ``B = 0`` nothing else in the forward
-    pass depends on ``lora_A``, so these are the inputs that draw would have produced.
-    ``None`` if a ``lora_B``'s captured input is not its ``lora_A`` applied to the
-    ``lora_A``'s input (a PEFT LoRA variant that changes the adapter's path)."""
+def _lora_pairs(targets: list) -> list[tuple[int, int]]:
+    """``(lora_B index, its lora_A index)`` into ``targets`` for every ``lora_B``."""
     where = {t.name: i for i, t in enumerate(targets)}
-    inputs = list(cap.inputs)
-    for i, t in enumerate(targets):
-        if t.kind != "lora_B":
-            continue
-        a = where[t.name.replace(".lora_B.", ".lora_A.", 1)]
-        x, seen = cap.inputs[a], cap.inputs[i]
+    return [
+        (i, where[t.name.replace(".lora_B.", ".lora_A.", 1)])
+        for i, t in enumerate(targets)
+        if t.kind == "lora_B"
+    ]
+
+
+def _lora_b_sees_lora_a_of_x(cap: Captured, targets: list) -> bool:
+    """Whether each ``lora_B``'s captured input is its ``lora_A`` applied to the ``lora_A``'s
+    captured input (to 1 % in norm); not so for a PEFT LoRA variant that changes the path."""
+    for b, a in _lora_pairs(targets):
+        x, seen = cap.inputs[a], cap.inputs[b]
         own = torch.nn.functional.linear(x, targets[a].module.weight.detach().to(x.dtype))
         if not float((own - seen).norm()) <= 1e-2 * float(seen.norm()) + 1e-30:
-            return None
+            return False
+    return True
+
+
+def _lora_b_inputs(cap: Captured, targets: list, draw: dict[str, Tensor]) -> list[Tensor]:
+    """The captured layer inputs with each ``lora_B``'s input ``(B, T, r)`` recomputed as
+    ``lora_A(x)`` with ``lora_A`` from ``draw``. At ``B = 0`` nothing else in the forward
+    pass depends on ``lora_A``, so these are the inputs that draw would have produced
+    (where :func:`_lora_b_sees_lora_a_of_x`)."""
+    inputs = list(cap.inputs)
+    for b, a in _lora_pairs(targets):
+        x = cap.inputs[a]
         weight = draw[f"{targets[a].name}.weight"].to(device=x.device, dtype=x.dtype)
-        inputs[i] = torch.nn.functional.linear(x, weight)
+        inputs[b] = torch.nn.functional.linear(x, weight)
     return inputs
 
 
@@ -235,10 +248,14 @@ def _centred_jacobian_rows(
     backend = la.backend
     with lora_b_zeroed(la):
         cap = backend.capture(X)
-        inputs = [None if d is None else _lora_b_inputs(cap, backend.targets, d) for d in draws]
-        shared = all(i is not None for d, i in zip(draws, inputs, strict=True) if d is not None)
+        shared = all(d is None for d in draws) or _lora_b_sees_lora_a_of_x(cap, backend.targets)
         if shared:
-            views = [cap if i is None else Captured(cap.logits, i, cap.outputs) for i in inputs]
+            views = [
+                cap
+                if d is None
+                else Captured(cap.logits, _lora_b_inputs(cap, backend.targets, d), cap.outputs)
+                for d in draws
+            ]
             rows = _rows_from_capture(la, cap, views, free)
     if not shared:
         return _rows_draw_by_draw(la, X, free, draws)
