@@ -62,10 +62,11 @@ STOCK = "stock laplace-torch 0.3"
 _supports = eigenbasis.supports  # the library's own test, before any patching
 
 
-def chosen_delta_b(la: Any) -> float:
-    """The ``lora_B`` prior precision ``la`` holds: the first non-``lora_A`` tensor's of a
-    per-tensor prior (they share it), or a scalar prior's one value."""
-    prior = la.prior_precision.reshape(-1)
+def chosen_delta_b(la: Any, prior: torch.Tensor | None = None) -> float:
+    """The ``lora_B`` prior precision ``la`` holds (or ``prior``, one over ``la.params``):
+    the first non-``lora_A`` tensor's of a per-tensor prior (they share it), or a scalar
+    prior's one value."""
+    prior = (la.prior_precision if prior is None else prior).reshape(-1).cpu()
     return float(prior[~lora_a_mask(la.lora_param_names)][0] if len(prior) > 1 else prior[0])
 
 

@@ -414,6 +414,7 @@ def test_chosen_delta_b_reads_lora_b_of_a_per_tensor_or_scalar_prior():
     )
     scalar = types.SimpleNamespace(prior_precision=torch.tensor([5.0]), lora_param_names=names)
     assert chosen_delta_b(per_tensor) == 7.0 and chosen_delta_b(scalar) == 5.0
+    assert chosen_delta_b(per_tensor, torch.tensor([1.0, 9.0])) == 9.0  # a stored prior
 
 
 def test_loo_shared_pass_check_report_is_the_committed_one():
