@@ -260,7 +260,8 @@ def _centred_jacobian_rows(
     if not shared:
         return _rows_draw_by_draw(la, X, free, draws)
     B, C = cap.logits.shape
-    return [r.reshape(-1, r.shape[-1]) for r in rows], B * C * rows[0].shape[-1] * 8
+    uncentred_bytes = B * C * rows[0].shape[-1] * rows[0].element_size()
+    return [r.reshape(-1, r.shape[-1]) for r in rows], uncentred_bytes
 
 
 def _rows_from_capture(la: Any, cap: Captured, views: list[Captured], free: Tensor) -> list[Tensor]:
