@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, guards
-from .curvature.capture import Captured, output_gradients
+from .curvature.capture import Captured
 from .inputs import forward_logits, split_batch
 from .jacobian_cache import LogitJacobianCache
 from .prior import UnchangedLogitsError, adapters_disabled, lora_a_mask, spread_matched_precision
@@ -272,10 +272,8 @@ def _rows_from_capture(la: Any, cap: Captured, views: list[Captured], free: Tens
     B, C = cap.logits.shape
     P_B = sum(p.numel() for p, k in zip(la.params, keep, strict=True) if k)
     Q = centred_basis(C).to(cap.logits.device)
-    eye = torch.eye(C, dtype=backend.curvature_dtype, device=cap.logits.device)
     rows = [cap.logits.new_zeros((B, C - 1, P_B), dtype=torch.float64) for _ in views]
-    grad_outputs = eye.unsqueeze(1).expand(C, B, C)
-    for c, grads in enumerate(output_gradients(cap, grad_outputs, backend.targets)):
+    for c, grads in enumerate(backend.logit_output_gradients(cap)):
         for d, view in enumerate(views):
             phis = backend.per_example_gradients(view, grads)
             J_c = torch.cat([W for W, k in zip(phis, keep, strict=True) if k], -1).double()

@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .curvature.capture import output_gradients
-
 if TYPE_CHECKING:
     from .curvature import LoraCurvature
 
@@ -53,11 +51,8 @@ def logit_jacobian_blocks(
     """
     cap = backend.capture(x)
     f_mu = cap.logits.detach().to(backend.curvature_dtype)
-    B, C = f_mu.shape
-    eye = torch.eye(C, dtype=f_mu.dtype, device=f_mu.device)
-    V = eye.unsqueeze(1).expand(C, B, C)
-    per_output: list[list[torch.Tensor]] = []
-    for grads in output_gradients(cap, V, backend.targets):
-        per_output.append(backend.per_example_gradients(cap, grads))
+    per_output = [
+        backend.per_example_gradients(cap, grads) for grads in backend.logit_output_gradients(cap)
+    ]
     blocks = [torch.stack(phis, dim=1) for phis in zip(*per_output, strict=True)]
     return f_mu, blocks

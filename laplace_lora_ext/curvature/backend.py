@@ -9,7 +9,7 @@ MC Fisher) diagonal / matrix over the LoRA parameters.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -187,6 +187,14 @@ class LoraCurvature(CurvatureInterface):
 
         f, blocks = logit_jacobian_blocks(self, x)
         return torch.cat(blocks, dim=-1), f
+
+    def logit_output_gradients(self, cap: Captured) -> Iterator[list[torch.Tensor]]:
+        """Yield, for each class ``c`` of the captured logits ``(B, C)``, the gradients of
+        every example's logit ``c`` with respect to each target's output ``(B, T', d_out)``
+        (``C`` backward passes; feed each to :meth:`per_example_gradients`)."""
+        B, C = cap.logits.shape
+        eye = torch.eye(C, dtype=self.curvature_dtype, device=cap.logits.device)
+        yield from output_gradients(cap, eye.unsqueeze(1).expand(C, B, C), self.targets)
 
     def per_example_gradients(self, cap: Captured, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-example gradients ``φ_l`` ``(B, p_l)`` of every parameter tensor, from one
