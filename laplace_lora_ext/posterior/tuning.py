@@ -50,7 +50,7 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader
 
-from .. import distributed, loo_prior
+from .. import adapter_init, distributed, loo_prior
 from .. import prior as priors
 from ..jacobian_cache import LogitJacobianCache
 
@@ -264,8 +264,10 @@ class PriorTuningMixin:
         loaders of ``fit``.
 
         Returns ``True`` once the prior is set. With ``fall_back`` (the default method), an
-        adapter that has not changed the logits warns and returns ``False`` (the caller then
-        uses ``"lora_marglik"``) instead of raising ``prior.UnchangedLogitsError``.
+        adapter that has not changed the logits, or that did not start at ``lora_B = 0`` on
+        the unchanged base weights, warns and returns ``False`` (the caller then uses
+        ``"lora_marglik"``) instead of raising ``prior.UnchangedLogitsError`` or
+        ``adapter_init.AdapterInitError``.
         """
         loaders = getattr(self, "_fit_loaders", None)
         if not loaders:
@@ -276,11 +278,12 @@ class PriorTuningMixin:
             )
         batches = self._fit_batches(loaders)
         try:
+            _check_adapter_init(self.model, method)
             if method == "leave_one_out":
                 delta = loo_prior.loo_precision(self, batches, n_samples)
             else:
                 delta = priors.function_space_precision(self, batches)
-        except priors.UnchangedLogitsError as e:
+        except (priors.UnchangedLogitsError, adapter_init.AdapterInitError) as e:
             if not fall_back:
                 raise
             warnings.warn(
@@ -452,3 +455,18 @@ def _mean_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean of ``-log p[label]`` over ``probs`` ``(N, C)`` (floored at 1e-12)."""
     picked = probs.gather(1, labels.long().reshape(-1, 1).to(probs.device))
     return float(-picked.clamp_min(1e-12).log().mean())
+
+
+def _check_adapter_init(model: torch.nn.Module, method: str) -> None:
+    """Raise :class:`~laplace_lora_ext.adapter_init.AdapterInitError` if an active adapter
+    of ``model`` did not start at ``lora_B = 0`` on the unchanged base weights, which the
+    training-data rules ``method`` assume (:mod:`laplace_lora_ext.adapter_init`)."""
+    problem = adapter_init.unsupported_init(model)
+    if problem is not None:
+        raise adapter_init.AdapterInitError(
+            f"method={method!r} takes the change fine-tuning made to be the logits minus "
+            f"those with the adapters switched off, from lora_B = 0, but {problem} started "
+            "elsewhere (it moves part of the base weight into the adapter, or starts from "
+            "lora_B != 0). Use method='lora_marglik', or method='gridsearch' with a "
+            "val_loader."
+        )

@@ -1,0 +1,82 @@
+"""The training-data priors refuse adapters that did not start at ``lora_B = 0`` on the
+unchanged base weights (PiSSA, OLoRA, ...); the default falls back to ``lora_marglik``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from laplace_lora_ext import LastTokenChoiceLM
+from laplace_lora_ext.adapter_init import AdapterInitError, unsupported_init
+from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
+from laplace_lora_ext.testing import exact_float64_norms, perturb_lora_B
+
+from .models import TARGET_IDS, VOCAB, loader, lora_laplace, random_batch
+
+
+def llama_with_init(init, seed: int = 3) -> LastTokenChoiceLM:
+    """A tiny float64 Llama whose q, v LoRA (r = 2) started from ``init_lora_weights=init``."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.5,
+    )
+    base = LlamaForCausalLM(config).float()  # OLoRA refuses float64 base weights
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init
+    )
+    peft_model = get_peft_model(base, lora).double()
+    exact_float64_norms(peft_model)
+    perturb_lora_B(peft_model, seed)
+    return LastTokenChoiceLM(peft_model, TARGET_IDS).eval()
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_zero_b_inits_are_supported(init):
+    assert unsupported_init(llama_with_init(init)) is None
+
+
+@pytest.mark.parametrize("init", [False, "olora", "orthogonal"])
+def test_other_inits_are_named(init):
+    assert unsupported_init(llama_with_init(init)) == (
+        f"adapter 'default' (init_lora_weights={init!r})"
+    )
+
+
+def test_only_active_adapters_count_and_plain_modules_pass():
+    model = llama_with_init(True)
+    model.model.add_adapter(
+        "other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    assert unsupported_init(model) is None  # "other" is not active
+    model.model.set_adapter("other")
+    assert "'other'" in unsupported_init(model)
+    assert unsupported_init(torch.nn.Linear(2, 2)) is None  # no PEFT config: taken as B = 0
+
+
+def test_training_data_rules_refuse_and_the_default_falls_back():
+    model = llama_with_init("olora")
+    la = lora_laplace(model)
+    la.fit(loader(random_batch(n=5, n_classes=3, seed=4), 2))
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data  # as if memorised: the default would use LOO
+    with pytest.warns(RuntimeWarning, match="memorised"):
+        la.optimize_prior_precision(method="lora_marglik")
+    marglik = la.prior_precision.clone()
+    la.prior_precision = 1.0
+    for method in ("leave_one_out", "function_space"):
+        with pytest.raises(AdapterInitError, match=r"init_lora_weights='olora'.*lora_marglik"):
+            la.optimize_prior_precision(method=method)
+        assert torch.equal(la.prior_precision, torch.ones_like(la.prior_precision))
+    with pytest.warns(
+        RuntimeWarning, match=r"init_lora_weights='olora'.*Using method='lora_marglik'"
+    ):
+        la.optimize_prior_precision()
+    torch.testing.assert_close(la.prior_precision, marglik)
