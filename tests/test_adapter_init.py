@@ -67,16 +67,22 @@ def test_training_data_rules_refuse_and_the_default_falls_back():
     la = lora_laplace(model)
     la.fit(loader(random_batch(n=5, n_classes=3, seed=4), 2))
     la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data  # as if memorised: the default would use LOO
-    with pytest.warns(RuntimeWarning, match="memorised"):
+    with pytest.warns(RuntimeWarning, match="memorised") as record:
         la.optimize_prior_precision(method="lora_marglik")
+    assert "do not apply to adapter 'default' (init_lora_weights='olora')" in str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller's line
     marglik = la.prior_precision.clone()
     la.prior_precision = 1.0
     for method in ("leave_one_out", "function_space"):
         with pytest.raises(AdapterInitError, match=r"init_lora_weights='olora'.*lora_marglik"):
             la.optimize_prior_precision(method=method)
         assert torch.equal(la.prior_precision, torch.ones_like(la.prior_precision))
-    with pytest.warns(
-        RuntimeWarning, match=r"init_lora_weights='olora'.*Using method='lora_marglik'"
-    ):
+    with pytest.warns(RuntimeWarning) as record:
         la.optimize_prior_precision()
+    messages = [str(r.message) for r in record]
+    assert (
+        "init_lora_weights='olora'" in messages[0] and "Using method='lora_marglik'" in messages[0]
+    )
+    assert "memorised its training data" in messages[1]
+    assert {r.filename for r in record} == {__file__}
     torch.testing.assert_close(la.prior_precision, marglik)

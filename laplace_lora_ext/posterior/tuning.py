@@ -347,16 +347,30 @@ class PriorTuningMixin:
             done, free=~fixed, method="lora_marglik", default=default, stacklevel=4,
             gradient=gradient,
         )  # fmt: skip
-        if not default and self._training_data_memorised():
-            warnings.warn(
-                "optimize_prior_precision(method='lora_marglik'): the fine-tuned model has "
-                f"memorised its training data (mean training NLL {self._train_nll():.2g} < "
-                f"{SATURATED_TRAIN_NLL}); the softmax is saturated, its curvature vanishes and "
-                "the evidence's lora_B prior collapses, which makes predictions "
-                "underconfident. Use the default (method='auto') or 'leave_one_out'.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if self._training_data_memorised():
+            self._warn_evidence_on_memorised_data(default)
+
+    def _warn_evidence_on_memorised_data(self, default: bool) -> None:
+        """The evidence collapses on memorised training data: say so, with the alternative
+        this adapter allows (none from the training data after PiSSA, OLoRA, ...)."""
+        problem = adapter_init.unsupported_init(self.model)
+        if default and problem is None:
+            return  # the default has chosen lora_marglik for another reason, and said so
+        advice = (
+            "Use the default (method='auto') or 'leave_one_out'."
+            if problem is None
+            else f"The training-data rules do not apply to {problem}; with a validation "
+            "split, method='gridsearch' does not collapse."
+        )
+        warnings.warn(
+            "optimize_prior_precision(method='lora_marglik'): the fine-tuned model has "
+            f"memorised its training data (mean training NLL {self._train_nll():.2g} < "
+            f"{SATURATED_TRAIN_NLL}); the softmax is saturated, its curvature vanishes and "
+            "the evidence's lora_B prior collapses, which makes predictions "
+            f"underconfident. {advice}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------------------ marglik
     def _marglik_gradient(self, free: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
