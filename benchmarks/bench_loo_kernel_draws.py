@@ -8,7 +8,10 @@ takes its own pass, as every draw did before the shared pass was built (the "one
 draw" row). This script times the whole rule (``loo_prior.loo_precision``: kernel, MAP
 Jacobians, leave-one-out logits and the 38-value search) with each kernel, in one process
 on one memorised SmolLM2 adapter, 1 thread, CPU seconds (``time.process_time``), one call
-each, in :data:`KERNELS` order. It also records the ``δ_B`` each chose.
+each, in :data:`KERNELS` order. It also records the ``δ_B`` each chose and each rule's peak
+resident memory above what existed before it (the model, data and fitted posterior). Start it
+with glibc's ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that freed tensors
+go back to the OS between rules (:mod:`benchmarks._common`'s memory method).
 
     python -m benchmarks.bench_loo_kernel_draws --tasks fine_foods_mc --seeds 0 \\
         --steps 240 --early 0 --run-name 'memo240-{task}-seed{seed}'
@@ -52,7 +55,9 @@ KERNELS = (
 
 
 def measure(model: Any, train_loader: Any) -> dict:
-    """CPU seconds of ``la.fit`` and of the leave-one-out rule with each of :data:`KERNELS`."""
+    """CPU seconds of ``la.fit`` and of the leave-one-out rule with each of :data:`KERNELS`,
+    and the rule's peak resident memory above what existed before it (model, data, fitted
+    posterior; :class:`benchmarks._common.PeakMeter`)."""
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
     out: dict[str, Any] = {"fit_cpu_s": C.cpu_seconds(lambda: la.fit(train_loader))}
     for label, lora_a, draws, draw_bytes in KERNELS:
@@ -60,9 +65,21 @@ def measure(model: Any, train_loader: Any) -> dict:
             loo_prior.loo_precision, la, train_loader, kernel_lora_a=lora_a, kernel_draws=draws
         )
         budget = loo_prior.LOO_DRAW_BYTES if draw_bytes is None else draw_bytes
-        with mock.patch.object(loo_prior, "LOO_DRAW_BYTES", budget):
-            out[label] = {"cpu_s": C.cpu_seconds(rule), "delta_b": chosen_delta_b(la)}
+        with mock.patch.object(loo_prior, "LOO_DRAW_BYTES", budget), C.PeakMeter() as meter:
+            rule()
+        out[label] = {
+            "cpu_s": meter.cpu_seconds,
+            "peak_extra_rss_bytes": meter.peak_delta if meter.reset_ok else None,
+            "delta_b": chosen_delta_b(la),
+        }
     return out
+
+
+def _mib(m: dict) -> str:
+    """The rule's peak extra resident memory in MiB, or "not measured" (older runs, or a
+    kernel that refused to reset the peak counter)."""
+    b = m.get("peak_extra_rss_bytes")
+    return "not measured" if b is None else f"{b / C.MiB:.0f}"
 
 
 def render(r: dict, args: argparse.Namespace) -> str:
@@ -75,14 +92,14 @@ def render(r: dict, args: argparse.Namespace) -> str:
         f"training examples); 1 thread, CPU seconds, one call each. `la.fit` took "
         f"{r['fit_cpu_s']:.1f} s.",
         "",
-        "| kernel | CPU s | × fit | × 1 draw | δ_B chosen |",
-        "| --- | --- | --- | --- | --- |",
+        "| kernel | CPU s | × fit | × 1 draw | peak extra RSS (MiB) | δ_B chosen |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, *_ in KERNELS:
         m = r[label]
         lines.append(
             f"| {label} | {m['cpu_s']:.1f} | {m['cpu_s'] / r['fit_cpu_s']:.2f} "
-            f"| {m['cpu_s'] / base:.2f} | {m['delta_b']:.4g} |"
+            f"| {m['cpu_s'] / base:.2f} | {_mib(m)} | {m['delta_b']:.4g} |"
         )
     return "\n".join(lines) + "\n"
 
