@@ -26,6 +26,10 @@ chosen on validation data and compared on test without confounds (used by
         --method leave_one_out --out benchmarks/results/prior_loo_everywhere_T
 
 ``--steps S ...`` keeps only those checkpoints (the file is written to ``--out``).
+
+Each checkpoint records ``_rescore_map_max_abs_diff``, the largest difference between the
+file's MAP metrics and the rebuilt model's: a cached checkpoint that is not the model of
+the file's MAP and temperature rows shows there (:mod:`benchmarks.memorised_map_check`).
 """
 
 from __future__ import annotations
@@ -82,6 +86,14 @@ def score_previous(la, cache, rows: dict, previous: torch.Tensor, args, seed: in
     la.prior_precision = chosen
 
 
+def map_max_abs_diff(rows: dict, cache: LogitJacobianCache) -> float:
+    """Largest absolute difference between the file's MAP metrics (``rows["map"]``) and
+    those of the model in ``cache``: 0 (to float noise) when the rebuilt model is the one
+    the file's other rows were computed on."""
+    new = classification_metrics(cache.logits.softmax(-1).float(), cache.labels)
+    return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS)
+
+
 def rescore_checkpoint(
     wrapper, data, shifted, collate, args, seed: int, ckpt: dict, method: str | None = None
 ) -> None:
@@ -101,10 +113,11 @@ def rescore_checkpoint(
         ckpt["validation"] = {"_entropy": {}}
     regex = calib.last_block_regex(wrapper)
     last = {i for i, n in enumerate(la.lora_param_names) if re.search(regex, n)}
-    probs = {}
+    probs, map_diffs = {}, []
     for split, examples in splits.items():
         cache = LogitJacobianCache(la, make_loader(examples, collate, args.la_batch_size))
         rows = ckpt[split]
+        map_diffs.append(map_max_abs_diff(rows, cache))
         if method is not None:
             score_previous(la, cache, rows, previous, args, seed)
         elif "la_previous" not in rows:
@@ -125,6 +138,7 @@ def rescore_checkpoint(
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
+    ckpt["_rescore_map_max_abs_diff"] = max(map_diffs)  # the rebuilt model is the file's?
     ckpt["_prior"]["la_previous"] = (
         previous.tolist() if method else ckpt["_prior"].get("la_previous", ckpt["_prior"]["la"])
     )
@@ -170,7 +184,8 @@ def main(
         rescore_checkpoint(c.wrapper, c.data, c.shifted, c.collate, args, c.seed, c.ckpt, method)
         partial.write_text(json.dumps(payload, default=str))
         line = calib.summary_line(c.ckpt["test"])
-        print(f"{c.task} seed {c.seed} step {c.step}: {line}", flush=True)
+        check = c.ckpt["_rescore_map_max_abs_diff"]
+        print(f"{c.task} seed {c.seed} step {c.step}: {line}; MAP check {check:.2e}", flush=True)
     payload["summary"] = calib.summarize(payload["runs"])
     payload["rescored"] = (
         f"la, la_probit, la_last: optimize_prior_precision(method={method!r}); "

@@ -18,6 +18,8 @@ recomputed from the same logits and their largest absolute difference from the f
 
     python -m benchmarks.llm_rescore_diag benchmarks/results/llm_calibration_T_3seeds.json
 
+A file run without diagonal rows (``--no-diag``, e.g. the memorised checkpoints) gets them
+added; ``--out NAME`` writes ``NAME.json`` / ``NAME.md`` instead of overwriting the input.
 The markdown table and the reliability plot are redrawn; a stopped run resumes from
 ``FILE.partial.json``.
 """
@@ -34,16 +36,9 @@ import torch
 
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
-from benchmarks.llm_rescore_default import score_rows, write_rescored
+from benchmarks.llm_rescore_default import map_max_abs_diff, score_rows, write_rescored
 from benchmarks.tasks import make_loader
-from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
-
-
-def _map_diff(rows: dict, cache: LogitJacobianCache) -> float:
-    """Largest absolute difference between the file's MAP metrics and this model's."""
-    new = classification_metrics(cache.logits.softmax(-1).float(), cache.labels)
-    return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS)
 
 
 def rescore_diag(c: calib.CachedCheckpoint, args: argparse.Namespace) -> None:
@@ -60,8 +55,8 @@ def rescore_diag(c: calib.CachedCheckpoint, args: argparse.Namespace) -> None:
     for split, examples in splits.items():
         cache = LogitJacobianCache(la, make_loader(examples, c.collate, args.la_batch_size))
         rows = ckpt[split]
-        diffs.append(_map_diff(rows, cache))
-        if "_la_diag_previous" not in rows:
+        diffs.append(map_max_abs_diff(rows, cache))
+        if "la_diag" in rows and "_la_diag_previous" not in rows:
             rows["_la_diag_previous"] = rows["la_diag"]
         score_rows(rows, "la_diag", calib.mc_probs(cache, la, args, c.seed), cache.labels)
     ckpt["_prior"]["la_diag"] = la.prior_precision.tolist()
@@ -76,10 +71,24 @@ def rescore_diag(c: calib.CachedCheckpoint, args: argparse.Namespace) -> None:
         )
 
 
-def main(path: str) -> None:
-    out = Path(path).with_suffix("")
+def _progress(c: calib.CachedCheckpoint) -> str:
+    """One line: the diagonal rows' test NLL and ECE (from the file's old rows, if any)."""
+    test = c.ckpt["test"]
+    old, new = test.get("_la_diag_previous"), test["la_diag"]
+    was = f"{old['nll']:.4f} -> " if old else ""
+    was_ece = f"{100 * old['ece']:.2f} -> " if old else ""
+    return (
+        f"{c.task} seed {c.seed} step {c.step}: la_diag test NLL {was}{new['nll']:.4f}, "
+        f"ECE {was_ece}{100 * new['ece']:.2f}; "
+        f"MAP check {c.ckpt['_diag_rescore']['map_max_abs_diff']:.2e}"
+    )
+
+
+def main(path: str, out_path: str | None = None) -> None:
+    """Re-score ``path`` in place, or into ``out_path`` (a name without suffix)."""
+    out = Path(out_path or Path(path).with_suffix(""))
     partial = out.with_suffix(".partial.json")
-    source = partial if partial.exists() else out.with_suffix(".json")
+    source = partial if partial.exists() else Path(path)
     payload = json.loads(source.read_text())
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
@@ -88,13 +97,7 @@ def main(path: str) -> None:
     ):
         rescore_diag(c, args)
         partial.write_text(json.dumps(payload, default=str))
-        old, new = c.ckpt["test"]["_la_diag_previous"], c.ckpt["test"]["la_diag"]
-        print(
-            f"{c.task} seed {c.seed} step {c.step}: la_diag test NLL {old['nll']:.4f} -> "
-            f"{new['nll']:.4f}, ECE {100 * old['ece']:.2f} -> {100 * new['ece']:.2f}; "
-            f"MAP check {c.ckpt['_diag_rescore']['map_max_abs_diff']:.2e}",
-            flush=True,
-        )
+        print(_progress(c), flush=True)
     payload["summary"] = calib.summarize(payload["runs"])
     payload["rescored_diag"] = (
         "la_diag: the current library's diagonal posterior and default prior "
@@ -106,4 +109,6 @@ def main(path: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", help="an llm_calibration result JSON")
-    main(parser.parse_args().path)
+    parser.add_argument("--out", help="write here (a name without suffix), not over path")
+    cli = parser.parse_args()
+    main(cli.path, cli.out)
