@@ -368,6 +368,23 @@ def test_rescore_keeps_only_the_steps_asked_for():
     assert runs == {"t": {"0": {"checkpoints": {"960": {"b": 2}}}}}
 
 
+def test_rescore_map_check_is_zero_only_for_the_files_model():
+    from benchmarks.llm_rescore_default import map_max_abs_diff
+    from laplace_lora_ext.evaluation import classification_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(40, 3, generator=gen), torch.arange(40) % 3
+    cache = types.SimpleNamespace(logits=logits, labels=labels)
+    rows = {
+        "map": {k: float(v) for k, v in classification_metrics(logits.softmax(-1), labels).items()}
+    }
+    assert map_max_abs_diff(rows, cache) < 1e-6
+    other = types.SimpleNamespace(
+        logits=logits + 0.5 * torch.randn(40, 3, generator=gen), labels=labels
+    )
+    assert map_max_abs_diff(rows, other) > 1e-2
+
+
 @pytest.mark.parametrize(
     "name, verdict",
     [
