@@ -440,3 +440,14 @@ def test_loo_shared_pass_check_report_is_the_committed_one():
     payload, md = committed("loo_shared_pass_check")
     assert B.render(payload["summary"]) == md.rstrip("\n") + "\n"
     assert len(payload["summary"]) == len(B.TASKS) * len(B.SEEDS)
+
+
+def test_default_path_sweep_report_is_the_committed_one():
+    from benchmarks import default_path_sweep as S
+
+    payload, md = committed("default_path_sweep_kron")
+    args = payload["args"]
+    assert S.render(payload["rows"], args["structure"], args["classes"]) == md.rstrip("\n") + "\n"
+    failed = {"arch": "opt", "variant": "plain", "memorised_run": True, "error": "ValueError: x"}
+    text = S.render([failed], "kron", 2)
+    assert "**error** | | ValueError: x |" in text and "0 of 1 runs" in text
