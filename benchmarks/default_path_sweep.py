@@ -55,6 +55,8 @@ ARCHS: dict[str, tuple[str, str, dict, list[str]]] = {
     "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, ["query_key_value"]),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 1, "head_dim": 16}, QV),
 }
+#: characters of each warning that mentions the prior kept in the results
+SAID = 160
 #: LoRA set-up (on Llama) -> changes to the ``LoraConfig`` keywords
 VARIANTS: dict[str, dict[str, Any]] = {
     "all-linear": {"target_modules": "all-linear"},
@@ -134,7 +136,7 @@ def default_path(model: Any, train: list, structure: str, classes: int) -> dict:
         la.optimize_prior_precision()
         probs = torch.cat([la(b, link_approx="mc") for b in random_batches(16, 2, classes)])
     prior = la.prior_precision
-    said = {str(w.message)[:160] for w in caught if "prior" in str(w.message).lower()}
+    said = {str(w.message)[:SAID] for w in caught if "prior" in str(w.message).lower()}
     return {
         "probs_ok": bool(torch.isfinite(probs).all())
         and bool(torch.allclose(probs.sum(-1), torch.ones(len(probs)), atol=1e-4)),
@@ -155,6 +157,11 @@ def one_case(arch: str, variant: str, memorise: bool, structure: str, classes: i
     return row
 
 
+def _cut(warning: str) -> str:
+    """A recorded warning (its first :data:`SAID` characters) for a table cell."""
+    return warning + ("…" if len(warning) >= SAID else "")
+
+
 def render(rows: list[dict], structure: str, classes: int) -> str:
     lines = [
         f"# The default call path on other causal LMs and LoRA set-ups ({structure}, "
@@ -172,7 +179,7 @@ def render(rows: list[dict], structure: str, classes: int) -> str:
         if "error" in r:
             lines.append(f"| {r['arch']} | {r['variant']} | {run} | | **error** | | {r['error']} |")
             continue
-        said = "; ".join(w.split(";")[0][:100] for w in r["warnings"]) or "nothing"
+        said = " / ".join(_cut(w) for w in r["warnings"]) or "nothing"
         lines.append(
             f"| {r['arch']} | {r['variant']} | {run} | {r['train_nll']:.2g} | "
             f"{'yes' if r['probs_ok'] else '**no**'} | {r['prior_min']:.3g}–{r['prior_max']:.3g} "
