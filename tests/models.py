@@ -21,10 +21,9 @@ VOCAB = 40
 TARGET_IDS = [5, 9, 13]
 
 
-def tiny_llama(lm_head: bool = False, seed: int = 0) -> torch.nn.Module:
-    """LlamaForCausalLM (hidden 8, 2 layers) with LoRA r=2 on q, v (and lm_head)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama_config() -> LlamaConfig:
+    """The tiny Llama's config: hidden 8, 2 layers, 2 heads, vocabulary :data:`VOCAB`."""
+    return LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=8,
         intermediate_size=12,
@@ -35,7 +34,12 @@ def tiny_llama(lm_head: bool = False, seed: int = 0) -> torch.nn.Module:
         attn_implementation="sdpa",
         initializer_range=0.5,
     )
-    base = LlamaForCausalLM(config).double()
+
+
+def tiny_llama(lm_head: bool = False, seed: int = 0) -> torch.nn.Module:
+    """LlamaForCausalLM (hidden 8, 2 layers) with LoRA r=2 on q, v (and lm_head)."""
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(tiny_llama_config()).double()
     exact_float64_norms(base)
     targets = ["q_proj", "v_proj"] + (["lm_head"] if lm_head else [])
     peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets))

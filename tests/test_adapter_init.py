@@ -6,30 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from laplace_lora_ext import LastTokenChoiceLM
 from laplace_lora_ext.adapter_init import AdapterInitError, unsupported_init
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 from laplace_lora_ext.testing import exact_float64_norms, perturb_lora_B
 
-from .models import TARGET_IDS, VOCAB, loader, lora_laplace, random_batch
+from .models import TARGET_IDS, loader, lora_laplace, random_batch, tiny_llama_config
 
 
 def llama_with_init(init, seed: int = 3) -> LastTokenChoiceLM:
     """A tiny float64 Llama whose q, v LoRA (r = 2) started from ``init_lora_weights=init``."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        initializer_range=0.5,
-    )
-    base = LlamaForCausalLM(config).float()  # OLoRA refuses float64 base weights
+    base = LlamaForCausalLM(tiny_llama_config()).float()  # OLoRA refuses float64 base weights
     lora = LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init
     )
