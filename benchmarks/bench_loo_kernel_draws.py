@@ -76,8 +76,8 @@ def measure(model: Any, train_loader: Any) -> dict:
 
 
 def _mib(m: dict) -> str:
-    """The rule's peak extra resident memory in MiB, or "not measured" (older runs, or a
-    kernel that refused to reset the peak counter)."""
+    """The rule's peak extra resident memory in MiB, or "not measured" (older runs, or an
+    operating system that refused to reset its peak-RSS counter)."""
     b = m.get("peak_extra_rss_bytes")
     return "not measured" if b is None else f"{b / C.MiB:.0f}"
 
