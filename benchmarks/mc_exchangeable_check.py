@@ -8,7 +8,8 @@ points at memorisation). A class-exchangeable covariance cannot move it. With ``
 class-centring map and ``Σ`` ``(C, C)`` an input's logit covariance, the candidate replaces
 ``Σ`` by ``tr(P Σ P) / (C − 1) · P``: the same total centred variance, equal for every
 class, with equal correlations. Softmax ignores a common shift, so with two classes this
-is ``P Σ P``: the same Gaussian over the logit difference (other Monte Carlo draws); only ``C > 2`` tasks are scored here.
+is ``P Σ P``: the same Gaussian over the logit difference (other Monte Carlo draws). Only
+``C > 2`` tasks are scored here.
 
 Pre-registered (written before any number was seen), on the 3- and 5-class tasks
 (``tweet_sentiment_mc``, ``bbc_headlines_mc``; 3 seeds each), at the memorised checkpoint
