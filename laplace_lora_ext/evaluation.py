@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import tqdm
 
+from . import guards
 from .inputs import forward_logits, split_batch
 from .links import LINK_APPROXIMATIONS, apply_link
 
@@ -167,7 +168,7 @@ def _batch_probs(
     la: Any,
     x: Any,
     methods: tuple[str, ...],
-    n_samples: int,
+    n_samples: int | None,
     generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
     """``{method: (B, C) probabilities}`` of one batch from one pass through the model."""
@@ -189,7 +190,7 @@ def _predict_probs(
     la: Any,
     loader: Iterable,
     link_approx: str | Sequence[str] = ("mc", "probit"),
-    n_samples: int = 1000,
+    n_samples: int | None = None,
     generator: torch.Generator | None = None,
     include_map: bool = True,
     progress_bar: bool = True,
@@ -231,7 +232,7 @@ def evaluate(
     la: Any,
     loader: Iterable,
     link_approx: str | Sequence[str] = ("mc", "probit"),
-    n_samples: int = 1000,
+    n_samples: int | None = None,
     generator: torch.Generator | None = None,
     include_map: bool = True,
     progress_bar: bool = True,
@@ -251,7 +252,9 @@ def evaluate(
         loader: dict batches with labels under ``la.dict_key_y``, or ``(X, y)`` pairs.
         link_approx: one link or several, from ``"mc"`` (joint MC, the paper's),
             ``"probit"``, ``"mc_indep"``, ``"bridge"``, ``"bridge_norm"``.
-        n_samples: Monte Carlo samples per example for ``"mc"`` / ``"mc_indep"``.
+        n_samples: Monte Carlo draws per example for ``"mc"`` / ``"mc_indep"``; ``None``
+            (default): :func:`laplace_lora_ext.links.default_draws` (10,000 for up to 14
+            classes), as ``la(x)`` draws.
         generator: random generator for reproducible Monte Carlo (on ``la``'s device).
         include_map: also score the fine-tuned model (key ``"map"``).
         progress_bar: show a tqdm progress bar over batches.
@@ -266,9 +269,12 @@ def evaluate(
 
     Raises:
         TypeError: if ``la`` is not a ``lora`` Laplace object.
-        ValueError: for an unknown link, or an empty loader.
+        ValueError: for an unknown link, an ``n_samples`` that is not an int ``>= 1``, or
+            an empty loader.
         AttributeError: if ``la`` has not been fitted.
     """
+    if n_samples is not None:
+        guards.check_n_samples(n_samples)
     probs, labels = _predict_probs(
         la, loader, link_approx, n_samples, generator, include_map, progress_bar
     )

@@ -7,6 +7,14 @@ probabilities.
   covariance), averaging softmax *probabilities*.
 * ``"mc_indep"``: Monte Carlo with the diagonal of ``f_var`` only (the paper's "MC indep").
 
+Without ``n_samples`` (``None``) the Monte Carlo links draw :func:`default_draws` per input:
+10,000 for up to 14 classes, fewer as ``C²`` grows, never below laplace-torch's 100. A
+wide posterior makes each draw's softmax nearly one-hot, and with more than two classes
+100 draws swapped the top class of 4–8 of 50 inputs against the predictive they estimate
+(``benchmarks/mc_draws_check.py``). The draws are accumulated in chunks of
+:data:`CHUNK_DRAWS`, so memory does not grow with their number; up to that many, the
+draws are those of one call.
+
 Both Monte Carlo links draw antithetic pairs (``z`` and ``-z``; :func:`antithetic_normal`).
 The estimate stays unbiased, and with two classes and an even ``n_samples`` its argmax is
 the MAP's, as is the exact integral's: ``σ(m + a) + σ(m - a) > 1`` iff ``m > 0`` (float64
@@ -31,6 +39,7 @@ brute-force reference (``tests/test_links.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -40,6 +49,7 @@ __all__ = [
     "LINK_APPROXIMATIONS",
     "antithetic_normal",
     "apply_link",
+    "default_draws",
     "probit",
     "laplace_bridge",
     "mc_joint",
@@ -101,40 +111,73 @@ def antithetic_normal(
     return torch.stack((z, -z), dim=1).flatten(0, 1)[: shape[0]]
 
 
+#: Most draws per input :func:`default_draws` gives (few classes).
+MAX_DEFAULT_DRAWS = 10_000
+#: Fewest draws per input :func:`default_draws` gives: laplace-torch's ``n_samples``.
+MIN_DEFAULT_DRAWS = 100
+#: :func:`default_draws` keeps ``draws · C²`` (the multiply-adds of ``L z`` per input) below this.
+DEFAULT_DRAW_WORK = 2_000_000
+#: Draws held at once (an even number, so antithetic pairs never straddle two chunks).
+CHUNK_DRAWS = 2048
+
+
+def default_draws(n_classes: int) -> int:
+    """Monte Carlo draws per input when ``n_samples`` is not given: ``10,000`` for
+    ``C ≤ 14``, then ``2·10⁶ / C²`` (the ``L z`` products' cost), at least ``100``."""
+    budget = DEFAULT_DRAW_WORK // max(n_classes, 1) ** 2
+    return max(MIN_DEFAULT_DRAWS, min(MAX_DEFAULT_DRAWS, budget))
+
+
+def _mc_mean(
+    f_mu: torch.Tensor,
+    noise: Callable[[torch.Tensor], torch.Tensor],
+    n_samples: int | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``mean_s softmax(f_mu + noise(z_s))`` ``(B, C)`` over ``n_samples`` antithetic draws
+    ``z_s`` ``(B, C)`` (``None``: :func:`default_draws`), in chunks of :data:`CHUNK_DRAWS`."""
+    n = default_draws(f_mu.shape[-1]) if n_samples is None else n_samples
+    total = torch.zeros_like(f_mu)
+    for start in range(0, n, CHUNK_DRAWS):
+        size = min(CHUNK_DRAWS, n - start)
+        z = antithetic_normal((size, *f_mu.shape), generator, f_mu.device, f_mu.dtype)
+        total += torch.softmax(f_mu + noise(z), dim=-1).sum(dim=0)
+    return total / n
+
+
 def mc_joint(
     f_mu: torch.Tensor,
     f_var: torch.Tensor,
-    n_samples: int = 100,
+    n_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Joint Monte Carlo: ``mean_s softmax(f_mu + L z_s)`` with ``L Lᵀ = f_var`` and
-    antithetic ``z_s``."""
+    antithetic ``z_s`` (``n_samples=None``: :func:`default_draws`)."""
     L = _psd_sqrt(f_var)
-    z = antithetic_normal((n_samples, *f_mu.shape), generator, f_mu.device, f_mu.dtype)
-    samples = f_mu + torch.einsum("bij,sbj->sbi", L, z)
-    return torch.softmax(samples, dim=-1).mean(dim=0)
+    return _mc_mean(f_mu, lambda z: torch.einsum("bij,sbj->sbi", L, z), n_samples, generator)
 
 
 def mc_indep(
     f_mu: torch.Tensor,
     f_var: torch.Tensor,
-    n_samples: int = 100,
+    n_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Monte Carlo with independent logits (diagonal of ``f_var`` only), antithetic draws."""
+    """Monte Carlo with independent logits (diagonal of ``f_var`` only), antithetic draws
+    (``n_samples=None``: :func:`default_draws`)."""
     std = f_var.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
-    z = antithetic_normal((n_samples, *f_mu.shape), generator, f_mu.device, f_mu.dtype)
-    return torch.softmax(f_mu + std * z, dim=-1).mean(dim=0)
+    return _mc_mean(f_mu, lambda z: std * z, n_samples, generator)
 
 
 def apply_link(
     link_approx: str,
     f_mu: torch.Tensor,
     f_var: torch.Tensor,
-    n_samples: int = 100,
+    n_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the link approximation named ``link_approx``."""
+    """Dispatch to the link approximation named ``link_approx`` (``n_samples`` for the
+    Monte Carlo links; ``None``: :func:`default_draws`)."""
     if link_approx == "probit":
         return probit(f_mu, f_var)
     if link_approx == "bridge":

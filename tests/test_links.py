@@ -11,7 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from laplace import KronLaplace
 
+from laplace_lora_ext import links
 from laplace_lora_ext.links import laplace_bridge, mc_indep, mc_joint, probit
+from tests.cases import make_case
+from tests.models import loader, lora_laplace
 
 
 def random_gaussian(B=5, C=4, seed=0):
@@ -111,3 +114,54 @@ def test_mc_keeps_the_map_argmax_of_two_classes(margin, sign, scale, corr, half,
         assert float(p[0, top] - p[0, other]) >= -1e-12
         if scale < 3:  # no saturation: a strict answer
             assert int(p.argmax(-1)) == top
+
+
+# ------------------------------------------------------------- draws without n_samples
+def test_default_draws_cap_the_work_per_input():
+    """10,000 draws for few classes, ``2·10⁶ / C²`` beyond 14, never below 100."""
+    assert [links.default_draws(C) for C in (2, 5, 14)] == [10_000] * 3
+    assert links.default_draws(15) == 2_000_000 // 225
+    assert links.default_draws(100) == 200
+    assert links.default_draws(1000) == links.MIN_DEFAULT_DRAWS == 100
+
+
+@pytest.mark.parametrize("link", [mc_joint, mc_indep])
+def test_mc_in_chunks_averages_the_same_draws(monkeypatch, link):
+    """With chunks of 4 draws, 10 draws are the mean over the chunks' draws (4, 4, 2), each
+    chunk in antithetic pairs, from one generator in turn."""
+    f_mu, f_var = random_gaussian(B=3, C=4)
+    f_mu, f_var = f_mu.double(), f_var.double()
+    monkeypatch.setattr(links, "CHUNK_DRAWS", 4)
+    got = link(f_mu, f_var, n_samples=10, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    z = torch.cat([links.antithetic_normal((k, 3, 4), gen, f_mu.device, f_mu.dtype)
+                   for k in (4, 4, 2)])  # fmt: skip
+    if link is mc_joint:
+        noise = torch.einsum("bij,sbj->sbi", torch.linalg.cholesky(f_var), z)
+    else:
+        noise = f_var.diagonal(dim1=-2, dim2=-1).sqrt() * z
+    assert torch.allclose(got, torch.softmax(f_mu + noise, -1).mean(0), atol=1e-14)
+
+
+def test_mc_without_n_samples_draws_the_default_number():
+    f_mu, f_var = random_gaussian(B=2, C=5)
+    got = links.apply_link("mc", f_mu, f_var, None, torch.Generator().manual_seed(2))
+    want = mc_joint(f_mu, f_var, links.default_draws(5), torch.Generator().manual_seed(2))
+    assert torch.equal(got, want)
+
+
+def test_call_without_n_samples_uses_default_draws_and_100_network_samples(monkeypatch):
+    """``la(x)`` without ``n_samples``: the GLM links get ``default_draws(C)``, the network
+    sampler laplace-torch's 100 forward passes."""
+    case = make_case("llama")
+    la = lora_laplace(case.model, "kron", prior_precision=2.0)
+    la.fit(loader(case.batch, 4))
+    seen = {}
+    monkeypatch.setattr(links, "mc_joint", lambda mu, var, n, gen: seen.setdefault("glm", n))
+    monkeypatch.setattr(
+        type(la), "_nn_predictive_classification", lambda self, x, n, gen: seen.setdefault("nn", n)
+    )
+    la(case.batch, link_approx="mc")
+    la(case.batch, pred_type="nn", link_approx="mc")
+    assert seen == {"glm": None, "nn": 100}
+    assert links.default_draws(la.n_outputs) == 10_000

@@ -42,6 +42,10 @@ from .tuning import PriorTuningMixin
 
 __all__ = ["LoraLaplaceMixin"]
 
+#: Network samples of ``la(x, pred_type="nn")`` without ``n_samples`` (laplace-torch's 100;
+#: each is a forward pass, unlike the GLM links' draws).
+NN_SAMPLES = 100
+
 _FIT_STATE = (
     "H",
     "H_facs",
@@ -414,7 +418,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
         pred_type: PredType = "glm",
         joint: bool = False,
         link_approx: LinkApprox = "probit",
-        n_samples: int = 100,
+        n_samples: int | None = None,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
         fitting: bool = False,
@@ -427,7 +431,10 @@ class LoraLaplaceMixin(PriorTuningMixin):
             pred_type: ``"glm"`` (linearised model, default) or ``"nn"`` (sampling weights).
             link_approx: ``"probit"`` (default), ``"mc"`` (joint MC over logits),
                 ``"mc_indep"``, ``"bridge"`` or ``"bridge_norm"``; ``"nn"`` needs ``"mc"``.
-            n_samples: Monte Carlo samples.
+            n_samples: Monte Carlo samples. ``None`` (default): 100 network samples for
+                ``pred_type="nn"`` (laplace-torch's default); for the GLM links
+                ``links.default_draws(C)`` draws of the logits (10,000 for up to 14 classes),
+                which cost little beside the Jacobians.
             generator: random generator for reproducible sampling.
         """
         if pred_type not in ("glm", "nn"):
@@ -440,8 +447,10 @@ class LoraLaplaceMixin(PriorTuningMixin):
             raise ValueError("pred_type='nn' supports link_approx='mc' only.")
         if joint:
             raise ValueError("joint=True is only meaningful for regression; not supported here.")
-        guards.check_n_samples(n_samples)
+        if n_samples is not None:
+            guards.check_n_samples(n_samples)
         if pred_type == "nn":
+            n_samples = NN_SAMPLES if n_samples is None else n_samples
             return self._nn_predictive_classification(x, n_samples, generator, **model_kwargs)
         if model_kwargs:
             raise TypeError(
