@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.mc_exchangeable_check import MOMENTS, RESULTS
+from benchmarks.mc_exchangeable_check import MOMENTS, RESULTS, TASKS
 from laplace_lora_ext.links import mc_joint
 
 NAME = "mc_draws_check"
@@ -98,7 +98,7 @@ def render(rows: dict) -> str:
 def main() -> None:
     torch.set_num_threads(1)
     rows = {}
-    for path in sorted(MOMENTS.glob("*.pt")):
+    for path in sorted(p for t in TASKS for p in MOMENTS.glob(f"{t}-*.pt")):
         moments = torch.load(path, weights_only=False)
         rows[path.stem] = {split: check(moments, split) for split in ("validation", "test")}
         print(path.stem, flush=True)

@@ -92,11 +92,12 @@ def moments(la, cache: LogitJacobianCache) -> dict:
     return {"f_mu": torch.cat(mus), "f_var": torch.cat(variances), "labels": cache.labels}
 
 
-def collect(source: str) -> None:
-    """Store the moments of every checkpoint of ``source`` (skips those already stored)."""
+def collect(source: str, tasks: tuple[str, ...] = TASKS) -> None:
+    """Store the moments of every checkpoint of ``source`` (skips those already stored),
+    and of the shifted test split where the file has one."""
     pattern, steps = SOURCES[source]
     MOMENTS.mkdir(parents=True, exist_ok=True)
-    for task in TASKS:
+    for task in tasks:
         payload = json.loads((RESULTS / pattern.format(task=task)).read_text())
         args = argparse.Namespace(**payload["args"])
         torch.set_num_threads(args.threads or 1)
@@ -114,8 +115,10 @@ def collect(source: str) -> None:
             la.fit(train_loader)
             la.prior_precision = torch.tensor(c.ckpt["_prior"]["la"], dtype=la._dtype)
             stored = {"regime": dict(steps)[c.step], "temperature": c.ckpt["_temperature"]}
-            for split in SPLITS:
-                examples = getattr(c.data, split)
+            splits = {split: getattr(c.data, split) for split in SPLITS}
+            if c.shifted is not None and "shift" in c.ckpt:
+                splits["shift"] = c.shifted.test
+            for split, examples in splits.items():
                 cache = LogitJacobianCache(la, make_loader(examples, c.collate, args.la_batch_size))
                 stored[split] = moments(la, cache)
             torch.save(stored, out)
@@ -206,7 +209,7 @@ def _points(row: dict) -> dict:
 def report() -> None:
     """Score every stored checkpoint and write the JSON and markdown."""
     scores = {}
-    for path in sorted(MOMENTS.glob("*.pt")):
+    for path in sorted(p for t in TASKS for p in MOMENTS.glob(f"{t}-*.pt")):
         seed = int(path.stem.split("-seed")[1].split("-")[0])
         scores[path.stem] = score(torch.load(path, weights_only=False), seed)
     groups = {"memorised,overfit": {"memorised", "overfit"}, "memorised": {"memorised"},
@@ -229,10 +232,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--collect", action="store_true", help="store the moments first")
     parser.add_argument("--source", choices=tuple(SOURCES), help="which checkpoints to collect")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help="tasks to collect")
     a = parser.parse_args()
     if a.collect:
         if not a.source:
             parser.error("--collect needs --source")
-        collect(a.source)
+        collect(a.source, tuple(a.tasks))
     else:
         report()
