@@ -84,7 +84,7 @@ def main() -> None:
             for est in ESTIMATES:
                 rows = llm_bars.early_bars if regime == "early" else llm_bars.overfit_bars
                 bars[est] = rows({"map": test["map"], "la": test[est]})
-                if shift is not None:
+                if shift is not None and regime != "early":  # the shift bar: overfit
                     bars[est] += llm_bars.shift_bars({"temp": shift["temp"], "la": shift[est]})
             out[f"{task}:{regime}"] = {"test": test, "shift": shift, "bars": bars}
             for i, bar in enumerate(bars[ESTIMATES[0]]):
