@@ -29,7 +29,10 @@ mean over inputs of the largest diagonal entry of ``P Σ P`` over the smallest).
 
 ``--collect`` rebuilds each checkpoint from the run cache, fits the Kronecker posterior,
 sets the file's default prior and stores the predictive moments of the validation and test
-splits under ``benchmarks/cache/moments/``; without it the report is written from them::
+splits (and of the shifted test split where the file has one) under
+``benchmarks/cache/moments/``; ``--tasks`` collects other tasks' (fine foods' for
+:mod:`benchmarks.mc_default_draws_bars`). Without ``--collect`` the report is written from
+the 3- and 5-class tasks' moments::
 
     python -m benchmarks.mc_exchangeable_check --collect --source memorised
     python -m benchmarks.mc_exchangeable_check --collect --source ten_epoch
@@ -66,19 +69,22 @@ SOURCES = {
 SPLITS = ("validation", "test")
 
 
+def _centring(f_var: torch.Tensor) -> torch.Tensor:
+    """The class-centring map ``P = I − 1 1ᵀ / C`` ``(C, C)`` for ``f_var`` ``(N, C, C)``."""
+    C = f_var.shape[-1]
+    return torch.eye(C, dtype=f_var.dtype) - 1.0 / C
+
+
 def exchangeable(f_var: torch.Tensor) -> torch.Tensor:
     """``tr(P Σ P) / (C − 1) · P`` for each ``Σ`` in ``f_var`` ``(N, C, C)``."""
-    C = f_var.shape[-1]
-    P = torch.eye(C, dtype=f_var.dtype) - 1.0 / C
-    centred = P @ f_var @ P
-    scale = centred.diagonal(dim1=-2, dim2=-1).sum(-1) / (C - 1)
+    P = _centring(f_var)
+    scale = (P @ f_var @ P).diagonal(dim1=-2, dim2=-1).sum(-1) / (f_var.shape[-1] - 1)
     return scale[:, None, None] * P
 
 
 def variance_imbalance(f_var: torch.Tensor) -> float:
     """Mean over inputs of max / min of the centred variances ``diag(P Σ P)``."""
-    C = f_var.shape[-1]
-    P = torch.eye(C, dtype=f_var.dtype) - 1.0 / C
+    P = _centring(f_var)
     var = (P @ f_var @ P).diagonal(dim1=-2, dim2=-1)
     return float((var.max(-1).values / var.min(-1).values.clamp_min(1e-300)).mean())
 
