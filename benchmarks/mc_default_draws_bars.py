@@ -20,14 +20,13 @@ Writes ``results/mc_default_draws_bars.{json,md}``.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
+from benchmarks import _common as C
 from benchmarks import llm_bars
 from benchmarks.llm_calibration import METRICS
 from benchmarks.mc_draws_check import REFERENCE_DRAWS, _reference
-from benchmarks.mc_exchangeable_check import MOMENTS, RESULTS, TASKS
+from benchmarks.mc_exchangeable_check import MOMENTS, TASKS
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.links import mc_joint
 
@@ -51,22 +50,31 @@ def _probs(
     }
 
 
-def summary(task: str, step: str, split: str = "test") -> dict | None:
-    """``{method: {metric: [mean over seeds]}}`` on ``split``, as ``llm_bars`` reads; ``None``
-    if the checkpoints have no such split."""
+def summaries(task: str, step: str) -> dict[str, dict | None]:
+    """Per split (``"test"``, ``"shift"``): ``{method: {metric: [mean over seeds]}}``, as
+    ``llm_bars`` reads; ``None`` for a split the checkpoints do not have. Each checkpoint's
+    moments are read once."""
+    stored = [
+        torch.load(MOMENTS / f"{task}-seed{seed}-step{step}.pt", weights_only=False)
+        for seed in range(3)
+    ]
+    return {split: _summary(stored, split) for split in ("test", "shift")}
+
+
+def _summary(stored: list[dict], split: str) -> dict | None:
+    """Means over the seeds' ``stored`` moments on ``split`` (``None`` if missing)."""
+    if any(split not in s for s in stored):
+        return None
     per_seed = []
-    for seed in range(3):
-        stored = torch.load(MOMENTS / f"{task}-seed{seed}-step{step}.pt", weights_only=False)
-        if split not in stored:
-            return None
-        m = stored[split]
+    for seed, s in enumerate(stored):
+        m = s[split]
         f_mu, f_var = m["f_mu"].double(), m["f_var"].double()
         per_seed.append({
             name: classification_metrics(p.float(), m["labels"])
-            for name, p in _probs(f_mu, f_var, seed, stored["temperature"]).items()
+            for name, p in _probs(f_mu, f_var, seed, s["temperature"]).items()
         })  # fmt: skip
     return {
-        name: {k: [sum(float(s[name][k]) for s in per_seed) / len(per_seed)] for k in METRICS}
+        name: {k: [sum(float(r[name][k]) for r in per_seed) / len(per_seed)] for k in METRICS}
         for name in per_seed[0]
     }
 
@@ -79,7 +87,8 @@ def main() -> None:
     lines += ["| --- | --- | --- |" + " --- |" * len(ESTIMATES)]
     for task in ALL_TASKS:
         for regime, step in REGIMES.items():
-            test, shift = summary(task, step), summary(task, step, "shift")
+            split = summaries(task, step)
+            test, shift = split["test"], split["shift"]
             bars = {}
             for est in ESTIMATES:
                 rows = llm_bars.early_bars if regime == "early" else llm_bars.overfit_bars
@@ -97,8 +106,7 @@ def main() -> None:
     met = {e: sum(b["met"] for r in out.values() for b in r["bars"][e]) for e in ESTIMATES}
     total = sum(len(r["bars"][ESTIMATES[0]]) for r in out.values())
     lines += ["", "Met: " + ", ".join(f"{e} {n} of {total}" for e, n in met.items()), ""]
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(out, indent=1))
-    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    C.write_results(NAME, out, "\n".join(lines))
     print("\n".join(lines))
 
 

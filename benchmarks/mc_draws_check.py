@@ -19,12 +19,10 @@ Writes ``results/mc_draws_check.{json,md}``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from benchmarks.mc_exchangeable_check import MOMENTS, RESULTS, TASKS
+from benchmarks import _common as C
+from benchmarks.mc_exchangeable_check import MOMENTS, TASKS
 from laplace_lora_ext.links import mc_joint
 
 NAME = "mc_draws_check"
@@ -102,8 +100,7 @@ def main() -> None:
         moments = torch.load(path, weights_only=False)
         rows[path.stem] = {split: check(moments, split) for split in ("validation", "test")}
         print(path.stem, flush=True)
-    Path(RESULTS / f"{NAME}.json").write_text(json.dumps(rows, indent=1))
-    Path(RESULTS / f"{NAME}.md").write_text(render(rows))
+    C.write_results(NAME, rows, render(rows))
     print(render(rows))
 
 

@@ -51,13 +51,13 @@ import torch
 from laplace import Laplace
 
 import laplace_lora_ext  # noqa: F401
+from benchmarks import _common as C
 from benchmarks import llm_calibration as calib
 from benchmarks.tasks import make_loader
 from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 from laplace_lora_ext.links import mc_joint
 
-RESULTS = Path(__file__).parent / "results"
 MOMENTS = Path(__file__).parent / "cache" / "moments"
 NAME = "mc_exchangeable_check"
 TASKS = ("tweet_sentiment_mc", "bbc_headlines_mc")
@@ -104,7 +104,7 @@ def collect(source: str, tasks: tuple[str, ...] = TASKS) -> None:
     pattern, steps = SOURCES[source]
     MOMENTS.mkdir(parents=True, exist_ok=True)
     for task in tasks:
-        payload = json.loads((RESULTS / pattern.format(task=task)).read_text())
+        payload = json.loads((C.RESULTS_DIR / pattern.format(task=task)).read_text())
         args = argparse.Namespace(**payload["args"])
         torch.set_num_threads(args.threads or 1)
         for per_seed in payload["runs"].values():
@@ -229,8 +229,7 @@ def report() -> None:
         "decision": decision(scores),
     }
     payload = {"scores": scores, "summary": summary}
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS / f"{NAME}.md").write_text(render(scores, summary))
+    C.write_results(NAME, payload, render(scores, summary))
     print(render(scores, summary))
 
 
