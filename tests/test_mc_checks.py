@@ -1,4 +1,5 @@
-"""The Monte Carlo studies' algebra: the exchangeable covariance of ``mc_exchangeable_check``."""
+"""The Monte Carlo and posterior studies' algebra: the exchangeable covariance of
+``mc_exchangeable_check``, the data-space exact GGN of ``exact_ggn_shift_check``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.exact_ggn_shift_check import dataspace_variances, lambda_roots, training_side
 from benchmarks.mc_exchangeable_check import exchangeable, variance_imbalance
 
 
@@ -32,3 +34,24 @@ def test_exchangeable_is_the_centred_covariance_with_two_classes():
     f_var = _covariances(5, 2, 0)
     P = torch.eye(2, dtype=torch.float64) - 0.5
     assert torch.allclose(exchangeable(f_var), P @ f_var @ P)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 4), C=st.integers(2, 4), P=st.integers(3, 9), seed=st.integers(0, 2**16))
+def test_dataspace_variances_equal_the_dense_exact_ggn_posterior(N, C, P, seed):
+    """``exact_ggn_shift_check``'s Woodbury form against ``j (Jᵀ s Λ J + c D⁻¹)⁻¹ jᵀ``."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(N, C, P, generator=g, dtype=torch.float64)
+    j = torch.randn(3, C, P, generator=g, dtype=torch.float64)
+    d = torch.rand(P, generator=g, dtype=torch.float64) + 0.1
+    logits, s = 2 * torch.randn(N, C, generator=g, dtype=torch.float64), 1.7
+    roots = lambda_roots(logits, s)
+    p = logits.softmax(-1)
+    lam = s * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    assert torch.allclose(roots @ roots.mT, lam, atol=1e-12)
+    factors = [0.01, 0.5, 1.0, 30.0]
+    got = dataspace_variances(j, d, *training_side(J.flatten(0, 1), d, roots), factors)
+    ggn = torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
+    for c, var in zip(factors, got, strict=True):
+        want = j @ torch.linalg.inv(ggn + torch.diag(c / d)) @ j.mT
+        assert torch.allclose(var, want, rtol=1e-8, atol=1e-10)
