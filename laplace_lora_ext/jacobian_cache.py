@@ -117,7 +117,7 @@ class LogitJacobianCache:
         self,
         la: Any,
         link_approx: str = "mc",
-        n_samples: int = 100,
+        n_samples: int | None = 100,
         generator: torch.Generator | None = None,
         keep: set[int] | None = None,
     ) -> torch.Tensor:
@@ -127,8 +127,8 @@ class LogitJacobianCache:
             la: the posterior to score (any ``lora`` structure over the same ``la.params``
                 as the posterior that built the cache; with ``in_eigenbasis`` only that
                 posterior, with the curvature it had).
-            link_approx, n_samples, generator: as for ``la(x)``; one ``generator`` draws
-                for every batch in turn.
+            link_approx, n_samples, generator: as for ``la(x)`` (``n_samples=None``: the
+                default draws); one ``generator`` draws for every batch in turn.
             keep: indices into ``la.params`` whose posterior variance counts (e.g. the last
                 block only); default: all.
         """

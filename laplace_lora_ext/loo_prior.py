@@ -381,7 +381,7 @@ def _grid_nll(
     caches: list[LogitJacobianCache],
     prior_at: Any,
     log10_deltas: Tensor,
-    n_samples: int,
+    n_samples: int | None,
 ) -> Tensor:
     """Summed NLL of the training labels ``(G,)`` per ``δ_B`` over ``caches`` (and over all
     ranks in a data-parallel fit)."""
@@ -438,12 +438,13 @@ def loo_cache(
 def loo_precision(
     la: Any,
     batches: Iterable[Any],
-    n_samples: int = 100,
+    n_samples: int | None = None,
     kernel_lora_a: str = "redrawn",
     kernel_draws: int | None = None,
 ) -> Tensor:
     """``(L,)``: ``lora_A`` at :func:`spread_matched_precision`, every other tensor at the
-    ``δ_B`` whose joint MC predictive (``n_samples``, common random numbers), centred at
+    ``δ_B`` whose joint MC predictive (``n_samples`` draws, common random numbers; ``None``:
+    :func:`laplace_lora_ext.links.default_draws`, as ``la(x)`` draws), centred at
     the leave-one-out logits of :func:`loo_cache`, has the lowest NLL on the training
     labels (:func:`best_loo_precision`). Leaves ``la.prior_precision`` set to it.
 
@@ -454,7 +455,9 @@ def loo_precision(
     return best_loo_precision(la, [cache], n_samples)
 
 
-def best_loo_precision(la: Any, caches: list[LogitJacobianCache], n_samples: int = 100) -> Tensor:
+def best_loo_precision(
+    la: Any, caches: list[LogitJacobianCache], n_samples: int | None = None
+) -> Tensor:
     """The search of :func:`loo_precision` on leave-one-out caches (their NLLs summed, and
     all-reduced over ranks): a coarse grid over ``10^-4 … 10^6`` (half decades), then
     sixteenths of a decade around its best. Sets and returns ``la.prior_precision``."""

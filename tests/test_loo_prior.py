@@ -149,7 +149,7 @@ def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structur
 
     def nll_at(delta: float) -> float:  # the same joint MC predictive, brute-force LOO logits
         la.prior_precision = torch.where(is_a, got, torch.full_like(got, delta))
-        probs = cache.probs(la, "mc", 100, torch.Generator().manual_seed(0))
+        probs = cache.probs(la, "mc", None, torch.Generator().manual_seed(0))  # default draws
         return float(-probs[torch.arange(6), batch["labels"]].log().sum())
 
     d = float(delta_b[0])
@@ -301,3 +301,41 @@ def test_a_lora_b_whose_input_is_not_lora_a_of_x_takes_one_pass_per_draw(monkeyp
     draws = [redrawn_lora_a(la, loo_prior.REDRAW_SEED + i) for i in range(3)]
     want = brute_force_loo_logits(model, batch, lora_a=draws)
     torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
+
+
+def spy_draws(monkeypatch) -> dict[str, list]:
+    """The ``n_samples`` that reach the leave-one-out rule and the grid search."""
+    from laplace_lora_ext.posterior import tuning
+
+    seen: dict[str, list] = {"leave_one_out": [], "gridsearch": []}
+
+    def loo(la, batches, n_samples):
+        seen["leave_one_out"].append(n_samples)
+        return la.prior_precision
+
+    def grid(self, val_loader, grid, link_approx, n_samples, *rest):
+        seen["gridsearch"].append(n_samples)
+
+    monkeypatch.setattr(tuning.loo_prior, "loo_precision", loo)
+    monkeypatch.setattr(tuning.PriorTuningMixin, "_optimize_gridsearch", grid)
+    return seen
+
+
+def test_the_rule_takes_the_default_draws_and_gridsearch_laplace_torchs(monkeypatch):
+    """Without ``n_samples`` the leave-one-out rule scores its grid with the predictive's
+    default draws (``None``), the grid search with laplace-torch's 100; a given count
+    reaches both, and a bad one is refused before any search."""
+    seen = spy_draws(monkeypatch)
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=4, n_classes=3, seed=4)
+    la = lora_laplace(model)
+    la.fit(loader(batch, 2))
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data  # memorised: the default is the rule
+    la.optimize_prior_precision()
+    la.optimize_prior_precision(method="leave_one_out", n_samples=7)
+    la.optimize_prior_precision(method="gridsearch", val_loader=loader(batch, 2))
+    la.optimize_prior_precision(method="gridsearch", val_loader=loader(batch, 2), n_samples=9)
+    assert seen == {"leave_one_out": [None, 7], "gridsearch": [100, 9]}
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
+            la.optimize_prior_precision(n_samples=bad)

@@ -50,7 +50,7 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader
 
-from .. import adapter_init, distributed, loo_prior
+from .. import adapter_init, distributed, guards, loo_prior
 from .. import prior as priors
 from ..jacobian_cache import LogitJacobianCache
 
@@ -80,6 +80,9 @@ MARGLIK_GRAD_TOL = 1e-3
 LORA_MARGLIK_ROUNDS = 10
 #: Validation Jacobian blocks larger than this are recomputed per grid value.
 GRID_CACHE_BYTES = 2 * 1024**3
+#: Monte Carlo draws of ``"gridsearch"``'s predictive when ``n_samples`` is not given
+#: (laplace-torch's default; the leave-one-out rule takes the predictive's default draws).
+GRIDSEARCH_SAMPLES = 100
 
 
 @contextmanager
@@ -134,7 +137,7 @@ class PriorTuningMixin:
         log_prior_prec_max: float = 4,
         grid_size: int = 100,
         link_approx: str = "mc",
-        n_samples: int = 100,
+        n_samples: int | None = None,
         verbose: bool = False,
         progress_bar: bool = False,
         log_prior_prec_base: float = 10.0,
@@ -156,6 +159,11 @@ class PriorTuningMixin:
                 (``"linearised"``, which stops early once converged).
             link_approx, n_samples: predictive used to score the grid (``"gridsearch"``);
                 default ``"mc"``, the link this package recommends for choice logits.
+                ``n_samples`` also sets the draws of the leave-one-out rule's grid. ``None``:
+                the rule takes the predictive's default draws
+                (:func:`laplace_lora_ext.links.default_draws`, chosen on validation data by
+                ``benchmarks/prior_loo_mc_draws_check.py``) and ``"gridsearch"``
+                laplace-torch's :data:`GRIDSEARCH_SAMPLES`.
             Others: as in laplace-torch's ``BaseLaplace.optimize_prior_precision``.
 
         Raises:
@@ -167,6 +175,8 @@ class PriorTuningMixin:
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
         _refuse_ignored_options(method, prior_structure, loss)
+        if n_samples is not None:
+            guards.check_n_samples(n_samples)
         with _prior_restored_on_error(self):  # a failed search leaves the prior as it was
             if default:
                 method = self._default_method()
@@ -202,7 +212,7 @@ class PriorTuningMixin:
                         log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
                     ),
                     link_approx,
-                    n_samples,
+                    GRIDSEARCH_SAMPLES if n_samples is None else n_samples,
                     progress_bar,
                     verbose,
                 )
@@ -257,7 +267,7 @@ class PriorTuningMixin:
             yield from distributed.FitShard(loader, self.dict_key_y).batches()
 
     def _optimize_from_training_data(
-        self, method: str, n_samples: int = 100, fall_back: bool = False
+        self, method: str, n_samples: int | None = None, fall_back: bool = False
     ) -> bool:
         """``"function_space"`` (:func:`laplace_lora_ext.prior.function_space_precision`)
         or ``"leave_one_out"`` (:func:`laplace_lora_ext.loo_prior.loo_precision`) on the
