@@ -167,8 +167,9 @@ class PriorTuningMixin:
             Others: as in laplace-torch's ``BaseLaplace.optimize_prior_precision``.
 
         Raises:
-            ValueError: unknown ``method``, ``"gridsearch"`` without ``val_loader``, or a
-                ``prior_structure`` the method does not support.
+            ValueError: unknown ``method``, ``"gridsearch"`` without ``val_loader``, a
+                ``prior_structure`` the method does not support, or an ``n_samples`` that
+                is not an int ``>= 1``.
         """
         method = "auto" if method is None else method
         default = method == "auto"
