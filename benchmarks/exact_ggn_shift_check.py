@@ -72,12 +72,12 @@ from torch import Tensor
 from benchmarks import llm_calibration as calib
 from benchmarks.llm_larger_splits_check import (
     fitted_checkpoint,
-    larger_test,
+    larger_splits,
     parse_seed_or_report,
     part_metrics,
     seed_or_report_parser,
 )
-from benchmarks.tasks import make_loader, unused_examples
+from benchmarks.tasks import make_loader
 from laplace_lora_ext import eigenbasis, guards
 from laplace_lora_ext.inputs import split_batch
 from laplace_lora_ext.links import mc_joint
@@ -209,8 +209,7 @@ def run(path: str, seed: int, n_more: int = 400) -> Path:
     d = 1.0 / la.prior_precision_diag.double()
     train = training_side(J, d, lambda_roots(logits, float(la._H_factor)))
     del J
-    fresh = unused_examples(calib.SHIFT[c.task], 0, 0, args.n_test, seed)[:n_more]
-    splits = {"test": larger_test(c, args, n_more), "shift": c.shifted.test + fresh}
+    splits = larger_splits(c, args, n_more)
     moments = {}
     for split, examples in splits.items():
         loader = make_loader(examples, c.collate, args.la_batch_size)

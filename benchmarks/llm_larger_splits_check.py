@@ -120,16 +120,22 @@ def larger_test(c: calib.CachedCheckpoint, args, n_more: int) -> list[dict]:
     return c.data.test + unused_examples(c.task, *sizes)[:n_more]
 
 
+def larger_splits(c: calib.CachedCheckpoint, args, n_more: int) -> dict[str, list[dict]]:
+    """``{"test": ..., "shift": ...}``: the checkpoint's test split and, if it has one, its
+    shifted test split, each followed by ``n_more`` examples no split of that seed used."""
+    splits = {"test": larger_test(c, args, n_more)}
+    if c.shifted is not None:
+        fresh = unused_examples(calib.SHIFT[c.task], 0, 0, args.n_test, c.seed)[:n_more]
+        splits["shift"] = c.shifted.test + fresh
+    return splits
+
+
 def run(path: str, seed: int, n_more: int) -> Path:
     """Score step 80 of ``path``'s run with ``seed``; returns the JSON written."""
     t0 = time.perf_counter()
     c, la, T, args = fitted_checkpoint(path, seed)
     default = la.prior_precision.detach().clone()
-    splits = {"test": larger_test(c, args, n_more)}
-    if c.shifted is not None:
-        shift_task = calib.SHIFT[c.task]
-        fresh = unused_examples(shift_task, 0, 0, args.n_test, seed)[:n_more]
-        splits["shift"] = c.shifted.test + fresh
+    splits = larger_splits(c, args, n_more)
     result = {
         "task": c.task, "seed": seed, "step": int(STEP), "n_more": n_more, "temperature": T,
         "train_nll": float(la.loss) / la.n_data, "prior_default": default.tolist(),

@@ -53,12 +53,12 @@ import torch
 from benchmarks import llm_calibration as calib
 from benchmarks.llm_larger_splits_check import (
     fitted_checkpoint,
-    larger_test,
+    larger_splits,
     parse_seed_or_report,
     part_metrics,
     seed_or_report_parser,
 )
-from benchmarks.tasks import make_loader, unused_examples
+from benchmarks.tasks import make_loader
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 from laplace_lora_ext.prior import lora_a_mask
 
@@ -99,10 +99,7 @@ def run(path: str, seed: int, n_more: int = 400) -> Path:
     t0 = time.perf_counter()
     c, la, T, args = fitted_checkpoint(path, seed)
     default = la.prior_precision.detach().clone()
-    splits = {"test": larger_test(c, args, n_more)}
-    if c.shifted is not None:
-        fresh = unused_examples(calib.SHIFT[c.task], 0, 0, args.n_test, seed)[:n_more]
-        splits["shift"] = c.shifted.test + fresh
+    splits = larger_splits(c, args, n_more)
     result = {"task": c.task, "seed": seed, "step": 80, "n_more": n_more, "temperature": T,
               "train_nll": float(la.loss) / la.n_data, "prior_default": default.tolist(),
               "factor": FACTORS, "delta_b": B_PRECISIONS}  # fmt: skip
