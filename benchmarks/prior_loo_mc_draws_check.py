@@ -52,6 +52,7 @@ import laplace_lora_ext  # noqa: F401
 from benchmarks import _common as C
 from benchmarks import llm_bars
 from benchmarks import llm_calibration as calib
+from benchmarks.llm_prior_scale_report import seed_mean
 from benchmarks.tasks import make_loader
 from laplace_lora_ext import loo_prior
 from laplace_lora_ext.evaluation import classification_metrics
@@ -62,7 +63,6 @@ NAME = "prior_loo_mc_draws"
 TASKS = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
 STEP = "240"
 RULES = {"loo_100": 100, "loo_default": None}  # the rule's n_samples
-METRICS = ("acc", "ece", "nll", "brier", "conf")
 MEAN_RATIO, TASK_RATIO = 1.005, 1.02
 
 
@@ -134,13 +134,11 @@ def bars(rows: list[dict]) -> list[dict]:
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
         for name in RULES:
-            summary = {m: {k: (statistics.fmean(r["test"][m][k] for r in mine),)
-                           for k in METRICS} for m in ("map", name)}  # fmt: skip
-            found = llm_bars.overfit_bars(summary, method=name)
+            test = {m: seed_mean([r["test"][m] for r in mine]) for m in ("map", name)}
+            found = llm_bars.overfit_bars(test, method=name)
             if all("shift" in r for r in mine):
-                sh = {m: {k: (statistics.fmean(r["shift"][m][k] for r in mine),)
-                          for k in METRICS} for m in ("temp", name)}  # fmt: skip
-                found += llm_bars.shift_bars(sh, method=name)
+                shift = {m: seed_mean([r["shift"][m] for r in mine]) for m in ("temp", name)}
+                found += llm_bars.shift_bars(shift, method=name)
             out += [{"task": task, "rule": name, **b} for b in found]
     return out
 
