@@ -80,6 +80,7 @@ from benchmarks.llm_larger_splits_check import (
 from benchmarks.tasks import make_loader
 from laplace_lora_ext import eigenbasis, guards
 from laplace_lora_ext.inputs import split_batch
+from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 from laplace_lora_ext.links import mc_joint
 from laplace_lora_ext.predictive import logit_jacobian_blocks
 
@@ -130,14 +131,10 @@ def dataspace_variances(
 
 def training_jacobians(la, loader) -> tuple[Tensor, Tensor]:
     """MAP logits ``(N, C)`` and logit Jacobians ``(N·C, P)`` of the training data."""
-    logits, rows = [], []
-    with guards.eval_mode(la.model):
-        for batch in loader:
-            X, _ = split_batch(batch, la.dict_key_y, la._device)
-            f_mu, blocks = logit_jacobian_blocks(la.backend, X)
-            logits.append(f_mu)
-            rows.append(torch.cat([b.double() for b in blocks], dim=-1).flatten(0, 1))
-    return torch.cat(logits), torch.cat(rows)
+    cache = LogitJacobianCache(la, loader)
+    rows = [torch.cat([b.double() for b in blocks], dim=-1).flatten(0, 1)
+            for _, blocks, _ in cache]  # fmt: skip
+    return cache.logits, torch.cat(rows)
 
 
 def split_moments(la, loader, default: Tensor, train: tuple[Tensor, Tensor, Tensor]) -> dict:
