@@ -55,6 +55,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import tqdm
 from torch import Tensor
 
 from . import distributed, guards
@@ -323,6 +324,7 @@ def _kernel_and_base(
     free: Tensor,
     kernel_lora_a: str = "redrawn",
     kernel_draws: int | None = None,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor, list]:
     """``K`` ``(M(C-1), M(C-1))`` from the ``B = 0`` Jacobians of the ``free`` tensors (in
     the centred basis; ``lora_A`` as :data:`KERNEL_LORA_A` says; with ``"redrawn"`` the mean
@@ -333,7 +335,8 @@ def _kernel_and_base(
 
     One pass over the batches forms every draw's rows whose memory fits
     :data:`LOO_DRAW_BYTES` (:func:`_centred_jacobian_rows`); the draws left over take
-    further passes over the batches used, as many draws each as fit."""
+    further passes over the batches used, as many draws each as fit. ``progress``: a tqdm
+    bar over the batches of the first pass."""
     n_draws = _checked_draws(kernel_lora_a, kernel_draws)
     draws: list[dict[str, Tensor] | None] = (
         [_draws_of_lora_a(la, REDRAW_SEED + i) for i in range(n_draws)]
@@ -343,7 +346,8 @@ def _kernel_and_base(
     rows: list[list[Tensor]] = [[] for _ in draws]
     bases, used, size = [], [], 0
     with guards.eval_mode(la.model):
-        for batch in batches:
+        bar = tqdm.tqdm(batches, desc="[Leave-one-out kernel]", leave=False, disable=not progress)
+        for batch in bar:
             X, _ = split_batch(batch, la.dict_key_y, la._device)
             J, nbytes = _centred_jacobian_rows(la, X, free, draws[: len(rows)])
             size += nbytes
@@ -355,6 +359,7 @@ def _kernel_and_base(
                 held.append(J_d)
             used.append(batch)
             del rows[_draws_that_fit(rows[0]) :]
+        bar.close()
         K = sum(_gram(held) for held in rows)
         done = len(rows)
         while done < n_draws:  # the draws that did not fit, on the same examples
@@ -382,11 +387,13 @@ def _grid_nll(
     prior_at: Any,
     log10_deltas: Tensor,
     n_samples: int | None,
+    progress: bool = False,
 ) -> Tensor:
     """Summed NLL of the training labels ``(G,)`` per ``δ_B`` over ``caches`` (and over all
-    ranks in a data-parallel fit)."""
+    ranks in a data-parallel fit); ``progress``: a tqdm bar over the grid."""
     sums = []
-    for d in log10_deltas.tolist():
+    grid = log10_deltas.tolist()
+    for d in tqdm.tqdm(grid, desc="[Leave-one-out grid]", leave=False, disable=not progress):
         la.prior_precision = prior_at(10.0**d)
         total = torch.zeros((), dtype=torch.float64)
         for cache in caches:
@@ -408,20 +415,26 @@ def loo_cache(
     batches: Iterable[Any],
     kernel_lora_a: str = "redrawn",
     kernel_draws: int | None = None,
+    progress: bool = False,
 ) -> LogitJacobianCache:
     """The training examples used (the first ones whose ``B = 0`` Jacobians fit
     :data:`LOO_JACOBIAN_BYTES`) with their MAP Jacobian blocks and labels, centred at the
     leave-one-out logits ``f_MAP(x_n) - Q (y_n - μ_-n)`` ``(M, C)`` (module docstring),
     the kernel's ``lora_A`` as ``kernel_lora_a`` says (:data:`KERNEL_LORA_A`; a redrawn
     kernel is the mean over ``kernel_draws`` draws, :data:`KERNEL_DRAWS` if ``None``).
+    ``progress``: tqdm bars over the two passes over the batches.
 
     Raises:
         UnchangedLogitsError: the adapter has not changed the logits (``B = 0``).
         ValueError: fewer than two training examples.
     """
     is_a = lora_a_mask(la.lora_param_names)
-    K, f_base, used = _kernel_and_base(la, batches, ~is_a, kernel_lora_a, kernel_draws)
-    cache = LogitJacobianCache(la, used, max_bytes=LOO_CACHE_BYTES, in_eigenbasis=True)
+    K, f_base, used = _kernel_and_base(
+        la, batches, ~is_a, kernel_lora_a, kernel_draws, progress=progress
+    )
+    cache = LogitJacobianCache(
+        la, used, max_bytes=LOO_CACHE_BYTES, in_eigenbasis=True, progress=progress
+    )
     f_map = cache.logits.double().to(f_base.device)
     if len(f_map) < 2:
         raise ValueError("method='leave_one_out' needs at least two training examples.")
@@ -441,26 +454,32 @@ def loo_precision(
     n_samples: int | None = None,
     kernel_lora_a: str = "redrawn",
     kernel_draws: int | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """``(L,)``: ``lora_A`` at :func:`spread_matched_precision`, every other tensor at the
     ``δ_B`` whose joint MC predictive (``n_samples`` draws, common random numbers; ``None``:
     :func:`laplace_lora_ext.links.default_draws`, as ``la(x)`` draws), centred at
     the leave-one-out logits of :func:`loo_cache`, has the lowest NLL on the training
     labels (:func:`best_loo_precision`). Leaves ``la.prior_precision`` set to it.
+    ``progress``: tqdm bars over the passes over the batches and over the grid.
 
     Raises:
         UnchangedLogitsError, ValueError: as :func:`loo_cache`.
     """
-    cache = loo_cache(la, batches, kernel_lora_a, kernel_draws)
-    return best_loo_precision(la, [cache], n_samples)
+    cache = loo_cache(la, batches, kernel_lora_a, kernel_draws, progress=progress)
+    return best_loo_precision(la, [cache], n_samples, progress=progress)
 
 
 def best_loo_precision(
-    la: Any, caches: list[LogitJacobianCache], n_samples: int | None = None
+    la: Any,
+    caches: list[LogitJacobianCache],
+    n_samples: int | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """The search of :func:`loo_precision` on leave-one-out caches (their NLLs summed, and
     all-reduced over ranks): a coarse grid over ``10^-4 … 10^6`` (half decades), then
-    sixteenths of a decade around its best. Sets and returns ``la.prior_precision``."""
+    sixteenths of a decade around its best. Sets and returns ``la.prior_precision``.
+    ``progress``: a tqdm bar over each grid."""
     is_a = lora_a_mask(la.lora_param_names)
     base = spread_matched_precision(la).to(la._device, la._dtype)
 
@@ -468,9 +487,11 @@ def best_loo_precision(
         return torch.where(is_a.to(base.device), base, torch.full_like(base, delta))
 
     coarse = COARSE_LOG10.double()
-    best = float(coarse[int(_grid_nll(la, caches, prior_at, coarse, n_samples).argmin())])
+    nll = _grid_nll(la, caches, prior_at, coarse, n_samples, progress)
+    best = float(coarse[int(nll.argmin())])
     fine = best + FINE_STEP * torch.arange(-8, 9, dtype=torch.float64)
-    best = float(fine[int(_grid_nll(la, caches, prior_at, fine, n_samples).argmin())])
+    nll = _grid_nll(la, caches, prior_at, fine, n_samples, progress)
+    best = float(fine[int(nll.argmin())])
     prior = prior_at(10.0**best)
     la.prior_precision = prior
     return prior

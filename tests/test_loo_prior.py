@@ -5,6 +5,7 @@ Jacobians and base logits from a copy of the model with ``lora_B`` zeroed (float
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -309,7 +310,7 @@ def spy_draws(monkeypatch) -> dict[str, list]:
 
     seen: dict[str, list] = {"leave_one_out": [], "gridsearch": []}
 
-    def loo(la, batches, n_samples):
+    def loo(la, batches, n_samples, progress=False):
         seen["leave_one_out"].append(n_samples)
         return la.prior_precision
 
@@ -339,3 +340,84 @@ def test_the_rule_takes_the_default_draws_and_gridsearch_laplace_torchs(monkeypa
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
             la.optimize_prior_precision(n_samples=bad)
+
+
+def memorised_posterior(n: int = 6):
+    """A fitted ``kron`` posterior on a tiny trained adapter whose training NLL is set below
+    :data:`SATURATED_TRAIN_NLL`, so that the default takes the leave-one-out rule."""
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=n, n_classes=3, seed=4)
+    la = lora_laplace(model)
+    la.fit(loader(batch, 2))
+    la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data
+    return la
+
+
+def test_progress_bar_and_verbose_report_the_default_without_changing_it(capsys):
+    """``progress_bar=True`` shows the rule's passes and grids on stderr, ``verbose=True``
+    prints the rule, why the default took it and the prior; the prior is the same."""
+    la = memorised_posterior()
+    la.optimize_prior_precision()
+    quiet = la.prior_precision.clone()
+    assert capsys.readouterr() == ("", "")
+    la.optimize_prior_precision(progress_bar=True, verbose=True)
+    torch.testing.assert_close(la.prior_precision, quiet, rtol=0, atol=0)
+    out, err = capsys.readouterr()
+    for bar in ("[Leave-one-out kernel]", "GLM pass", "[Leave-one-out grid]"):
+        assert bar in err, bar
+    assert "method='leave_one_out' (the default: mean training NLL" in out
+    assert "training data memorised)" in out
+    is_a = lora_a_mask(la.lora_param_names)
+    assert f"others {float(quiet[~is_a][0]):.4g}–{float(quiet[~is_a][0]):.4g}" in out
+
+
+@pytest.mark.parametrize(
+    "method, bar",
+    [("lora_marglik", "[Evidence, round 1]"), ("function_space", "[Function-space pass]")],
+)
+def test_progress_bar_and_verbose_on_the_other_training_data_methods(capsys, method, bar):
+    la = memorised_posterior()
+    with pytest.warns(RuntimeWarning) if method == "lora_marglik" else nullcontext():
+        la.optimize_prior_precision(method=method, progress_bar=True, verbose=True)
+    out, err = capsys.readouterr()
+    assert bar in err
+    assert out.startswith(f"optimize_prior_precision: method={method!r}; prior precision lora_A")
+
+
+def test_the_default_says_why_it_used_the_evidence(capsys):
+    la = memorised_posterior()
+    la.loss = 2 * SATURATED_TRAIN_NLL * la.n_data  # not memorised: the evidence
+    la.optimize_prior_precision(verbose=True)
+    assert "method='lora_marglik' (the default: mean training NLL 0.02 >= 0.01)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_gridsearch_progress_bar_covers_the_validation_pass(capsys):
+    la = memorised_posterior()
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=loader(random_batch(n=4, seed=5), 2), progress_bar=True
+    )
+    err = capsys.readouterr().err
+    assert "GLM pass" in err and "[Grid search]" in err
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pred_type": "nn"}, "pred_type='nn' is not supported here"),
+        ({"method": "gridsearch", "pred_type": "nn"}, "Leave pred_type='glm'"),
+        ({"link_approx": "probit"}, "link_approx='probit' is used only by method='gridsearch'"),
+        ({"method": "leave_one_out", "link_approx": "bridge"}, "Leave link_approx='mc'"),
+        ({"val_loader": True}, "val_loader is used only by method='gridsearch'"),
+        ({"method": "marglik", "val_loader": True}, "Pass method='gridsearch' to tune on it"),
+    ],
+)
+def test_options_the_method_would_ignore_are_refused_and_the_prior_kept(kwargs, match):
+    la = memorised_posterior()
+    before = la.prior_precision.clone()
+    if kwargs.get("val_loader") or kwargs.get("method") == "gridsearch":
+        kwargs["val_loader"] = loader(random_batch(n=4, seed=5), 2)
+    with pytest.raises(ValueError, match=match):
+        la.optimize_prior_precision(**kwargs)
+    torch.testing.assert_close(la.prior_precision, before, rtol=0, atol=0)

@@ -97,7 +97,32 @@ def _prior_restored_on_error(la: Any) -> Iterator[None]:
         raise
 
 
-def _refuse_ignored_options(method: str, prior_structure: str | None, loss: Any) -> None:
+def _prior_ranges(prior: torch.Tensor, names: list[str]) -> str:
+    """``"lora_A a–b, others c–d"``: the range of a layerwise prior ``(L,)`` on the
+    ``lora_A`` tensors among ``names`` and on the rest (a scalar prior: its value)."""
+    prior = prior.detach().cpu().reshape(-1)
+    if prior.numel() == 1:
+        return f"{float(prior):.4g}"
+    is_a = priors.lora_a_mask(names)
+    parts = {"lora_A": prior[is_a], "others": prior[~is_a]}
+    return ", ".join(
+        f"{name} {float(v.min()):.4g}–{float(v.max()):.4g}" for name, v in parts.items() if len(v)
+    )
+
+
+#: Methods that score the joint MC predictive of :func:`laplace_lora_ext.loo_prior`
+#: (``"auto"`` may take it) and so would ignore another ``link_approx``.
+_JOINT_MC_RULES = ("auto", "leave_one_out")
+
+
+def _refuse_ignored_options(
+    method: str,
+    prior_structure: str | None,
+    loss: Any,
+    pred_type: str,
+    link_approx: str,
+    val_loader: Any,
+) -> None:
     """Raise for options the chosen method would otherwise ignore silently."""
     allowed = {
         "auto": (None, "layerwise"),
@@ -117,6 +142,24 @@ def _refuse_ignored_options(method: str, prior_structure: str | None, loss: Any)
         raise ValueError(
             "A custom loss is not supported: method='gridsearch' scores the validation NLL "
             "of the predictive; leave loss=None."
+        )
+    if val_loader is not None and method != "gridsearch":
+        raise ValueError(
+            f"val_loader is used only by method='gridsearch'; method={method!r} chooses the "
+            "prior without validation data. Pass method='gridsearch' to tune on it, or "
+            "drop val_loader."
+        )
+    if pred_type != "glm" and method != "marglik":
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) scores the linearised (GLM) "
+            f"predictive, the one la(x) uses by default; pred_type={pred_type!r} is not "
+            "supported here. Leave pred_type='glm'."
+        )
+    if link_approx != "mc" and method in _JOINT_MC_RULES:
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) scores the joint Monte Carlo "
+            f"predictive (link_approx='mc'), which defines its rule; link_approx="
+            f"{link_approx!r} is used only by method='gridsearch'. Leave link_approx='mc'."
         )
 
 
@@ -164,31 +207,48 @@ class PriorTuningMixin:
                 (:func:`laplace_lora_ext.links.default_draws`, chosen on validation data by
                 ``benchmarks/prior_loo_mc_draws_check.py``) and ``"gridsearch"``
                 laplace-torch's :data:`GRIDSEARCH_SAMPLES`.
+            progress_bar: tqdm bars over the passes over data (``fit``'s training data for
+                ``"leave_one_out"`` and ``"function_space"``, ``val_loader`` for
+                ``"gridsearch"``), over the grids and over the evidence's Adam steps.
+            verbose: print the method used (for the default, which rule and why) and the
+                prior it chose; ``"marglik"`` prints laplace-torch's own output.
             Others: as in laplace-torch's ``BaseLaplace.optimize_prior_precision``.
 
         Raises:
             ValueError: unknown ``method``, ``"gridsearch"`` without ``val_loader``, a
-                ``prior_structure`` the method does not support, or an ``n_samples`` that
-                is not an int ``>= 1``.
+                ``prior_structure`` the method does not support, an ``n_samples`` that
+                is not an int ``>= 1``, a ``val_loader`` without ``"gridsearch"``, a
+                ``pred_type`` other than ``"glm"`` (except with
+                ``"marglik"``, which passes it to laplace-torch), or a ``link_approx`` other
+                than ``"mc"`` for the rules defined by the joint MC predictive (``"auto"``,
+                ``"leave_one_out"``).
         """
         method = "auto" if method is None else method
         default = method == "auto"
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
-        _refuse_ignored_options(method, prior_structure, loss)
+        _refuse_ignored_options(method, prior_structure, loss, pred_type, link_approx, val_loader)
         if n_samples is not None:
             guards.check_n_samples(n_samples)
         with _prior_restored_on_error(self):  # a failed search leaves the prior as it was
             if default:
                 method = self._default_method()
             if method in ("function_space", "leave_one_out"):
-                if self._optimize_from_training_data(method, n_samples, fall_back=default):
+                if self._optimize_from_training_data(
+                    method, n_samples, fall_back=default, progress=progress_bar
+                ):
+                    self._report_prior(method, default, verbose)
                     return
                 method = "lora_marglik"
             if method == "lora_marglik":
                 self._optimize_lora_marglik(
-                    max(n_steps, 200), lr, float(init_prior_prec), default=default
+                    max(n_steps, 200),
+                    lr,
+                    float(init_prior_prec),
+                    default=default,
+                    progress=progress_bar,
                 )
+                self._report_prior(method, default, verbose)
             elif method == "linearised":
                 self._optimize_linearised(
                     prior_structure or "layerwise", max(n_steps, 500), verbose
@@ -268,7 +328,11 @@ class PriorTuningMixin:
             yield from distributed.FitShard(loader, self.dict_key_y).batches()
 
     def _optimize_from_training_data(
-        self, method: str, n_samples: int | None = None, fall_back: bool = False
+        self,
+        method: str,
+        n_samples: int | None = None,
+        fall_back: bool = False,
+        progress: bool = False,
     ) -> bool:
         """``"function_space"`` (:func:`laplace_lora_ext.prior.function_space_precision`)
         or ``"leave_one_out"`` (:func:`laplace_lora_ext.loo_prior.loo_precision`) on the
@@ -278,7 +342,7 @@ class PriorTuningMixin:
         adapter that has not changed the logits, or that did not start at ``lora_B = 0`` on
         the unchanged base weights, warns and returns ``False`` (the caller then uses
         ``"lora_marglik"``) instead of raising ``prior.UnchangedLogitsError`` or
-        ``adapter_init.AdapterInitError``.
+        ``adapter_init.AdapterInitError``. ``progress``: tqdm bars over the passes.
         """
         loaders = getattr(self, "_fit_loaders", None)
         if not loaders:
@@ -291,9 +355,12 @@ class PriorTuningMixin:
         try:
             _check_adapter_init(self.model, method)
             if method == "leave_one_out":
-                delta = loo_prior.loo_precision(self, batches, n_samples)
+                delta = loo_prior.loo_precision(self, batches, n_samples, progress=progress)
             else:
-                delta = priors.function_space_precision(self, batches)
+                bar = tqdm.tqdm(
+                    batches, desc="[Function-space pass]", leave=False, disable=not progress
+                )
+                delta = priors.function_space_precision(self, bar)
         except (priors.UnchangedLogitsError, adapter_init.AdapterInitError) as e:
             if not fall_back:
                 raise
@@ -306,6 +373,24 @@ class PriorTuningMixin:
         self.prior_precision = delta.to(self._device, self._dtype)
         return True
 
+    def _report_prior(self, method: str, default: bool, verbose: bool) -> None:
+        """With ``verbose``, print ``method``, why the default took it, and the prior's
+        range on ``lora_A`` and on the other tensors."""
+        if not verbose:
+            return
+        why, nll = "", f"mean training NLL {self._train_nll():.3g}"
+        if default and not self._training_data_memorised():
+            why = f" (the default: {nll} >= {SATURATED_TRAIN_NLL})"
+        elif default:
+            why = f" (the default: {nll} < {SATURATED_TRAIN_NLL}, training data memorised"
+            why += (
+                ")"
+                if method == "leave_one_out"
+                else "; leave-one-out did not apply, see the warning)"
+            )
+        ranges = _prior_ranges(self.prior_precision, self.lora_param_names)
+        print(f"optimize_prior_precision: method={method!r}{why}; prior precision {ranges}")
+
     # ------------------------------------------------------------------ lora_marglik
     def _optimize_lora_marglik(
         self,
@@ -314,6 +399,7 @@ class PriorTuningMixin:
         init: float,
         delta_a: torch.Tensor | None = None,
         default: bool = False,
+        progress: bool = False,
     ) -> None:
         """``lora_A``: spread-matched prior; every other tensor: layerwise marglik.
 
@@ -324,7 +410,8 @@ class PriorTuningMixin:
         with the ``lora_A`` ones held fixed. ``delta_a`` ``(L,)`` replaces the spread-matched
         precisions (entries at ``lora_A`` positions are used; for studies). ``default``:
         called as the default (``method="auto"``), which has already checked for memorised
-        data, so only the warnings of an explicit call are given.
+        data, so only the warnings of an explicit call are given. ``progress``: a tqdm bar
+        over each round's Adam steps.
         """
         fixed = priors.lora_a_mask(self.lora_param_names).to(self._device)
         if bool(fixed.all()):
@@ -344,8 +431,9 @@ class PriorTuningMixin:
             return full
 
         done = 0
-        for _ in range(LORA_MARGLIK_ROUNDS):  # until converged: some tensors' evidence is flat
-            for _ in range(n_steps):
+        for r in range(LORA_MARGLIK_ROUNDS):  # until converged: some tensors' evidence is flat
+            desc = f"[Evidence, round {r + 1}]"
+            for _ in tqdm.tqdm(range(n_steps), desc=desc, leave=False, disable=not progress):
                 optimizer.zero_grad()
                 (-self.log_marginal_likelihood(prior_precision=precision())).backward()
                 optimizer.step()
@@ -462,7 +550,7 @@ class PriorTuningMixin:
             )
         self._check_H_init()
         cached = LogitJacobianCache(
-            self, val_loader, max_bytes=GRID_CACHE_BYTES, in_eigenbasis=True
+            self, val_loader, max_bytes=GRID_CACHE_BYTES, in_eigenbasis=True, progress=progress_bar
         )
         labels = cached.labels
         scores = []
