@@ -117,7 +117,8 @@ def rescore_checkpoint(
     for split, examples in splits.items():
         cache = LogitJacobianCache(la, make_loader(examples, collate, args.la_batch_size))
         rows = ckpt[split]
-        map_diffs.append(map_max_abs_diff(rows, cache))
+        if "map" in rows:  # a candidate's validation split gets its MAP row below
+            map_diffs.append(map_max_abs_diff(rows, cache))
         if method is not None:
             score_previous(la, cache, rows, previous, args, seed)
         elif "la_previous" not in rows:
