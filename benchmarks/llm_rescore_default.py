@@ -89,7 +89,10 @@ def score_previous(la, cache, rows: dict, previous: torch.Tensor, args, seed: in
 def map_max_abs_diff(rows: dict, cache: LogitJacobianCache) -> float:
     """Largest absolute difference between the file's MAP metrics (``rows["map"]``) and
     those of the model in ``cache``: 0 (to float noise) when the rebuilt model is the one
-    the file's other rows were computed on."""
+    the file's other rows were computed on; 0 for a split without a MAP row (a candidate
+    run's validation split, scored afresh)."""
+    if "map" not in rows:
+        return 0.0
     new = classification_metrics(cache.logits.softmax(-1).float(), cache.labels)
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS)
 
@@ -117,8 +120,7 @@ def rescore_checkpoint(
     for split, examples in splits.items():
         cache = LogitJacobianCache(la, make_loader(examples, collate, args.la_batch_size))
         rows = ckpt[split]
-        if "map" in rows:  # a candidate's validation split gets its MAP row below
-            map_diffs.append(map_max_abs_diff(rows, cache))
+        map_diffs.append(map_max_abs_diff(rows, cache))
         if method is not None:
             score_previous(la, cache, rows, previous, args, seed)
         elif "la_previous" not in rows:
