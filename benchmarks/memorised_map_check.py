@@ -12,6 +12,13 @@ within 1 point of MAP's, means over seeds) against either MAP::
 
     python -m benchmarks.memorised_map_check
 
+``--source``, ``--tasks`` and ``--name`` run it on other result files, e.g. the held-out
+checkpoints re-scored with the leave-one-out rule's default draws (re-trained models)::
+
+    python -m benchmarks.memorised_map_check --tasks pet_species_mc \
+        --source "prior_loo_mc_draws_heldout_{task}_3seeds.json" \
+        --name prior_loo_mc_draws_heldout_map_check
+
 Writes ``results/memorised_map_check.{json,md}``. It reads test splits only to compare two
 scorings of the same predictions' reference; nothing is chosen from it.
 """
@@ -43,9 +50,10 @@ def map_metrics(c: calib.CachedCheckpoint, examples: list, batch_size: int) -> d
     return {k: float(metrics[k]) for k in calib.METRICS}
 
 
-def check_task(task: str, results: Path) -> list[dict]:
-    """One row per checkpoint of ``task``: file's and cached MAP, and the file's default."""
-    payload = json.loads((results / SOURCE.format(task=task)).read_text())
+def check_task(task: str, results: Path, source: str = SOURCE) -> list[dict]:
+    """One row per checkpoint of ``task`` in ``source`` (a file name with ``{task}``):
+    file's and cached MAP, and the file's default."""
+    payload = json.loads((results / source.format(task=task)).read_text())
     args = argparse.Namespace(**payload["args"])
     rows = []
     for c in calib.cached_checkpoints(payload["runs"], args, skip=lambda ckpt: False):
@@ -69,13 +77,12 @@ def acc_bar(rows: list[dict], task: str, reference: str) -> tuple[float, float, 
     return acc, ref, acc >= ref - 1 - 1e-6
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], source: str = SOURCE) -> str:
     lines = [
         "# The memorised study's MAP rows against the cached checkpoints (test)",
         "",
         "`python -m benchmarks.memorised_map_check`. MAP ACC / NLL / conf from the file "
-        "(`prior_loo_draws_{task}.json`) and from the cached model the default was "
-        "re-scored on.",
+        f"(`{source}`) and from the cached model the default was re-scored on.",
         "",
         "| task | seed | split | MAP, file | MAP, cached model | default (file) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -98,13 +105,18 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="MAP rows of a result file against its cache.")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--source", default=SOURCE, help="result file name, with {task}")
+    p.add_argument("--name", default=NAME, help="output name under results/")
+    a = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [row for task in TASKS for row in check_task(task, calib.RESULTS)]
-    out = calib.RESULTS / NAME
+    rows = [row for task in a.tasks for row in check_task(task, calib.RESULTS, a.source)]
+    out = calib.RESULTS / a.name
     out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(render(rows))
-    print(render(rows))
+    out.with_suffix(".md").write_text(render(rows, a.source))
+    print(render(rows, a.source))
 
 
 if __name__ == "__main__":
