@@ -61,6 +61,11 @@ CANDIDATES = {
     "leave_one_out_8_draws": lambda la: loo_prior.loo_precision(
         la, la._fit_batches(la._fit_loaders), kernel_draws=8
     ),
+    # the current rule with its grid scored by 100 draws, as until the change to the
+    # default draws (the held-out re-score: the previous draws on the re-trained models)
+    "leave_one_out_100_grid_draws": lambda la: loo_prior.loo_precision(
+        la, la._fit_batches(la._fit_loaders), n_samples=100
+    ),
 }
 
 
