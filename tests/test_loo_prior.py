@@ -421,3 +421,22 @@ def test_options_the_method_would_ignore_are_refused_and_the_prior_kept(kwargs, 
     with pytest.raises(ValueError, match=match):
         la.optimize_prior_precision(**kwargs)
     torch.testing.assert_close(la.prior_precision, before, rtol=0, atol=0)
+
+
+def test_gridsearch_and_linearised_report_in_the_same_format(capsys):
+    """Every method's ``verbose=True`` line has the same form; gridsearch adds its best
+    validation NLL."""
+    la = memorised_posterior()
+    batch = random_batch(n=4, n_classes=3, seed=5)
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=loader(batch, 2), grid_size=3, verbose=True
+    )
+    out = capsys.readouterr().out
+    delta = float(la.prior_precision.reshape(-1)[0])
+    assert out.startswith(
+        f"optimize_prior_precision: method='gridsearch'; prior precision {delta:.4g}; "
+        "validation NLL "
+    )
+    la.optimize_prior_precision(method="linearised", verbose=True)
+    out = capsys.readouterr().out
+    assert out.startswith("optimize_prior_precision: method='linearised'; prior precision ")

@@ -285,8 +285,7 @@ class PriorTuningMixin:
         )
         self.prior_precision = fit.deltas.to(self._device, self._dtype)
         self.prior_fit = fit
-        if verbose:
-            print(f"linearised evidence: prior precision {self.prior_precision.tolist()}")
+        self._report_prior("linearised", False, verbose)
 
     # ------------------------------------------------------------------ function space
     def _default_method(self) -> str:
@@ -373,9 +372,10 @@ class PriorTuningMixin:
         self.prior_precision = delta.to(self._device, self._dtype)
         return True
 
-    def _report_prior(self, method: str, default: bool, verbose: bool) -> None:
-        """With ``verbose``, print ``method``, why the default took it, and the prior's
-        range on ``lora_A`` and on the other tensors."""
+    def _report_prior(self, method: str, default: bool, verbose: bool, score: str = "") -> None:
+        """With ``verbose``, print ``method``, why the default took it, the prior's range on
+        ``lora_A`` and on the other tensors, and ``score`` (the criterion's best value,
+        if the method has one to show)."""
         if not verbose:
             return
         why, nll = "", f"mean training NLL {self._train_nll():.3g}"
@@ -389,7 +389,8 @@ class PriorTuningMixin:
                 else "; leave-one-out did not apply, see the warning)"
             )
         ranges = _prior_ranges(self.prior_precision, self.lora_param_names)
-        print(f"optimize_prior_precision: method={method!r}{why}; prior precision {ranges}")
+        score = f"; {score}" if score else ""
+        print(f"optimize_prior_precision: method={method!r}{why}; prior precision {ranges}{score}")
 
     # ------------------------------------------------------------------ lora_marglik
     def _optimize_lora_marglik(
@@ -560,8 +561,7 @@ class PriorTuningMixin:
             scores.append(_mean_nll(cached.probs(self, link_approx, n_samples, gen), labels))
         best = int(torch.tensor(scores).nan_to_num(float("inf")).argmin())
         self.prior_precision = float(grid[best])
-        if verbose:
-            print(f"gridsearch: prior precision {float(grid[best]):.4g}, NLL {scores[best]:.4f}")
+        self._report_prior("gridsearch", False, verbose, f"validation NLL {scores[best]:.4f}")
 
 
 def _mean_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
