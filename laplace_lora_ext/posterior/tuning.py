@@ -389,8 +389,8 @@ class PriorTuningMixin:
                 else "; leave-one-out did not apply, see the warning)"
             )
         ranges = _prior_ranges(self.prior_precision, self.lora_param_names)
-        score = f"; {score}" if score else ""
-        print(f"optimize_prior_precision: method={method!r}{why}; prior precision {ranges}{score}")
+        line = f"optimize_prior_precision: method={method!r}{why}; prior precision {ranges}"
+        print(f"{line}; {score}" if score else line)
 
     # ------------------------------------------------------------------ lora_marglik
     def _optimize_lora_marglik(
