@@ -91,13 +91,13 @@ def score_previous(la, cache, rows: dict, previous: torch.Tensor, args, seed: in
     la.prior_precision = chosen
 
 
-def map_max_abs_diff(rows: dict, cache: LogitJacobianCache) -> float:
+def map_max_abs_diff(rows: dict, cache: LogitJacobianCache) -> float | None:
     """Largest absolute difference between the file's MAP metrics (``rows["map"]``) and
     those of the model in ``cache``: 0 (to float noise) when the rebuilt model is the one
-    the file's other rows were computed on; 0 for a split without a MAP row (a candidate
-    run's validation split, scored afresh)."""
+    the file's other rows were computed on; ``None`` for a split without a MAP row (a
+    candidate run's validation split, scored afresh), which has nothing to compare."""
     if "map" not in rows:
-        return 0.0
+        return None
     new = classification_metrics(cache.logits.softmax(-1).float(), cache.labels)
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS)
 
@@ -146,7 +146,8 @@ def rescore_checkpoint(
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
-    ckpt["_rescore_map_max_abs_diff"] = max(map_diffs)  # the rebuilt model is the file's?
+    # the rebuilt model is the file's? (splits without a MAP row have nothing to compare)
+    ckpt["_rescore_map_max_abs_diff"] = max(d for d in map_diffs if d is not None)
     ckpt["_prior"]["la_previous"] = (
         previous.tolist() if method else ckpt["_prior"].get("la_previous", ckpt["_prior"]["la"])
     )

@@ -61,7 +61,7 @@ def rescore_diag(c: calib.CachedCheckpoint, args: argparse.Namespace) -> None:
         score_rows(rows, "la_diag", calib.mc_probs(cache, la, args, c.seed), cache.labels)
     ckpt["_prior"]["la_diag"] = la.prior_precision.tolist()
     ckpt["_diag_rescore"] = {
-        "map_max_abs_diff": max(diffs),
+        "map_max_abs_diff": max(d for d in diffs if d is not None),
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
     }
     if "shift_auroc" in ckpt:
