@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -77,11 +78,24 @@ def acc_bar(rows: list[dict], task: str, reference: str) -> tuple[float, float, 
     return acc, ref, acc >= ref - 1 - 1e-6
 
 
-def render(rows: list[dict], source: str = SOURCE) -> str:
+def command_line(tasks: list[str], source: str, name: str) -> str:
+    """The command that reproduces a run: the flags that differ from the defaults."""
+    words = ["python", "-m", "benchmarks.memorised_map_check"]
+    if list(tasks) != list(TASKS):
+        words += ["--tasks", *tasks]
+    if source != SOURCE:
+        words += ["--source", source]
+    if name != NAME:
+        words += ["--name", name]
+    return shlex.join(words)
+
+
+def render(rows: list[dict], source: str = SOURCE, command: str | None = None) -> str:
+    command = command or command_line(list(TASKS), source, NAME)
     lines = [
         "# The memorised study's MAP rows against the cached checkpoints (test)",
         "",
-        "`python -m benchmarks.memorised_map_check`. MAP ACC / NLL / conf from the file "
+        f"`{command}`. MAP ACC / NLL / conf from the file "
         f"(`{source}`) and from the cached model the default was re-scored on.",
         "",
         "| task | seed | split | MAP, file | MAP, cached model | default (file) |",
@@ -115,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row for task in a.tasks for row in check_task(task, calib.RESULTS, a.source)]
     out = calib.RESULTS / a.name
     out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(render(rows, a.source))
-    print(render(rows, a.source))
+    report = render(rows, a.source, command_line(a.tasks, a.source, a.name))
+    out.with_suffix(".md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import types
 from pathlib import Path
 
@@ -452,3 +453,33 @@ def test_default_path_sweep_report_is_the_committed_one():
     failed = {"arch": "opt", "variant": "plain", "memorised_run": True, "error": "ValueError: x"}
     text = S.render([failed], "kron", 2)
     assert "**error** | | ValueError: x |" in text and "0 of 1 runs" in text
+
+
+def test_map_check_report_names_the_flags_it_ran_with():
+    from benchmarks import memorised_map_check as C
+
+    assert (
+        C.command_line(list(C.TASKS), C.SOURCE, C.NAME)
+        == "python -m benchmarks.memorised_map_check"
+    )
+    line = C.command_line(["pet_species_mc"], "x_{task}_3seeds.json", "x_check")
+    assert shlex.split(line)[3:] == [
+        "--tasks",
+        "pet_species_mc",
+        "--source",
+        "x_{task}_3seeds.json",
+        "--name",
+        "x_check",
+    ]
+    rows = [
+        {
+            "task": "t",
+            "seed": 0,
+            "split": "test",
+            **{
+                k: {"acc": 0.5, "nll": 0.7, "conf": 0.6}
+                for k in ("map_file", "map_cached", "default")
+            },
+        }
+    ]
+    assert f"`{line}`" in C.render(rows, "x_{task}_3seeds.json", line)
