@@ -102,6 +102,12 @@ def map_max_abs_diff(rows: dict, cache: LogitJacobianCache) -> float | None:
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS)
 
 
+def largest_map_diff(diffs: list[float | None]) -> float:
+    """The largest of a checkpoint's per-split :func:`map_max_abs_diff`, skipping the
+    splits without a MAP row (``None``); the test split always has one."""
+    return max(d for d in diffs if d is not None)
+
+
 def rescore_checkpoint(
     wrapper, data, shifted, collate, args, seed: int, ckpt: dict, method: str | None = None
 ) -> None:
@@ -146,8 +152,7 @@ def rescore_checkpoint(
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
-    # the rebuilt model is the file's? (splits without a MAP row have nothing to compare)
-    ckpt["_rescore_map_max_abs_diff"] = max(d for d in map_diffs if d is not None)
+    ckpt["_rescore_map_max_abs_diff"] = largest_map_diff(map_diffs)  # the file's model?
     ckpt["_prior"]["la_previous"] = (
         previous.tolist() if method else ckpt["_prior"].get("la_previous", ckpt["_prior"]["la"])
     )

@@ -36,7 +36,12 @@ import torch
 
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
-from benchmarks.llm_rescore_default import map_max_abs_diff, score_rows, write_rescored
+from benchmarks.llm_rescore_default import (
+    largest_map_diff,
+    map_max_abs_diff,
+    score_rows,
+    write_rescored,
+)
 from benchmarks.tasks import make_loader
 from laplace_lora_ext.jacobian_cache import LogitJacobianCache
 
@@ -61,7 +66,7 @@ def rescore_diag(c: calib.CachedCheckpoint, args: argparse.Namespace) -> None:
         score_rows(rows, "la_diag", calib.mc_probs(cache, la, args, c.seed), cache.labels)
     ckpt["_prior"]["la_diag"] = la.prior_precision.tolist()
     ckpt["_diag_rescore"] = {
-        "map_max_abs_diff": max(d for d in diffs if d is not None),
+        "map_max_abs_diff": largest_map_diff(diffs),
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
     }
     if "shift_auroc" in ckpt:
