@@ -1,0 +1,217 @@
+"""Where today's default stands on issue 13's bars: one table from the committed results
+that score it (test splits, means over 3 seeds; nothing is run or chosen here).
+
+The bars were measured by several benchmarks, and the calibration files' own ``la`` rows
+predate changes to the default's Monte Carlo draws and to the leave-one-out rule. Each
+source below is the latest committed re-score of the current default on its checkpoints:
+
+* **10 epochs** (early and overfit checkpoints, fine foods' shift), 3 tasks × 3 seeds:
+  ``mc_default_draws_bars.json``, column ``"default draws"``: the files' fits and priors
+  (the evidence, which the default uses there), predicted with the library's default draws;
+* **memorised** (30 epochs), the same tasks and seeds: ``prior_loo_mc_draws.json``, rule
+  ``"loo_default"``: the current leave-one-out rule re-run on the cached models;
+* **held-out tasks, memorised** (chosen after the rules were fixed):
+  ``prior_loo_mc_draws_heldout_bars.json``;
+* **held-out tasks, early**: ``llm_heldout_bars.json``, regime ``"early"`` (the evidence,
+  scored with 1000 draws).
+
+::
+
+    python -m benchmarks.llm_status
+
+Writes ``results/llm_status.{json,md}``, the bars table between ``<!-- status:start/end -->``
+in README.md and docs/benchmarks.md, and between ``<!-- memorised-now:start/end -->`` in
+README.md the memorised benchmark's MAP, temperature scaling and default on the same
+(re-trained, cached) models: ``prior_loo_mc_draws_<task>_seed<s>.json``, test split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from benchmarks.llm_summary import _replace
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+NAME = "llm_status"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One benchmark's bars: where they are read from and how.
+
+    ``rows(payload)`` returns the bar rows (``task``, ``regime``, ``bar``, ``value``,
+    ``target``, ``met``) of the committed ``results/<file>``.
+    """
+
+    label: str
+    checkpoints: str
+    file: str
+    rows: Callable[[dict], list[dict]]
+
+
+def ten_epoch_rows(payload: dict) -> list[dict]:
+    """Early and overfit (with shift) bars with the default draws, per ``task:regime``."""
+    rows = []
+    for key, entry in payload.items():
+        task, regime = key.split(":")
+        if regime in ("early", "overfit"):
+            for bar in entry["bars"]["default draws"]:
+                rows.append({"task": task, "regime": regime, **bar})
+    return rows
+
+
+def memorised_rows(payload: dict) -> list[dict]:
+    """The current leave-one-out rule's bars (``rule == "loo_default"``)."""
+    return [
+        {"regime": "memorised", **{k: v for k, v in row.items() if k != "rule"}}
+        for row in payload["bars"]
+        if row["rule"] == "loo_default"
+    ]
+
+
+def regime_rows(regime: str) -> Callable[[dict], list[dict]]:
+    """The rows of one regime from a ``{"rows": [...]}`` bars file."""
+    return lambda payload: [row for row in payload["rows"] if row["regime"] == regime]
+
+
+SOURCES = (
+    Source(
+        "3 tasks, 10 epochs",
+        "early, overfit, shift",
+        "mc_default_draws_bars.json",
+        ten_epoch_rows,
+    ),
+    Source("3 tasks, memorised", "30 epochs, shift", "prior_loo_mc_draws.json", memorised_rows),
+    Source(
+        "2 held-out tasks, memorised",
+        "30 epochs",
+        "prior_loo_mc_draws_heldout_bars.json",
+        regime_rows("overfit"),
+    ),
+    Source("2 held-out tasks, early", "early", "llm_heldout_bars.json", regime_rows("early")),
+)
+
+
+def summarize(payloads: dict[str, dict], sources: tuple[Source, ...] = SOURCES) -> dict:
+    """Per source: bars met, bars in all, and the missed rows; plus the totals.
+
+    ``payloads``: each source's committed JSON, by file name.
+    """
+    benchmarks = []
+    for source in sources:
+        rows = source.rows(payloads[source.file])
+        if not rows:
+            raise ValueError(f"{source.file} has no bars for {source.label!r}.")
+        benchmarks.append(
+            {
+                "label": source.label,
+                "checkpoints": source.checkpoints,
+                "file": source.file,
+                "met": sum(row["met"] for row in rows),
+                "bars": len(rows),
+                "missed": [row for row in rows if not row["met"]],
+            }
+        )
+    return {
+        "benchmarks": benchmarks,
+        "met": sum(b["met"] for b in benchmarks),
+        "bars": sum(b["bars"] for b in benchmarks),
+    }
+
+
+def _missed_cell(missed: list[dict]) -> str:
+    if not missed:
+        return "none"
+    return "; ".join(
+        f"{row['task']} {row['regime']}, {row['bar']}: {row['value']:g} (target {row['target']})"
+        for row in missed
+    )
+
+
+def render(summary: dict) -> str:
+    """The markdown table: one row per benchmark, then the total."""
+    lines = [
+        "| benchmark | checkpoints | bars met | missed: value (target) | source |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for b in summary["benchmarks"]:
+        lines.append(
+            f"| {b['label']} | {b['checkpoints']} | {b['met']} of {b['bars']} | "
+            f"{_missed_cell(b['missed'])} | `{b['file']}` |"
+        )
+    lines.append("")
+    lines.append(f"{summary['met']} of {summary['bars']} bars met with today's default.")
+    return "\n".join(lines) + "\n"
+
+
+MEMORISED_TASKS = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
+MEMORISED_METHODS = {
+    "map": "MAP",
+    "temp": "temperature scaling (validation)",
+    "loo_default": "**Laplace-LoRA, default**",
+}
+
+
+def memorised_means(per_seed: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    """``{method: {task: {metric: mean over seeds}}}`` on the test split, for
+    ACC, ECE, confidence (×100) and NLL; ``per_seed``: each task's per-seed payloads."""
+    out: dict[str, dict[str, dict]] = {}
+    for method in MEMORISED_METHODS:
+        for task, payloads in per_seed.items():
+            rows = [p["test"][method] for p in payloads]
+            out.setdefault(method, {})[task] = {
+                m: mean(r[m] for r in rows) * (1 if m == "nll" else 100)
+                for m in ("acc", "ece", "nll", "conf")
+            } | {"seeds": len(rows)}
+    return out
+
+
+def render_memorised(means: dict[str, dict[str, dict]]) -> str:
+    """Methods × tasks, cells ``ACC / ECE / NLL / confidence``."""
+    tasks = list(next(iter(means.values())))
+    lines = ["| method | " + " | ".join(f"`{t}`" for t in tasks) + " |"]
+    lines.append("| --- |" + " --- |" * len(tasks))
+    for method, label in MEMORISED_METHODS.items():
+        cells = (means[method][t] for t in tasks)
+        lines.append(
+            f"| {label} | "
+            + " | ".join(
+                f"{c['acc']:.1f} / {c['ece']:.1f} / {c['nll']:.3f} / {c['conf']:.0f}" for c in cells
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _memorised_per_seed() -> dict[str, list[dict]]:
+    return {
+        task: [
+            json.loads(p.read_text())
+            for p in sorted(RESULTS.glob(f"prior_loo_mc_draws_{task}_seed*.json"))
+        ]
+        for task in MEMORISED_TASKS
+    }
+
+
+def main() -> None:
+    payloads = {s.file: json.loads((RESULTS / s.file).read_text()) for s in SOURCES}
+    summary = summarize(payloads)
+    means = memorised_means(_memorised_per_seed())
+    table, memorised = render(summary), render_memorised(means)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(summary | {"memorised_now": means}, indent=1))
+    header = "# Issue 13's bars with today's default (test, means over 3 seeds)\n\n"
+    memorised_md = "\n## Memorised, same models\n\n" + memorised
+    (RESULTS / f"{NAME}.md").write_text(header + table + memorised_md)
+    for page in (ROOT / "README.md", ROOT / "docs" / "benchmarks.md"):
+        _replace(page, "status", table)
+    _replace(ROOT / "README.md", "memorised-now", memorised)
+    print(table + "\n" + memorised)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""``benchmarks.llm_status``: the bars of today's default, read from committed results."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from benchmarks import llm_status as S
+
+
+def _bar(name: str, met: bool, value: float = 1.0) -> dict:
+    return {"bar": name, "value": value, "target": "≤ 2", "met": met}
+
+
+def _payloads() -> dict[str, dict]:
+    ten = {
+        "a:early": {"bars": {"default draws": [_bar("e", True)], "1000 draws": [_bar("x", False)]}},
+        "a:overfit": {"bars": {"default draws": [_bar("o", True), _bar("shift", False, 3.5)]}},
+        "a:memorised": {"bars": {"default draws": [_bar("m", False)]}},
+    }
+    memorised = {
+        "bars": [
+            {"task": "a", "rule": "loo_100", **_bar("acc", False)},
+            {"task": "a", "rule": "loo_default", **_bar("acc", True)},
+        ]
+    }
+    heldout = {"rows": [{"task": "h", "regime": "overfit", **_bar("acc", True)}]}
+    early = {
+        "rows": [
+            {"task": "h", "regime": "early", **_bar("ece", True)},
+            {"task": "h", "regime": "overfit", **_bar("conf", False)},
+        ]
+    }
+    return {s.file: p for s, p in zip(S.SOURCES, (ten, memorised, heldout, early), strict=True)}
+
+
+def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
+    summary = S.summarize(_payloads())
+    counts = [(b["met"], b["bars"]) for b in summary["benchmarks"]]
+    # 10 epochs: early + overfit with the default draws only (the memorised key is not theirs)
+    assert counts == [(2, 3), (1, 1), (1, 1), (1, 1)]
+    assert (summary["met"], summary["bars"]) == (5, 6)
+    (missed,) = summary["benchmarks"][0]["missed"]
+    assert (missed["task"], missed["regime"], missed["bar"]) == ("a", "overfit", "shift")
+    table = S.render(summary)
+    assert "a overfit, shift: 3.5 (target ≤ 2)" in table
+    assert "| 2 of 3 |" in table and table.endswith("5 of 6 bars met with today's default.\n")
+
+
+def test_a_source_without_bars_is_an_error_not_a_perfect_score():
+    payloads = _payloads()
+    payloads["llm_heldout_bars.json"] = {"rows": []}
+    with pytest.raises(ValueError, match="llm_heldout_bars.json has no bars"):
+        S.summarize(payloads)
+
+
+def _committed_summary() -> dict:
+    paths = [S.RESULTS / s.file for s in S.SOURCES]
+    if not all(p.exists() for p in paths):
+        pytest.skip("results not committed")
+    return S.summarize({p.name: json.loads(p.read_text()) for p in paths})
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_the_pages_quote_the_committed_status(page):
+    summary = _committed_summary()
+    text = (S.ROOT / page).read_text()
+    block = re.search(r"<!-- status:start -->\n(.*?)<!-- status:end -->", text, flags=re.S)
+    assert block is not None, f"{page} lacks the status markers"
+    assert block.group(1) == S.render(summary)
+    committed = json.loads((S.RESULTS / f"{S.NAME}.json").read_text())
+    assert {k: v for k, v in committed.items() if k != "memorised_now"} == summary
+
+
+def _seed(acc: float, nll: float) -> dict:
+    metrics = {"acc": acc, "ece": 0.1, "nll": nll, "conf": 0.5}
+    return {"test": {m: dict(metrics) for m in S.MEMORISED_METHODS}}
+
+
+def test_memorised_means_average_seeds_in_points_but_nll():
+    means = S.memorised_means({"t": [_seed(0.6, 1.0), _seed(0.7, 2.0)]})
+    cell = means["loo_default"]["t"]
+    assert cell["acc"] == pytest.approx(65.0) and cell["nll"] == pytest.approx(1.5)
+    assert cell["seeds"] == 2
+    assert "| **Laplace-LoRA, default** | 65.0 / 10.0 / 1.500 / 50 |" in S.render_memorised(means)
+
+
+def test_readme_quotes_the_committed_memorised_means():
+    per_seed = S._memorised_per_seed()
+    if not all(per_seed.values()):
+        pytest.skip("results not committed")
+    text = (S.ROOT / "README.md").read_text()
+    block = re.search(r"<!-- memorised-now:start -->\n(.*?)<!-- memorised-now:end -->", text, re.S)
+    assert block is not None and block.group(1) == S.render_memorised(S.memorised_means(per_seed))
