@@ -46,8 +46,15 @@ class _DictModule(nn.Module):
             inputs = dict(batch)
         elif batch is None:
             inputs = {}
-        else:
+        elif torch.is_tensor(batch):
             inputs = {"input_ids": batch}
+        else:
+            raise TypeError(
+                f"Expected a dict batch (input_ids, attention_mask, ...) or an input_ids tensor, "
+                f"got {type(batch).__name__}. Pass the batch as a dict, e.g. "
+                "{'input_ids': ids, 'attention_mask': mask}: laplace-torch calls model(batch) "
+                "with the whole batch."
+            )
         inputs.update(kwargs)
         inputs.pop(self.label_key, None)
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:

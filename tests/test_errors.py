@@ -110,6 +110,17 @@ def test_causal_lm_without_choice_wrapper():
         make(model).fit(loader(random_batch(4, 5, 3), 4))
 
 
+@pytest.mark.parametrize("batch", ["tuple", "list"])
+def test_a_batch_that_is_neither_dict_nor_tensor_names_the_dict_form(batch):
+    case = make_case("llama")
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    ids, mask = case.batch["input_ids"], case.batch["attention_mask"]
+    bad = (ids, mask) if batch == "tuple" else ids.tolist()
+    with pytest.raises(TypeError, match=r"dict batch .*'input_ids': ids, 'attention_mask': mask"):
+        la(bad, link_approx="mc")
+
+
 def test_prediction_options():
     case = make_case("llama")
     la = make(case.model)
