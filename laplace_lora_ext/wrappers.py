@@ -59,6 +59,10 @@ class _DictModule(nn.Module):
         inputs.pop(self.label_key, None)
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise ValueError("Batch has neither input_ids nor inputs_embeds.")
+        if torch.is_tensor(inputs.get("input_ids")):
+            check_input_ids(
+                inputs["input_ids"], inputs.get("attention_mask"), _n_tokens(self.model)
+            )
         return inputs
 
 
@@ -147,6 +151,52 @@ def _check_token_ids(target_ids: Any, vocab_size: int | None) -> list[int]:
             "would silently index from the end of the vocabulary."
         )
     return ids
+
+
+def check_input_ids(
+    ids: torch.Tensor, attention_mask: Any = None, n_tokens: int | None = None
+) -> None:
+    """Raise a clear error for ``input_ids`` the embedding would reject with a bare
+    ``IndexError`` or dtype error (or, for a mismatched mask, read wrongly).
+
+    Args:
+        ids: ``(B, T)`` integer token ids.
+        attention_mask: ``(B, T)`` or ``None``.
+        n_tokens: rows of the input embedding (ids must lie in ``0..n_tokens-1``), if known.
+    """
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(
+            f"input_ids must be integer token ids, got dtype {ids.dtype}; use ids.long()."
+        )
+    if ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be (batch, seq_len), got shape {tuple(ids.shape)}; for one "
+            "example add the batch dimension with ids.unsqueeze(0)."
+        )
+    if torch.is_tensor(attention_mask) and attention_mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
+            f"{tuple(ids.shape)}; they must match (tokenise them together)."
+        )
+    if ids.numel() and n_tokens is not None:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= n_tokens:
+            raise ValueError(
+                f"input_ids range over {low}..{high} but the model's embedding has {n_tokens} "
+                f"tokens (0..{n_tokens - 1}): was the batch tokenised with another model's "
+                "tokenizer?"
+            )
+
+
+def _n_tokens(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding, if it has one."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except NotImplementedError:
+        return None
+    weight = getattr(embedding, "weight", None)
+    return int(weight.shape[0]) if torch.is_tensor(weight) and weight.ndim == 2 else None
 
 
 def _vocab_size(model: nn.Module) -> int | None:

@@ -121,6 +121,38 @@ def test_a_batch_that_is_neither_dict_nor_tensor_names_the_dict_form(batch):
         la(bad, link_approx="mc")
 
 
+def _bad_inputs(batch: dict, kind: str) -> dict:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return {
+        "float": {"input_ids": ids.float(), "attention_mask": mask},
+        "1-D": {"input_ids": ids[0]},
+        "mask": {"input_ids": ids, "attention_mask": mask[:, :3]},
+        "too large": {"input_ids": ids + 1000, "attention_mask": mask},
+        "negative": {"input_ids": ids - 1000, "attention_mask": mask},
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind, exc, match",
+    [
+        ("float", TypeError, r"integer token ids, got dtype torch.float32; use ids.long\(\)"),
+        ("1-D", ValueError, r"\(batch, seq_len\), got shape \(\d+,\).*unsqueeze\(0\)"),
+        ("mask", ValueError, r"attention_mask has shape \(\d+, 3\) but input_ids"),
+        ("too large", ValueError, r"embedding has 40 tokens \(0..39\).*another model's tokenizer"),
+        ("negative", ValueError, r"input_ids range over -\d+\.\."),
+    ],
+)
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_bad_input_ids_are_named_before_the_embedding_sees_them(kind, exc, match, model_name):
+    case = make_case(model_name)
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    with pytest.raises(exc, match=match):
+        la(_bad_inputs(case.batch, kind), link_approx="mc")
+    with pytest.raises(exc, match=match):  # the fit's batches go through the same check
+        make(case.model).fit([{**_bad_inputs(case.batch, kind), "labels": case.batch["labels"]}])
+
+
 def test_prediction_options():
     case = make_case("llama")
     la = make(case.model)
