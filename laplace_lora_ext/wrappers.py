@@ -5,7 +5,9 @@
 * :class:`SequenceClassifier`: a sequence-classification model's ``.logits``.
 
 Both accept HF dict batches (``input_ids``, ``attention_mask``; a ``labels`` entry is
-ignored) and can be called as ``wrapper(batch_dict)`` or ``wrapper(**batch_dict)``.
+ignored) and can be called as ``wrapper(batch_dict)`` or ``wrapper(**batch_dict)``. Ids that
+the embedding would reject with a bare ``IndexError`` or dtype error (float, 1-D, outside the
+vocabulary) and a mask of another shape raise a clear error first (:func:`check_input_ids`).
 """
 
 from __future__ import annotations
