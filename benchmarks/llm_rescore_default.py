@@ -102,10 +102,16 @@ def map_max_abs_diff(rows: dict, cache: LogitJacobianCache) -> float | None:
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS)
 
 
-def largest_map_diff(diffs: list[float | None]) -> float:
+def largest_map_diff(diffs: list[float | None]) -> float | None:
     """The largest of a checkpoint's per-split :func:`map_max_abs_diff`, skipping the
-    splits without a MAP row (``None``); the test split always has one."""
-    return max(d for d in diffs if d is not None)
+    splits without a MAP row (``None``); ``None`` if no split has one (the benchmarks'
+    test split always does)."""
+    return max((d for d in diffs if d is not None), default=None)
+
+
+def map_check_text(diff: float | None) -> str:
+    """:func:`largest_map_diff` for a progress line."""
+    return "n/a (no MAP row)" if diff is None else f"{diff:.2e}"
 
 
 def rescore_checkpoint(
@@ -198,8 +204,8 @@ def main(
         rescore_checkpoint(c.wrapper, c.data, c.shifted, c.collate, args, c.seed, c.ckpt, method)
         partial.write_text(json.dumps(payload, default=str))
         line = calib.summary_line(c.ckpt["test"])
-        check = c.ckpt["_rescore_map_max_abs_diff"]
-        print(f"{c.task} seed {c.seed} step {c.step}: {line}; MAP check {check:.2e}", flush=True)
+        check = map_check_text(c.ckpt["_rescore_map_max_abs_diff"])
+        print(f"{c.task} seed {c.seed} step {c.step}: {line}; MAP check {check}", flush=True)
     payload["summary"] = calib.summarize(payload["runs"])
     payload["rescored"] = (
         f"la, la_probit, la_last: optimize_prior_precision(method={method!r}); "

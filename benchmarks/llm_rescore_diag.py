@@ -38,6 +38,7 @@ import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
 from benchmarks.llm_rescore_default import (
     largest_map_diff,
+    map_check_text,
     map_max_abs_diff,
     score_rows,
     write_rescored,
@@ -85,7 +86,7 @@ def _progress(c: calib.CachedCheckpoint) -> str:
     return (
         f"{c.task} seed {c.seed} step {c.step}: la_diag test NLL {was}{new['nll']:.4f}, "
         f"ECE {was_ece}{100 * new['ece']:.2f}; "
-        f"MAP check {c.ckpt['_diag_rescore']['map_max_abs_diff']:.2e}"
+        f"MAP check {map_check_text(c.ckpt['_diag_rescore']['map_max_abs_diff'])}"
     )
 
 

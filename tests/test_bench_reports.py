@@ -370,7 +370,11 @@ def test_rescore_keeps_only_the_steps_asked_for():
 
 
 def test_rescore_map_check_is_zero_only_for_the_files_model():
-    from benchmarks.llm_rescore_default import largest_map_diff, map_max_abs_diff
+    from benchmarks.llm_rescore_default import (
+        largest_map_diff,
+        map_check_text,
+        map_max_abs_diff,
+    )
     from laplace_lora_ext.evaluation import classification_metrics
 
     gen = torch.Generator().manual_seed(0)
@@ -386,6 +390,8 @@ def test_rescore_map_check_is_zero_only_for_the_files_model():
     assert map_max_abs_diff(rows, other) > 1e-2
     assert map_max_abs_diff({"_entropy": {}}, other) is None  # a candidate's new split
     assert largest_map_diff([0.0, None, 0.25]) == 0.25  # the new split is skipped
+    assert largest_map_diff([None, None]) is None  # no MAP row anywhere: unknown, not 0
+    assert map_check_text(None) == "n/a (no MAP row)" and map_check_text(0.0) == "0.00e+00"
 
 
 @pytest.mark.parametrize(
