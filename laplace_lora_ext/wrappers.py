@@ -181,7 +181,7 @@ def check_input_ids(
             f"{tuple(ids.shape)}; they must match (tokenise them together)."
         )
     if ids.numel() and n_tokens is not None:
-        low, high = int(ids.min()), int(ids.max())
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one pass, one sync
         if low < 0 or high >= n_tokens:
             raise ValueError(
                 f"input_ids range over {low}..{high} but the model's embedding has {n_tokens} "
@@ -190,24 +190,28 @@ def check_input_ids(
             )
 
 
+def _embedding_rows(model: nn.Module, getter: str) -> int | None:
+    """Rows of the layer ``model.<getter>()`` returns (``get_input_embeddings`` or
+    ``get_output_embeddings``), if it has a 2-D weight."""
+    get = getattr(model, getter, None)
+    try:
+        layer = get() if callable(get) else None
+    except NotImplementedError:  # HF's default when a model has no such layer
+        return None
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if torch.is_tensor(weight) and weight.ndim == 2 else None
+
+
 def _n_tokens(model: nn.Module) -> int | None:
     """Rows of the model's input embedding, if it has one."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except NotImplementedError:
-        return None
-    weight = getattr(embedding, "weight", None)
-    return int(weight.shape[0]) if torch.is_tensor(weight) and weight.ndim == 2 else None
+    return _embedding_rows(model, "get_input_embeddings")
 
 
 def _vocab_size(model: nn.Module) -> int | None:
     """Rows of the model's output layer (its logits' last dimension), if known."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    weight = getattr(head, "weight", None)
-    if torch.is_tensor(weight) and weight.ndim == 2:
-        return int(weight.shape[0])
+    rows = _embedding_rows(model, "get_output_embeddings")
+    if rows is not None:
+        return rows
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(size) if isinstance(size, int) else None
 
