@@ -33,6 +33,7 @@ README.md the memorised benchmark's MAP, temperature scaling and default on the 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,12 +215,13 @@ def _as_summary(metrics: dict[str, dict], names: dict[str, str]) -> dict:
     }
 
 
-def seed_tests() -> dict[str, list[dict]]:
+def seed_tests(memorised_per_seed: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Each memorised checkpoint's test metrics, one entry per task and seed, for the
-    memorised benchmark (the re-trained models) and the held-out tasks (the re-score)."""
+    memorised benchmark (the re-trained models; ``memorised_per_seed``, as
+    :func:`_memorised_per_seed` reads them) and the held-out tasks (the re-score)."""
     memorised = [
         _as_summary(p["test"], {"map": "map", "temp": "temp", "loo_default": "default"})
-        for payloads in _memorised_per_seed().values()
+        for payloads in memorised_per_seed.values()
         for p in payloads
     ]
     heldout = []
@@ -236,14 +238,12 @@ def per_seed_bars(tests: dict[str, list[dict]]) -> list[dict]:
     the default's misses by bar."""
     out = []
     for label, seeds in tests.items():
-        row = {"label": label, "seeds": len(seeds), "default_missed": {}}
-        for method in ("default", "temp"):
-            rows = [r for test in seeds for r in llm_bars.overfit_bars(test, method)]
-            row[method] = [sum(r["met"] for r in rows), len(rows)]
-            if method == "default":
-                for r in rows:
-                    if not r["met"]:
-                        row["default_missed"][r["bar"]] = row["default_missed"].get(r["bar"], 0) + 1
+        bars = {
+            m: [r for t in seeds for r in llm_bars.overfit_bars(t, m)] for m in ("default", "temp")
+        }
+        row = {"label": label, "seeds": len(seeds)}
+        row |= {m: [sum(r["met"] for r in rows), len(rows)] for m, rows in bars.items()}
+        row["default_missed"] = dict(Counter(r["bar"] for r in bars["default"] if not r["met"]))
         out.append(row)
     return out
 
@@ -267,8 +267,9 @@ def render_per_seed(rows: list[dict]) -> str:
 def main() -> None:
     payloads = {s.file: json.loads((RESULTS / s.file).read_text()) for s in SOURCES}
     summary = summarize(payloads)
-    means = memorised_means(_memorised_per_seed())
-    seeds = per_seed_bars(seed_tests())
+    memorised_per_seed = _memorised_per_seed()
+    means = memorised_means(memorised_per_seed)
+    seeds = per_seed_bars(seed_tests(memorised_per_seed))
     table, memorised, per_seed = render(summary), render_memorised(means), render_per_seed(seeds)
     extra = {"memorised_now": means, "per_seed": seeds}
     (RESULTS / f"{NAME}.json").write_text(json.dumps(summary | extra, indent=1))
