@@ -94,7 +94,8 @@ def test_missing_labels_key():
         ("kron", {"factor_rank": 0}, ValueError, "factor_rank"),
         ("kron", {"backend": AsdlGGN}, ValueError, "backend"),
         ("kron", {"damping": True, "factor_rank": 4}, ValueError, "damping"),
-        ("lowrank", {}, ValueError, "Unsupported Laplace combination"),
+        ("lowrank", {}, ValueError, "hessian_structure='kron' with factor_rank"),
+        ("gp", {}, ValueError, "no hessian_structure='gp'"),
         ("diag", {"bogus": 1}, TypeError, "bogus"),
     ],
 )

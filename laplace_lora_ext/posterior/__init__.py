@@ -3,5 +3,6 @@
 from .diag import LoraDiagLaplace
 from .full import LoraFullLaplace
 from .kron import LoraKronLaplace
+from .unsupported import LoraGPLaplace, LoraLowRankLaplace  # noqa: F401  (registers _keys)
 
 __all__ = ["LoraKronLaplace", "LoraDiagLaplace", "LoraFullLaplace"]
