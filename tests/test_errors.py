@@ -202,3 +202,22 @@ def test_lora_layers_detached_from_output():
             module.register_forward_hook(lambda m, a, out: out.detach())
     with pytest.raises(RuntimeError, match="gradient"):
         make(model).fit(loader(random_batch(4, 5, 3), 4))
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda la: la(random_batch(2, 5, 3)),
+        lambda la: la.sample(3),
+        lambda la: la.optimize_prior_precision(),
+        lambda la: la.log_marginal_likelihood(),
+        lambda la: la.log_det_ratio,
+        lambda la: la.scatter,
+    ],
+    ids=["predict", "sample", "prior", "marglik", "log_det_ratio", "scatter"],
+)
+def test_everything_before_fit_says_fit_first(structure, use):
+    la = make(tiny_llama(), structure)
+    with pytest.raises(AttributeError, match=r"Run fit\(\) first"):
+        use(la)

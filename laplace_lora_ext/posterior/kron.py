@@ -170,14 +170,13 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
-        if not isinstance(self.H, KronDecomposed):
-            return self.prior_precision_diag.log().sum()
+        """``log det (H * factor + prior)``, scalar. Before ``fit`` laplace-torch returns the
+        prior's log-determinant, which made ``log_det_ratio`` a silent 0; here it raises."""
         return self.posterior_precision.logdet()
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
+        """``(value − mean)ᵀ P (value − mean)`` for ``value`` ``(P,)``; needs ``fit``."""
         delta = value - self.mean
-        if not isinstance(self.H, KronDecomposed):
-            return (delta * self.prior_precision_diag) @ delta
         return delta @ self.posterior_precision.bmm(delta, exponent=1)
 
     def sample(

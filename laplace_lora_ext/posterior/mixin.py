@@ -371,6 +371,13 @@ class LoraLaplaceMixin(PriorTuningMixin):
             f_mu, blocks = logit_jacobian_blocks(self.backend, x)
         return f_mu, self._functional_variance_blocks(blocks)
 
+    @property
+    def scatter(self) -> torch.Tensor:
+        """``(mean − prior_mean)ᵀ P₀ (mean − prior_mean)``, scalar. The mean is the fitted
+        LoRA weights, so this needs ``fit`` (laplace-torch fails inside a matmul instead)."""
+        self._check_H_init()
+        return super().scatter
+
     def _glm_predictive_distribution(
         self, X: Any, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
