@@ -61,7 +61,8 @@ class _DictModule(nn.Module):
         inputs.pop(self.label_key, None)
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise ValueError("Batch has neither input_ids nor inputs_embeds.")
-        if torch.is_tensor(inputs.get("input_ids")):
+        _check_tensor_fields(inputs)
+        if "input_ids" in inputs:
             check_input_ids(
                 inputs["input_ids"], inputs.get("attention_mask"), _n_tokens(self.model)
             )
@@ -153,6 +154,20 @@ def _check_token_ids(target_ids: Any, vocab_size: int | None) -> list[int]:
             "would silently index from the end of the vocabulary."
         )
     return ids
+
+
+def _check_tensor_fields(inputs: Mapping[str, Any]) -> None:
+    """Raise a ``TypeError`` naming the fix when ``input_ids``, ``attention_mask`` or
+    ``inputs_embeds`` is not a tensor (e.g. a tokenizer's lists, which the model would
+    reject deep inside with an ``AttributeError``)."""
+    for key in ("input_ids", "attention_mask", "inputs_embeds"):
+        value = inputs.get(key)
+        if value is not None and not torch.is_tensor(value):
+            raise TypeError(
+                f"{key} must be a torch.Tensor, got {type(value).__name__}: tokenise with "
+                "return_tensors='pt' or collate the batch with a DataLoader "
+                "(e.g. transformers.DataCollatorWithPadding)."
+            )
 
 
 def check_input_ids(

@@ -130,6 +130,8 @@ def _bad_inputs(batch: dict, kind: str) -> dict:
         "mask": {"input_ids": ids, "attention_mask": mask[:, :3]},
         "too large": {"input_ids": ids + 1000, "attention_mask": mask},
         "negative": {"input_ids": ids - 1000, "attention_mask": mask},
+        "list ids": {"input_ids": ids.tolist(), "attention_mask": mask},
+        "list mask": {"input_ids": ids, "attention_mask": mask.tolist()},
     }[kind]
 
 
@@ -141,6 +143,8 @@ def _bad_inputs(batch: dict, kind: str) -> dict:
         ("mask", ValueError, r"attention_mask has shape \(\d+, 3\) but input_ids"),
         ("too large", ValueError, r"embedding has 40 tokens \(0..39\).*another model's tokenizer"),
         ("negative", ValueError, r"input_ids range over -\d+\.\."),
+        ("list ids", TypeError, r"input_ids must be a torch.Tensor, got list.*return_tensors"),
+        ("list mask", TypeError, r"attention_mask must be a torch.Tensor, got list"),
     ],
 )
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
