@@ -225,3 +225,21 @@ def test_everything_before_fit_says_fit_first(structure, use):
     la = make(tiny_llama(), structure)
     with pytest.raises(AttributeError, match=r"Run fit\(\) first"):
         use(la)
+
+
+@pytest.mark.parametrize(
+    "structure, prior_structure, match",
+    [
+        ("kron", "diag", "not supported with hessian_structure='kron'.*'layerwise'"),
+        ("diag", "bogus", r"prior_structure must be one of \('scalar', 'layerwise', 'diag'\)"),
+    ],
+)
+def test_marglik_prior_structure_is_checked_before_the_prior_changes(
+    structure, prior_structure, match
+):
+    la = make(tiny_llama(), structure)
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    before = la.prior_precision.clone()
+    with pytest.raises(ValueError, match=match):
+        la.optimize_prior_precision(method="marglik", prior_structure=prior_structure)
+    assert torch.equal(la.prior_precision, before)

@@ -228,6 +228,7 @@ class PriorTuningMixin:
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
         _refuse_ignored_options(method, prior_structure, loss, pred_type, link_approx, val_loader)
+        self._check_marglik_prior_structure(method, prior_structure)
         if n_samples is not None:
             guards.check_n_samples(n_samples)
         with _prior_restored_on_error(self):  # a failed search leaves the prior as it was
@@ -279,6 +280,22 @@ class PriorTuningMixin:
                 )
 
     # ------------------------------------------------------------------ linearised
+    def _check_marglik_prior_structure(self, method: str, prior_structure: str | None) -> None:
+        """Refuse a ``prior_structure`` laplace-torch's marglik cannot take here, before its
+        setter fails with a message that does not name the keyword."""
+        if method != "marglik" or prior_structure is None:
+            return
+        known = ("scalar", "layerwise", "diag")
+        if prior_structure not in known:
+            raise ValueError(f"prior_structure must be one of {known}, got {prior_structure!r}.")
+        if prior_structure == "diag" and self._structure == "kron":
+            raise ValueError(
+                "prior_structure='diag' (one precision per weight) is not supported with "
+                "hessian_structure='kron': its Kronecker factors take a scalar or one "
+                "precision per LoRA matrix. Use prior_structure='layerwise', or "
+                "hessian_structure='diag'."
+            )
+
     def _optimize_linearised(self, prior_structure: str, n_steps: int, verbose: bool) -> None:
         fit = priors.fit_prior_precision(
             priors.curvature_spectra(self), prior_structure, n_steps=n_steps
