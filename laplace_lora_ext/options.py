@@ -8,6 +8,7 @@ posterior is constructed (not at the first ``fit``) and raises ``ValueError`` (o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal, get_args
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "check_int",
     "validate_lora_options",
     "check_backend",
+    "check_backend_kwargs",
     "resolve_kfac_approx",
     "check_unsupported_keywords",
 ]
@@ -149,6 +151,31 @@ def resolve_kfac_approx(
             f"{value!r}}}; give one of them."
         )
     return value
+
+
+def check_backend_kwargs(backend_kwargs: dict[str, Any] | None, reserved: Iterable[str]) -> None:
+    """Refuse ``backend_kwargs`` that would override what the posterior passes its curvature.
+
+    ``reserved`` are the keywords the posterior gives :class:`LoraCurvature` (``fisher_type``,
+    ``kfac_approx``, ``targets``, ...). Set through ``backend_kwargs`` they changed the
+    curvature while ``la.fisher_type`` etc. (and the saved posterior) kept the keyword's
+    value. laplace-torch's ``stochastic=True`` is named as ``fisher_type='mc'``. Other keys
+    go to the backend (a subclass of ``LoraCurvature`` may take them).
+    """
+    keys = set(backend_kwargs or {})
+    if "stochastic" in keys:
+        raise ValueError(
+            "backend_kwargs={'stochastic': ...} is laplace-torch's ASDL/BackPACK option; with "
+            "subset_of_weights='lora' pass fisher_type='mc' (a Monte Carlo Fisher, "
+            "mc_samples=...) or leave fisher_type='exact'."
+        )
+    clash = sorted(keys & set(reserved))
+    if clash:
+        raise ValueError(
+            f"backend_kwargs keys {clash} are set by the posterior itself; pass them to "
+            "Laplace(...) as keywords instead (e.g. fisher_type='mc'), so that the curvature "
+            "and the posterior's recorded options agree."
+        )
 
 
 def check_unsupported_keywords(*, enable_backprop: Any, dict_key_x: Any) -> None:

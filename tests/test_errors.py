@@ -97,12 +97,22 @@ def test_missing_labels_key():
         ("lowrank", {}, ValueError, "hessian_structure='kron' with factor_rank"),
         ("gp", {}, ValueError, "no hessian_structure='gp'"),
         ("diag", {"bogus": 1}, TypeError, "bogus"),
+        ("kron", {"backend_kwargs": {"fisher_type": "mc"}}, ValueError, "as keywords"),
+        ("kron", {"backend_kwargs": {"factor_rank": 4}}, ValueError, "as keywords"),
+        ("diag", {"backend_kwargs": {"targets": ["q_proj"]}}, ValueError, "as keywords"),
+        ("full", {"backend_kwargs": {"stochastic": True}}, ValueError, "fisher_type='mc'"),
     ],
 )
 def test_unsupported_options(structure, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         la = make(tiny_llama(), structure, **kwargs)
         la.fit(loader(random_batch(4, 5, 3), 4))
+
+
+def test_empty_backend_kwargs_are_accepted():
+    la = make(tiny_llama(), "kron", backend_kwargs={})
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    assert la.fisher_type == "exact"
 
 
 def test_causal_lm_without_choice_wrapper():

@@ -32,6 +32,7 @@ from ..options import (
     LinkApprox,
     PredType,
     check_backend,
+    check_backend_kwargs,
     check_unsupported_keywords,
     resolve_kfac_approx,
     validate_lora_options,
@@ -151,6 +152,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
         )
         if stock is not None:
             kwargs["stock_backend"] = stock
+        check_backend_kwargs(backend_kwargs, [*kwargs, "stock_backend"])
         kwargs.update(backend_kwargs or {})
         self.H = None  # keep ParametricLaplace from initialising H before params are set
         base_init(
