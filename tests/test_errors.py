@@ -64,6 +64,15 @@ def test_empty_batch_is_a_clear_error_everywhere(structure):
             call()
 
 
+def test_gridsearch_on_an_empty_val_loader_is_named_and_keeps_the_prior():
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    before = la.prior_precision.clone()
+    with pytest.raises(ValueError, match="val_loader that yielded no batches"):
+        la.optimize_prior_precision(method="gridsearch", val_loader=[], grid_size=2)
+    assert torch.equal(la.prior_precision, before)
+
+
 def test_labels_out_of_range():
     b = random_batch(4, 5, 3, "left")
     b["labels"][1] = 3

@@ -570,6 +570,11 @@ class PriorTuningMixin:
         cached = LogitJacobianCache(
             self, val_loader, max_bytes=GRID_CACHE_BYTES, in_eigenbasis=True, progress=progress_bar
         )
+        if len(cached) == 0:
+            raise ValueError(
+                "method='gridsearch' got a val_loader that yielded no batches; pass a loader "
+                "over at least one validation example. The prior was not changed."
+            )
         labels = cached.labels
         scores = []
         for delta in tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]"):
