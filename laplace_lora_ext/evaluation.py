@@ -26,6 +26,7 @@ import tqdm
 from . import guards
 from .inputs import forward_logits, split_batch
 from .links import LINK_APPROXIMATIONS, apply_link
+from .options import check_int
 
 __all__ = [
     "evaluate",
@@ -269,12 +270,13 @@ def evaluate(
 
     Raises:
         TypeError: if ``la`` is not a ``lora`` Laplace object.
-        ValueError: for an unknown link, an ``n_samples`` that is not an int ``>= 1``, or
-            an empty loader.
+        ValueError: for an unknown link, an ``n_samples`` or ``n_bins`` that is not an int
+            ``>= 1``, or an empty loader.
         AttributeError: if ``la`` has not been fitted.
     """
     if n_samples is not None:
         guards.check_n_samples(n_samples)
+    check_int("n_bins", n_bins, minimum=1)  # before the model runs over the whole loader
     probs, labels = _predict_probs(
         la, loader, link_approx, n_samples, generator, include_map, progress_bar
     )

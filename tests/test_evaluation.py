@@ -156,6 +156,9 @@ def test_evaluate_errors(fitted):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
             evaluate(la, data, n_samples=bad, progress_bar=False)
+    for bad in (0, 2.5, True):  # refused before the model runs over the loader
+        with pytest.raises(ValueError, match="n_bins must be an int >= 1"):
+            evaluate(la, [object()], n_bins=bad, progress_bar=False)
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         evaluate(la, data, link_approx=(), include_map=False, progress_bar=False)
 
