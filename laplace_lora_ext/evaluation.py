@@ -86,12 +86,13 @@ def calibration_bins(
     Args:
         probs: ``(N, C)`` class probabilities.
         labels: ``(N,)`` integer labels.
-        n_bins: number of equal-width bins.
+        n_bins: number of equal-width bins (an int >= 1).
 
     Returns:
         ``{"edges" (n_bins + 1,), "acc", "conf", "count", "prop"}``, the last four
         ``(n_bins + 1,)`` float64 (``acc`` and ``conf`` are 0 in empty bins).
     """
+    check_int("n_bins", n_bins, minimum=1)
     p, y = _check_probs(probs, labels)
     confidence, predicted = p.max(dim=-1)
     correct = (predicted == y).double()

@@ -59,6 +59,12 @@ def test_bins_by_hand_and_confidence_one_slot():
     assert bins["count"][15] == 1 and bins["acc"][15] == 0 and bins["conf"][15] == 1
 
 
+@pytest.mark.parametrize("n_bins", [0, -1, 2.5, True])
+def test_bins_refuse_a_bin_count_that_is_not_a_positive_int(n_bins):
+    with pytest.raises(ValueError, match="n_bins must be an int >= 1"):
+        calibration_bins(PROBS, LABELS, n_bins=n_bins)
+
+
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_bins_reproduce_torchmetrics_ece(n_classes):
     gen = torch.Generator().manual_seed(0)
