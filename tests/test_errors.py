@@ -73,6 +73,35 @@ def test_gridsearch_on_an_empty_val_loader_is_named_and_keeps_the_prior():
     assert torch.equal(la.prior_precision, before)
 
 
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        (None, {"grid_size": 5}),
+        ("marglik", {"log_prior_prec_min": -2}),
+        ("lora_marglik", {"log_prior_prec_base": 2.0}),
+        ("gridsearch", {"lr": 0.5}),
+        ("gridsearch", {"init_prior_prec": torch.full((2,), 3.0)}),
+        ("linearised", {"lr": 0.5}),
+    ],
+)
+def test_search_options_the_method_does_not_use_are_named(method, kwargs):
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    before = la.prior_precision.clone()
+    val = {"val_loader": loader(random_batch(4, 5, 3), 4)} if method == "gridsearch" else {}
+    with pytest.raises(ValueError, match=f"does not use \\['{next(iter(kwargs))}'\\]"):
+        la.optimize_prior_precision(method=method, **kwargs, **val)
+    assert torch.equal(la.prior_precision, before)
+
+
+def test_search_options_at_their_defaults_or_used_are_accepted():
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    val = loader(random_batch(4, 5, 3), 4)
+    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=3, lr=1e-1)
+    la.optimize_prior_precision(method="lora_marglik", lr=0.2, grid_size=100)
+
+
 def test_labels_out_of_range():
     b = random_batch(4, 5, 3, "left")
     b["labels"][1] = 3

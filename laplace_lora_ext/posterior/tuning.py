@@ -115,6 +115,34 @@ def _prior_ranges(prior: torch.Tensor, names: list[str]) -> str:
 _JOINT_MC_RULES = ("auto", "leave_one_out")
 
 
+#: optimize_prior_precision's keywords that only some methods read, with their defaults
+_GRID_OPTIONS = {
+    "grid_size": 100,
+    "log_prior_prec_min": -4,
+    "log_prior_prec_max": 4,
+    "log_prior_prec_base": 10.0,
+}
+_EVIDENCE_OPTIONS = {"lr": 1e-1, "init_prior_prec": 1.0}
+#: methods that run the evidence's Adam steps (the training-data rules fall back to it)
+_EVIDENCE_METHODS = ("auto", "lora_marglik", "function_space", "leave_one_out", "marglik")
+
+
+def _refuse_unused_search_options(method: str, given: dict[str, Any]) -> None:
+    """Raise for grid options without ``"gridsearch"`` and for ``lr`` / ``init_prior_prec``
+    with a method that runs no evidence steps; ``given`` maps those keywords to the values
+    passed. A value equal to the default counts as not given."""
+    unused = dict(_GRID_OPTIONS) if method != "gridsearch" else {}
+    if method not in _EVIDENCE_METHODS:
+        unused.update(_EVIDENCE_OPTIONS)
+    changed = [k for k, d in unused.items() if not bool(torch.as_tensor(given[k] == d).all())]
+    if changed:
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) does not use {changed}: the grid "
+            "options belong to method='gridsearch', lr and init_prior_prec to the evidence "
+            "methods ('auto', 'lora_marglik', 'marglik'). Drop them or change method."
+        )
+
+
 def _refuse_ignored_options(
     method: str,
     prior_structure: str | None,
@@ -217,7 +245,9 @@ class PriorTuningMixin:
         Raises:
             ValueError: unknown ``method``, ``"gridsearch"`` without ``val_loader``, a
                 ``prior_structure`` the method does not support, an ``n_samples`` that
-                is not an int ``>= 1``, a ``val_loader`` without ``"gridsearch"``, a
+                is not an int ``>= 1``, a ``val_loader`` or grid options (``grid_size``,
+                ``log_prior_prec_*``) without ``"gridsearch"``, ``lr`` or
+                ``init_prior_prec`` with ``"gridsearch"`` or ``"linearised"``, a
                 ``pred_type`` other than ``"glm"`` (except with
                 ``"marglik"``, which passes it to laplace-torch), or a ``link_approx`` other
                 than ``"mc"`` for the rules defined by the joint MC predictive (``"auto"``,
@@ -228,6 +258,17 @@ class PriorTuningMixin:
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
         _refuse_ignored_options(method, prior_structure, loss, pred_type, link_approx, val_loader)
+        _refuse_unused_search_options(
+            method,
+            {
+                "grid_size": grid_size,
+                "log_prior_prec_min": log_prior_prec_min,
+                "log_prior_prec_max": log_prior_prec_max,
+                "log_prior_prec_base": log_prior_prec_base,
+                "lr": lr,
+                "init_prior_prec": init_prior_prec,
+            },
+        )
         self._check_marglik_prior_structure(method, prior_structure)
         if n_samples is not None:
             guards.check_n_samples(n_samples)
