@@ -82,6 +82,7 @@ def test_gridsearch_on_an_empty_val_loader_is_named_and_keeps_the_prior():
         ("gridsearch", {"lr": 0.5}),
         ("gridsearch", {"init_prior_prec": torch.full((2,), 3.0)}),
         ("linearised", {"lr": 0.5}),
+        ("gridsearch", {"n_steps": 7}),
     ],
 )
 def test_search_options_the_method_does_not_use_are_named(method, kwargs):

@@ -134,12 +134,15 @@ def _refuse_unused_search_options(method: str, given: dict[str, Any]) -> None:
     unused = dict(_GRID_OPTIONS) if method != "gridsearch" else {}
     if method not in _EVIDENCE_METHODS:
         unused.update(_EVIDENCE_OPTIONS)
+    if method == "gridsearch":
+        unused["n_steps"] = 100  # iterations of the evidence / fixed-point methods only
     changed = [k for k, d in unused.items() if not bool(torch.as_tensor(given[k] == d).all())]
     if changed:
         raise ValueError(
             f"optimize_prior_precision(method={method!r}) does not use {changed}: the grid "
             "options belong to method='gridsearch', lr and init_prior_prec to the evidence "
-            "methods ('auto', 'lora_marglik', 'marglik'). Drop them or change method."
+            "methods ('auto', 'lora_marglik', 'marglik'), n_steps to every method but "
+            "'gridsearch'. Drop them or change method."
         )
 
 
@@ -247,7 +250,8 @@ class PriorTuningMixin:
                 ``prior_structure`` the method does not support, an ``n_samples`` that
                 is not an int ``>= 1``, a ``val_loader`` or grid options (``grid_size``,
                 ``log_prior_prec_*``) without ``"gridsearch"``, ``lr`` or
-                ``init_prior_prec`` with ``"gridsearch"`` or ``"linearised"``, a
+                ``init_prior_prec`` with ``"gridsearch"`` or ``"linearised"``, ``n_steps``
+                with ``"gridsearch"``, a
                 ``pred_type`` other than ``"glm"`` (except with
                 ``"marglik"``, which passes it to laplace-torch), or a ``link_approx`` other
                 than ``"mc"`` for the rules defined by the joint MC predictive (``"auto"``,
@@ -266,6 +270,7 @@ class PriorTuningMixin:
                 "log_prior_prec_max": log_prior_prec_max,
                 "log_prior_prec_base": log_prior_prec_base,
                 "lr": lr,
+                "n_steps": n_steps,
                 "init_prior_prec": init_prior_prec,
             },
         )
