@@ -40,6 +40,7 @@ laplace-torch's two methods.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Iterator
@@ -115,34 +116,39 @@ def _prior_ranges(prior: torch.Tensor, names: list[str]) -> str:
 _JOINT_MC_RULES = ("auto", "leave_one_out")
 
 
-#: optimize_prior_precision's keywords that only some methods read, with their defaults
-_GRID_OPTIONS = {
-    "grid_size": 100,
-    "log_prior_prec_min": -4,
-    "log_prior_prec_max": 4,
-    "log_prior_prec_base": 10.0,
-}
-_EVIDENCE_OPTIONS = {"lr": 1e-1, "init_prior_prec": 1.0}
 #: methods that run the evidence's Adam steps (the training-data rules fall back to it)
 _EVIDENCE_METHODS = ("auto", "lora_marglik", "function_space", "leave_one_out", "marglik")
+_GRID_ONLY = ("gridsearch",)
+#: optimize_prior_precision's keywords that only some methods read, and those methods
+_READ_BY = {
+    "grid_size": _GRID_ONLY,
+    "log_prior_prec_min": _GRID_ONLY,
+    "log_prior_prec_max": _GRID_ONLY,
+    "log_prior_prec_base": _GRID_ONLY,
+    "lr": _EVIDENCE_METHODS,
+    "init_prior_prec": _EVIDENCE_METHODS,
+    "n_steps": tuple(m for m in TUNING_METHODS if m != "gridsearch"),
+}
 
 
 def _refuse_unused_search_options(method: str, given: dict[str, Any]) -> None:
-    """Raise for grid options without ``"gridsearch"`` and for ``lr`` / ``init_prior_prec``
-    with a method that runs no evidence steps; ``given`` maps those keywords to the values
-    passed. A value equal to the default counts as not given."""
-    unused = dict(_GRID_OPTIONS) if method != "gridsearch" else {}
-    if method not in _EVIDENCE_METHODS:
-        unused.update(_EVIDENCE_OPTIONS)
-    if method == "gridsearch":
-        unused["n_steps"] = 100  # iterations of the evidence / fixed-point methods only
-    changed = [k for k, d in unused.items() if not bool(torch.as_tensor(given[k] == d).all())]
+    """Raise for keywords of :data:`_READ_BY` that ``method`` does not read; ``given`` maps
+    them to the values passed. A value equal to the signature's default counts as not given
+    (the defaults are read from ``optimize_prior_precision`` itself, not repeated here)."""
+    signature = inspect.signature(PriorTuningMixin.optimize_prior_precision).parameters
+    changed = [
+        name
+        for name, readers in _READ_BY.items()
+        if method not in readers
+        and not bool(torch.as_tensor(given[name] == signature[name].default).all())
+    ]
     if changed:
+        readers = "; ".join(
+            f"{name} is read by method in {list(_READ_BY[name])}" for name in changed
+        )
         raise ValueError(
-            f"optimize_prior_precision(method={method!r}) does not use {changed}: the grid "
-            "options belong to method='gridsearch', lr and init_prior_prec to the evidence "
-            "methods ('auto', 'lora_marglik', 'marglik'), n_steps to every method but "
-            "'gridsearch'. Drop them or change method."
+            f"optimize_prior_precision(method={method!r}) does not use {changed} ({readers}). "
+            "Drop them or change method."
         )
 
 
