@@ -219,9 +219,11 @@ def _predict_probs(
     try:
         for batch in tqdm.tqdm(loader, desc="[Evaluating]", disable=not progress_bar):
             x, y = split_batch(batch, la.dict_key_y, la._device)
-            for method, p in _batch_probs(la, x, methods, n_samples, generator).items():
+            batch_probs = _batch_probs(la, x, methods, n_samples, generator)
+            for method, p in batch_probs.items():
                 probs[method].append(p.cpu())
-            labels.append(torch.as_tensor(y).reshape(-1).cpu())
+            n_examples, n_classes = batch_probs[methods[0]].shape
+            labels.append(guards.check_class_labels(y, n_examples, n_classes).cpu())
     finally:
         for module, mode in modes.items():
             module.training = mode

@@ -4,7 +4,8 @@
   inf in logits, layer inputs, output gradients or curvature is reported *before* any
   decomposition (laplace-torch's ``symeig`` calls ``exit()`` on NaN factors).
 * :func:`check_positive` (prior precision, temperature) and :func:`check_n_samples`.
-* :func:`check_labels`: integer class-index tensors only.
+* :func:`check_labels`: integer class-index tensors only; :func:`check_class_labels` also
+  checks one label per example, each in ``0..C-1``.
 * :func:`restore_on_error`: a ``fit`` that raises leaves the previous posterior intact.
 * :func:`eval_mode`: fit and predict with dropout off, restoring the caller's modes.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "check_positive",
     "check_n_samples",
     "check_labels",
+    "check_class_labels",
     "restore_on_error",
     "eval_mode",
     "check_finite_saved",
@@ -150,6 +152,44 @@ def check_labels(y: Any) -> torch.Tensor:
         raise TypeError(
             f"Classification labels must be integer class indices, got dtype {y.dtype}; "
             "convert them with labels.long()."
+        )
+    return y
+
+
+def check_class_labels(y: Any, n_examples: int, n_classes: int) -> torch.Tensor:
+    """The labels of one batch as ``(B,)`` int64 class indices, one per example, in
+    ``0..n_classes-1``.
+
+    Raises:
+        TypeError: as :func:`check_labels`.
+        ValueError: not one label per example (per-token language-modelling labels, for
+            instance), or a label outside ``0..n_classes-1`` (such as Hugging Face's
+            ignore index -100).
+    """
+    y = check_labels(y)
+    if y.numel() != n_examples:
+        hint = (
+            " Per-token labels (as for language modelling) are not supported: the posterior "
+            "predicts one class per example; for answer tokens of a causal LM wrap it in "
+            "LastTokenChoiceLM and label each example with its answer's index."
+            if y.ndim > 1
+            else ""
+        )
+        raise ValueError(
+            f"Got labels of shape {tuple(y.shape)} for a batch of {n_examples} examples; give "
+            f"one class index per example (shape ({n_examples},)).{hint}"
+        )
+    y = y.reshape(-1).long()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        hint = (
+            " -100 is Hugging Face's ignore index: every example needs a class label, so "
+            "drop the unlabelled ones."
+            if bool((y == -100).any())
+            else ""
+        )
+        raise ValueError(
+            f"Labels out of range: found values in [{int(y.min())}, {int(y.max())}] but the "
+            f"model has {n_classes} outputs (valid labels are 0..{n_classes - 1}).{hint}"
         )
     return y
 

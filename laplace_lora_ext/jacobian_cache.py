@@ -67,6 +67,7 @@ class LogitJacobianCache:
             for batch in tqdm.tqdm(loader, desc="GLM pass", leave=False, disable=not progress):
                 X, y = split_batch(batch, la.dict_key_y, la._device)
                 f_mu, blocks = self._blocks(X)
+                y = guards.check_class_labels(y, len(f_mu), f_mu.shape[-1])
                 size += sum(b.numel() * b.element_size() for b in blocks)
                 keep = size <= max_bytes
                 self._items.append((f_mu, blocks if keep else None, None if keep else X, y))
@@ -106,12 +107,17 @@ class LogitJacobianCache:
     @property
     def logits(self) -> torch.Tensor:
         """MAP logits ``(N, C)``."""
-        return torch.cat([f for f, _, _, _ in self._items])
+        return torch.cat([f for f, _, _, _ in self._non_empty()])
 
     @property
     def labels(self) -> torch.Tensor:
         """Labels ``(N,)``."""
-        return torch.cat([y for _, _, _, y in self._items])
+        return torch.cat([y for _, _, _, y in self._non_empty()])
+
+    def _non_empty(self) -> list[tuple[torch.Tensor, list[torch.Tensor] | None, Any, torch.Tensor]]:
+        if not self._items:
+            raise ValueError("The loader yielded no batches: there are no logits or labels.")
+        return self._items
 
     def probs(
         self,

@@ -123,6 +123,68 @@ def test_missing_labels_key():
         make(tiny_llama(), dict_key_y="label").fit(loader(b, 4))
 
 
+def _bad_labels(kind: str) -> dict[str, torch.Tensor]:
+    b = random_batch(4, 5, 3, "left")
+    if kind == "per_token":  # labels as for language modelling, one per token
+        b["labels"] = torch.randint(0, 3, (4, 5))
+    elif kind == "ignore_index":
+        b["labels"][2] = -100
+    else:
+        b["labels"] = b["labels"].float()
+    return b
+
+
+_LABEL_ERRORS = {
+    "per_token": (ValueError, r"shape \(4, 5\) for a batch of 4 .*LastTokenChoiceLM"),
+    "ignore_index": (ValueError, "out of range.*ignore index"),
+    "float": (TypeError, "integer class indices"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_LABEL_ERRORS))
+def test_bad_labels_are_named_by_fit(kind):
+    exc, match = _LABEL_ERRORS[kind]
+    with pytest.raises(exc, match=match):
+        make(tiny_llama()).fit(loader(_bad_labels(kind), 4))
+
+
+@pytest.mark.parametrize("kind", list(_LABEL_ERRORS))
+def test_bad_validation_labels_are_named_and_keep_the_prior(kind):
+    """Before, gridsearch indexed probabilities with them (an IndexError from torch, or
+    float labels silently truncated)."""
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    before = la.prior_precision.clone()
+    exc, match = _LABEL_ERRORS[kind]
+    with pytest.raises(exc, match=match):
+        la.optimize_prior_precision(
+            method="gridsearch", val_loader=loader(_bad_labels(kind), 4), grid_size=2
+        )
+    assert torch.equal(la.prior_precision, before)
+
+
+@pytest.mark.parametrize("kind", list(_LABEL_ERRORS))
+def test_bad_labels_are_named_by_evaluate(kind):
+    from laplace_lora_ext import evaluate
+
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    exc, match = _LABEL_ERRORS[kind]
+    with pytest.raises(exc, match=match):
+        evaluate(la, loader(_bad_labels(kind), 4), n_samples=2, progress_bar=False)
+
+
+def test_labels_shaped_one_per_example_are_accepted():
+    """``(B, 1)`` labels hold one class per example: the same posterior as ``(B,)``."""
+    b = random_batch(4, 5, 3)
+    flat = make(tiny_llama())
+    flat.fit(loader(b, 4))
+    column = make(tiny_llama())
+    column.fit(loader({**b, "labels": b["labels"][:, None]}, 4))
+    assert torch.equal(flat.loss, column.loss)
+    assert torch.allclose(flat.log_marginal_likelihood(), column.log_marginal_likelihood())
+
+
 @pytest.mark.parametrize(
     "structure, kwargs, exc, match",
     [

@@ -162,3 +162,11 @@ def test_eigenbasis_variance_matches_a_dense_inverse_and_explicit_jacobians(kwar
     expected = J @ Sigma @ J.mT
     got = _variances(LogitJacobianCache(la, loader(batch, 4), in_eigenbasis=True), la)
     assert rel(got, expected) < 1e-9
+
+
+def test_an_empty_loader_names_itself_when_its_logits_or_labels_are_read():
+    cache = LogitJacobianCache(_fitted()[0], [])
+    assert len(cache) == 0
+    for read in (lambda: cache.logits, lambda: cache.labels):
+        with pytest.raises(ValueError, match="yielded no batches"):
+            read()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..compat import CurvatureInterface, Kron
-from ..guards import check_labels
+from ..guards import check_class_labels
 from ..inputs import attention_mask_of, forward_logits
 from ..lowrank.auto import DEFAULT_RANK_THRESHOLD, FactorRank, resolve_factor_rank
 from ..lowrank.factor import compute_dtype
@@ -106,16 +106,8 @@ class LoraCurvature(CurvatureInterface):
         return capture_forward(lambda: forward_logits(self.model, x, self.dict_key_y), self.targets)
 
     def _check_labels(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y = check_labels(y).reshape(-1).to(logits.device)
-        if len(y) != len(logits):
-            raise ValueError(f"Got {len(y)} labels for a batch of {len(logits)} examples.")
-        C = logits.shape[-1]
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= C):
-            raise ValueError(
-                f"Labels out of range: found values in [{int(y.min())}, {int(y.max())}] but "
-                f"the model has {C} outputs (valid labels are 0..{C - 1})."
-            )
-        return y
+        """``y`` as ``(B,)`` class indices on ``logits``' device (:func:`check_class_labels`)."""
+        return check_class_labels(y, len(logits), logits.shape[-1]).to(logits.device)
 
     def _batch(
         self, x: Any, y: torch.Tensor
