@@ -20,7 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LastTokenChoiceLM", "SequenceClassifier", "last_token_positions"]
+__all__ = [
+    "LastTokenChoiceLM",
+    "SequenceClassifier",
+    "last_token_positions",
+    "check_not_vocabulary_logits",
+]
+
+MAX_VOCABULARY_OUTPUTS = 1024
+"""Above this many outputs, logits as wide as the model's vocabulary are refused as classes
+(:func:`check_not_vocabulary_logits`)."""
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -229,6 +238,33 @@ def _vocab_size(model: nn.Module) -> int | None:
         return rows
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(size) if isinstance(size, int) else None
+
+
+def check_not_vocabulary_logits(model: nn.Module, n_outputs: int) -> None:
+    """Refuse next-token logits over a whole vocabulary as the classes of a posterior.
+
+    laplace-torch's LLM wrapper pattern can return ``logits[:, -1, :]`` of a causal LM:
+    ``(B, V)`` over tens of thousands of tokens. The exact-Fisher KFAC then needs ``V - 1``
+    backward passes per batch and a ``(B, V, V)`` factor, and the GLM predictive a
+    ``(B, V, V)`` covariance (SmolLM2: ``V`` = 49,152, 19 GB per example in float64): the
+    fit runs out of memory deep inside torch. Small vocabularies (``n_outputs`` up to
+    :data:`MAX_VOCABULARY_OUTPUTS`) are allowed.
+
+    Raises:
+        ValueError: ``n_outputs`` equals the vocabulary size of an HF model inside ``model``
+            and exceeds :data:`MAX_VOCABULARY_OUTPUTS`; it names :class:`LastTokenChoiceLM`.
+    """
+    if n_outputs <= MAX_VOCABULARY_OUTPUTS:
+        return
+    sizes = {_vocab_size(m) for m in model.modules() if hasattr(m, "get_output_embeddings")}
+    if n_outputs in sizes:
+        raise ValueError(
+            f"The model returns {n_outputs} logits per example, its whole vocabulary: a "
+            "posterior over that many classes needs (B, V, V) matrices and V - 1 backward "
+            "passes per batch. Restrict the outputs to the answer tokens with "
+            "LastTokenChoiceLM(peft_model, target_ids) (target_ids from choice_token_ids("
+            "tokenizer, choices)) and label each example with its answer's index 0..C-1."
+        )
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

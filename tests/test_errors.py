@@ -354,3 +354,41 @@ def test_marglik_prior_structure_is_checked_before_the_prior_changes(
     with pytest.raises(ValueError, match=match):
         la.optimize_prior_precision(method="marglik", prior_structure=prior_structure)
     assert torch.equal(la.prior_precision, before)
+
+
+class _NextTokenLogits(torch.nn.Module):
+    """laplace-torch's LLM wrapper pattern returning the last token's whole-vocabulary logits."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, data):
+        out = self.hf_model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+        return out.logits[:, -1, :]
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_whole_vocabulary_logits_are_refused_naming_last_token_choice_lm(structure):
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_lora_ext.wrappers import MAX_VOCABULARY_OUTPUTS
+
+    vocab = MAX_VOCABULARY_OUTPUTS + 1
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    peft_model = get_peft_model(
+        LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    batch = random_batch(4, 5, 3)
+    la = make(_NextTokenLogits(peft_model), structure)
+    with pytest.raises(ValueError, match=f"returns {vocab} logits.*LastTokenChoiceLM"):
+        la.fit(loader(batch, 4))
+    la = make(LastTokenChoiceLM(peft_model, [5, 9, 13]), structure)  # the fix it names
+    la.fit(loader(batch, 4))

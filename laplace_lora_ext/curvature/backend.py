@@ -22,6 +22,7 @@ from ..lowrank.auto import DEFAULT_RANK_THRESHOLD, FactorRank, resolve_factor_ra
 from ..lowrank.factor import compute_dtype
 from ..options import FisherType, KfacApprox
 from ..targets import LoraTarget, target_params
+from ..wrappers import check_not_vocabulary_logits
 from .capture import Captured, capture_forward, output_gradients, token_weights
 from .fisher import FISHER_TYPES, grad_output_vectors
 from .kfac import KFAC_APPROX, drop_zero_rows, input_root, output_root
@@ -106,7 +107,9 @@ class LoraCurvature(CurvatureInterface):
         return capture_forward(lambda: forward_logits(self.model, x, self.dict_key_y), self.targets)
 
     def _check_labels(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` as ``(B,)`` class indices on ``logits``' device (:func:`check_class_labels`)."""
+        """``y`` as ``(B,)`` class indices on ``logits``' device (:func:`check_class_labels`),
+        after refusing whole-vocabulary logits (:func:`check_not_vocabulary_logits`)."""
+        check_not_vocabulary_logits(self.model, logits.shape[-1])
         return check_class_labels(y, len(logits), logits.shape[-1]).to(logits.device)
 
     def _batch(
