@@ -54,18 +54,11 @@ from torch.utils.data import DataLoader
 from .. import adapter_init, distributed, guards, loo_prior
 from .. import prior as priors
 from ..jacobian_cache import LogitJacobianCache
+from . import search_options
+from .search_options import TUNING_METHODS
 
 __all__ = ["PriorTuningMixin", "TUNING_METHODS", "DEFAULT_METHOD"]
 
-TUNING_METHODS = (
-    "auto",
-    "lora_marglik",
-    "function_space",
-    "leave_one_out",
-    "linearised",
-    "marglik",
-    "gridsearch",
-)
 #: What ``optimize_prior_precision()`` does without ``method``: ``"auto"`` picks
 #: ``"leave_one_out"`` on memorised training data, else ``"lora_marglik"`` (module docstring).
 DEFAULT_METHOD = "auto"
@@ -109,95 +102,6 @@ def _prior_ranges(prior: torch.Tensor, names: list[str]) -> str:
     return ", ".join(
         f"{name} {float(v.min()):.4g}–{float(v.max()):.4g}" for name, v in parts.items() if len(v)
     )
-
-
-#: Methods that score the joint MC predictive of :func:`laplace_lora_ext.loo_prior`
-#: (``"auto"`` may take it) and so would ignore another ``link_approx``.
-_JOINT_MC_RULES = ("auto", "leave_one_out")
-
-
-#: methods that run the evidence's Adam steps (the training-data rules fall back to it)
-_EVIDENCE_METHODS = ("auto", "lora_marglik", "function_space", "leave_one_out", "marglik")
-_GRID_ONLY = ("gridsearch",)
-#: optimize_prior_precision's keywords that only some methods read, and those methods
-_READ_BY = {
-    "grid_size": _GRID_ONLY,
-    "log_prior_prec_min": _GRID_ONLY,
-    "log_prior_prec_max": _GRID_ONLY,
-    "log_prior_prec_base": _GRID_ONLY,
-    "lr": _EVIDENCE_METHODS,
-    "init_prior_prec": _EVIDENCE_METHODS,
-    "n_steps": tuple(m for m in TUNING_METHODS if m != "gridsearch"),
-}
-
-
-def _refuse_unused_search_options(method: str, given: dict[str, Any]) -> None:
-    """Raise for keywords of :data:`_READ_BY` that ``method`` does not read; ``given`` maps
-    them to the values passed. A value equal to the signature's default counts as not given
-    (the defaults are read from ``optimize_prior_precision`` itself, not repeated here)."""
-    signature = inspect.signature(PriorTuningMixin.optimize_prior_precision).parameters
-    changed = [
-        name
-        for name, readers in _READ_BY.items()
-        if method not in readers
-        and not bool(torch.as_tensor(given[name] == signature[name].default).all())
-    ]
-    if changed:
-        readers = "; ".join(
-            f"{name} is read by method in {list(_READ_BY[name])}" for name in changed
-        )
-        raise ValueError(
-            f"optimize_prior_precision(method={method!r}) does not use {changed} ({readers}). "
-            "Drop them or change method."
-        )
-
-
-def _refuse_ignored_options(
-    method: str,
-    prior_structure: str | None,
-    loss: Any,
-    pred_type: str,
-    link_approx: str,
-    val_loader: Any,
-) -> None:
-    """Raise for options the chosen method would otherwise ignore silently."""
-    allowed = {
-        "auto": (None, "layerwise"),
-        "lora_marglik": (None, "layerwise"),
-        "function_space": (None, "layerwise"),
-        "leave_one_out": (None, "layerwise"),
-        "gridsearch": (None, "scalar"),
-        "linearised": (None, "scalar", "layerwise"),
-    }
-    if method in allowed and prior_structure not in allowed[method]:
-        raise ValueError(
-            f"method={method!r} supports prior_structure in "
-            f"{[s for s in allowed[method] if s]}, got {prior_structure!r}; use "
-            "method='marglik' for other prior structures."
-        )
-    if loss is not None:
-        raise ValueError(
-            "A custom loss is not supported: method='gridsearch' scores the validation NLL "
-            "of the predictive; leave loss=None."
-        )
-    if val_loader is not None and method != "gridsearch":
-        raise ValueError(
-            f"val_loader is used only by method='gridsearch'; method={method!r} chooses the "
-            "prior without validation data. Pass method='gridsearch' to tune on it, or "
-            "drop val_loader."
-        )
-    if pred_type != "glm" and method != "marglik":
-        raise ValueError(
-            f"optimize_prior_precision(method={method!r}) scores the linearised (GLM) "
-            f"predictive, the one la(x) uses by default; pred_type={pred_type!r} is not "
-            "supported here. Leave pred_type='glm'."
-        )
-    if link_approx != "mc" and method in _JOINT_MC_RULES:
-        raise ValueError(
-            f"optimize_prior_precision(method={method!r}) scores the joint Monte Carlo "
-            f"predictive (link_approx='mc'), which defines its rule; link_approx="
-            f"{link_approx!r} is used only by method='gridsearch'. Leave link_approx='mc'."
-        )
 
 
 class PriorTuningMixin:
@@ -267,8 +171,10 @@ class PriorTuningMixin:
         default = method == "auto"
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
-        _refuse_ignored_options(method, prior_structure, loss, pred_type, link_approx, val_loader)
-        _refuse_unused_search_options(
+        search_options.refuse_ignored_options(
+            method, prior_structure, loss, pred_type, link_approx, val_loader
+        )
+        search_options.refuse_unused_search_options(
             method,
             {
                 "grid_size": grid_size,
@@ -279,6 +185,7 @@ class PriorTuningMixin:
                 "n_steps": n_steps,
                 "init_prior_prec": init_prior_prec,
             },
+            _search_defaults(),
         )
         self._check_marglik_prior_structure(method, prior_structure)
         if n_samples is not None:
@@ -657,3 +564,10 @@ def _check_adapter_init(model: torch.nn.Module, method: str) -> None:
             "lora_B != 0). Use method='lora_marglik', or method='gridsearch' with a "
             "val_loader."
         )
+
+
+def _search_defaults() -> dict[str, Any]:
+    """``optimize_prior_precision``'s defaults of the keywords that only some methods read
+    (:data:`~laplace_lora_ext.posterior.search_options.READ_BY`), from its signature."""
+    params = inspect.signature(PriorTuningMixin.optimize_prior_precision).parameters
+    return {name: params[name].default for name in search_options.READ_BY}

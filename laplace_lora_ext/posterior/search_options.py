@@ -1,0 +1,121 @@
+"""Which of ``optimize_prior_precision``'s options each method reads, and the checks that
+refuse the others (laplace-torch ignores them silently).
+
+* :func:`refuse_ignored_options`: a ``prior_structure``, ``loss``, ``val_loader``,
+  ``pred_type`` or ``link_approx`` the chosen method would not use.
+* :func:`refuse_unused_search_options`: grid options without ``"gridsearch"``, the
+  evidence's ``lr`` / ``init_prior_prec`` without an evidence method, ``n_steps`` with
+  ``"gridsearch"`` (:data:`READ_BY`); values equal to the defaults are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TUNING_METHODS",
+    "READ_BY",
+    "refuse_ignored_options",
+    "refuse_unused_search_options",
+]
+
+TUNING_METHODS = (
+    "auto",
+    "lora_marglik",
+    "function_space",
+    "leave_one_out",
+    "linearised",
+    "marglik",
+    "gridsearch",
+)
+
+#: Methods that score the joint MC predictive of :func:`laplace_lora_ext.loo_prior`
+#: (``"auto"`` may take it) and so would ignore another ``link_approx``.
+JOINT_MC_RULES = ("auto", "leave_one_out")
+
+
+#: methods that run the evidence's Adam steps (the training-data rules fall back to it)
+EVIDENCE_METHODS = ("auto", "lora_marglik", "function_space", "leave_one_out", "marglik")
+GRID_ONLY = ("gridsearch",)
+#: optimize_prior_precision's keywords that only some methods read, and those methods
+READ_BY = {
+    "grid_size": GRID_ONLY,
+    "log_prior_prec_min": GRID_ONLY,
+    "log_prior_prec_max": GRID_ONLY,
+    "log_prior_prec_base": GRID_ONLY,
+    "lr": EVIDENCE_METHODS,
+    "init_prior_prec": EVIDENCE_METHODS,
+    "n_steps": tuple(m for m in TUNING_METHODS if m != "gridsearch"),
+}
+
+
+def refuse_unused_search_options(
+    method: str, given: dict[str, Any], defaults: dict[str, Any]
+) -> None:
+    """Raise for keywords of :data:`READ_BY` that ``method`` does not read; ``given`` maps
+    them to the values passed, ``defaults`` to ``optimize_prior_precision``'s defaults (read
+    from its signature by the caller, not repeated here). A value equal to its default counts
+    as not given."""
+    changed = [
+        name
+        for name, readers in READ_BY.items()
+        if method not in readers and not bool(torch.as_tensor(given[name] == defaults[name]).all())
+    ]
+    if changed:
+        readers = "; ".join(
+            f"{name} is read by method in {list(READ_BY[name])}" for name in changed
+        )
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) does not use {changed} ({readers}). "
+            "Drop them or change method."
+        )
+
+
+def refuse_ignored_options(
+    method: str,
+    prior_structure: str | None,
+    loss: Any,
+    pred_type: str,
+    link_approx: str,
+    val_loader: Any,
+) -> None:
+    """Raise for options the chosen method would otherwise ignore silently."""
+    allowed = {
+        "auto": (None, "layerwise"),
+        "lora_marglik": (None, "layerwise"),
+        "function_space": (None, "layerwise"),
+        "leave_one_out": (None, "layerwise"),
+        "gridsearch": (None, "scalar"),
+        "linearised": (None, "scalar", "layerwise"),
+    }
+    if method in allowed and prior_structure not in allowed[method]:
+        raise ValueError(
+            f"method={method!r} supports prior_structure in "
+            f"{[s for s in allowed[method] if s]}, got {prior_structure!r}; use "
+            "method='marglik' for other prior structures."
+        )
+    if loss is not None:
+        raise ValueError(
+            "A custom loss is not supported: method='gridsearch' scores the validation NLL "
+            "of the predictive; leave loss=None."
+        )
+    if val_loader is not None and method != "gridsearch":
+        raise ValueError(
+            f"val_loader is used only by method='gridsearch'; method={method!r} chooses the "
+            "prior without validation data. Pass method='gridsearch' to tune on it, or "
+            "drop val_loader."
+        )
+    if pred_type != "glm" and method != "marglik":
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) scores the linearised (GLM) "
+            f"predictive, the one la(x) uses by default; pred_type={pred_type!r} is not "
+            "supported here. Leave pred_type='glm'."
+        )
+    if link_approx != "mc" and method in JOINT_MC_RULES:
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) scores the joint Monte Carlo "
+            f"predictive (link_approx='mc'), which defines its rule; link_approx="
+            f"{link_approx!r} is used only by method='gridsearch'. Leave link_approx='mc'."
+        )
