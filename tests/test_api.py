@@ -196,6 +196,33 @@ def test_state_dict_rejects_other_factor_rank():
         make(case.model).load_state_dict(la.state_dict())
 
 
+def test_state_dict_rejects_other_damping_and_keeps_the_posterior():
+    """``damping`` changes the decomposition: before, a posterior saved without it loaded
+    silently into a damped object and predicted differently."""
+    case = make_case("llama")
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    damped = make(case.model, damping=True)
+    damped.fit(loader(case.batch, 4))
+    before = damped(case.batch)
+    with pytest.raises(
+        ValueError, match="damping=False but this object was built with damping=True"
+    ):
+        damped.load_state_dict(la.state_dict())
+    assert torch.equal(damped(case.batch), before)
+
+
+@pytest.mark.parametrize("saved, loading", [("kron", "diag"), ("diag", "full"), ("full", "kron")])
+def test_state_dict_names_another_hessian_structure(saved, loading):
+    case = make_case("llama")
+    la = make(case.model, saved)
+    la.fit(loader(case.batch, 4))
+    with pytest.raises(
+        ValueError, match=f"hessian_structure='{saved}' but this object is '{loading}'"
+    ):
+        make(case.model, loading).load_state_dict(la.state_dict())
+
+
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 def test_override_false_adds_data_exactly(structure):
     case = make_case("llama")

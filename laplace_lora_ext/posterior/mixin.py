@@ -515,6 +515,8 @@ class LoraLaplaceMixin(PriorTuningMixin):
         state = super().state_dict()
         state["lora_config"] = {
             "param_names": self.lora_param_names,
+            "hessian_structure": self._key[1],
+            "damping": self._damping(),
             "kfac_approx": self.kfac_approx,
             "fisher_type": self.fisher_type,
             "factor_rank": self.factor_rank,
@@ -527,8 +529,9 @@ class LoraLaplaceMixin(PriorTuningMixin):
         nothing).
 
         Raises:
-            ValueError: the saved posterior was built with other options (``factor_rank``,
-                ``kfac_approx``, ``fisher_type``) or for other LoRA parameters (names or
+            ValueError: the saved posterior was built with another ``hessian_structure`` or
+                other options (``factor_rank``, ``kfac_approx``, ``fisher_type``,
+                ``damping``) or for other LoRA parameters (names or
                 shapes), or holds NaN/inf (:class:`~laplace_lora_ext.guards.NonFiniteError`).
 
         Warns:
@@ -543,12 +546,25 @@ class LoraLaplaceMixin(PriorTuningMixin):
             super().load_state_dict(state_dict)
         guards.warn_if_mean_differs(self.mean, self.params)
 
+    def _damping(self) -> bool:
+        """``kron``'s damped-prior flag (``False`` for the other structures)."""
+        return bool(getattr(self, "damping", False))
+
     def _check_saved_config(self, config: Mapping[str, Any]) -> None:
-        for key in ("factor_rank", "kfac_approx", "fisher_type"):
-            if key in config and config[key] != getattr(self, key):
+        structure = config.get("hessian_structure", self._key[1])
+        if structure != self._key[1]:
+            raise ValueError(
+                f"The saved posterior has hessian_structure={structure!r} but this object is "
+                f"{self._key[1]!r}; build it with Laplace(..., hessian_structure={structure!r}) "
+                "before load_state_dict."
+            )
+        current = {"damping": self._damping()}
+        for key in ("factor_rank", "kfac_approx", "fisher_type", "damping"):
+            value = current[key] if key in current else getattr(self, key)
+            if key in config and config[key] != value:
                 raise ValueError(
                     f"The saved posterior has {key}={config[key]!r} but this object was built "
-                    f"with {key}={getattr(self, key)!r}; build it with the same {key} (and "
+                    f"with {key}={value!r}; build it with the same {key} (and "
                     "the same other options) before load_state_dict."
                 )
         if config["param_names"] != self.lora_param_names:
