@@ -73,19 +73,51 @@ def laplace_bridge(
     The Gaussian is first projected onto zero-sum logits (softmax is invariant to a common
     shift). With ``normalize=True`` the logits are rescaled so that the mean of the
     diagonal variance is ``sqrt(C / 2)`` times smaller (the "bridge_norm" variant).
+
+    The Dirichlet's ``α_k = n_k / v_k`` (``v``: projected variances) is undefined where a
+    ``v_k`` is zero (a logit that does not depend on the adapters, or a covariance that is
+    only a common shift; laplace-torch returns NaN there). Such rows, with every ``v_k`` at
+    or below :func:`_zero_variance` (round-off of the projection), get the bridge's limit as
+    those variances go to zero: the mean ``n_k`` normalised over the zero-variance classes
+    (all ``C`` of them: the isotropic limit, the same as at ``f_var = ε I``; with
+    ``normalize`` the rescaled logits grow without bound there and the limit is one-hot on
+    the largest logit). The bridge does not tend to ``softmax(f_mu)`` as the variance
+    vanishes; use ``"mc"`` or ``"probit"`` where that matters.
     """
     C = f_mu.shape[-1]
     row = f_var.sum(dim=-1)  # (B, C)
     total = row.sum(dim=-1, keepdim=True)  # (B, 1)
-    mu = f_mu - row * f_mu.sum(dim=-1, keepdim=True) / total
-    var = f_var.diagonal(dim1=-2, dim2=-1) - row.square() / total
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    mu = f_mu - row * f_mu.sum(dim=-1, keepdim=True) / safe_total
+    var = f_var.diagonal(dim1=-2, dim2=-1) - row.square() / safe_total
+    zero = var <= _zero_variance(f_var)  # (B, C)
     if normalize:
-        scale = var.mean(dim=-1, keepdim=True) / math.sqrt(C / 2.0)
+        scale = var.clamp_min(0.0).mean(dim=-1, keepdim=True) / math.sqrt(C / 2.0)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         mu = mu / scale.sqrt()
         var = var / scale
-    sum_exp = torch.exp(-mu).sum(dim=-1, keepdim=True)
-    alpha = (1.0 - 2.0 / C + mu.exp() * sum_exp / C**2) / var
-    return torch.nan_to_num(alpha / alpha.sum(dim=-1, keepdim=True), nan=1.0 / C)
+    # log α_k = log n_k - log v_k with n_k = 1 - 2/C + e^{μ_k} Σ_j e^{-μ_j} / C², in logs
+    # so that a sharply normalised or very confident row does not overflow
+    shared = torch.logsumexp(-mu, dim=-1, keepdim=True) - 2.0 * math.log(C)
+    log_n = torch.logaddexp(
+        torch.full_like(mu, math.log1p(-2.0 / C) if C > 2 else -math.inf), mu + shared
+    )
+    log_alpha = log_n - var.where(~zero, 1.0).log()
+    neg_inf = torch.full_like(log_n, -math.inf)
+    limit = torch.where(zero, log_n, neg_inf)  # the zero-variance classes' limit
+    if normalize:  # rescaled to vanishing variance, the logits grow without bound: argmax
+        argmax = torch.where(mu == mu.amax(dim=-1, keepdim=True), 0.0, neg_inf)
+        limit = torch.where(zero.all(dim=-1, keepdim=True), argmax, limit)
+    log_alpha = torch.where(zero.any(dim=-1, keepdim=True), limit, log_alpha)
+    return torch.softmax(log_alpha, dim=-1)
+
+
+def _zero_variance(f_var: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)`` threshold below which a projected variance counts as zero: the round-off
+    of the projection, ``C`` machine epsilons times the largest diagonal entry."""
+    diag = f_var.diagonal(dim1=-2, dim2=-1)
+    eps = torch.finfo(f_var.dtype).eps
+    return f_var.shape[-1] * eps * diag.abs().amax(dim=-1, keepdim=True)
 
 
 def _psd_sqrt(f_var: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,44 @@ def test_call_without_n_samples_uses_default_draws_and_100_network_samples(monke
     la(case.batch, pred_type="nn", link_approx="mc")
     assert seen == {"glm": None, "nn": 100}
     assert links.default_draws(la.n_outputs) == 10_000
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    C=st.integers(2, 5),
+    rank=st.integers(0, 5),
+    shift=st.sampled_from([0.0, 1e6]),
+    log_scale=st.floats(-14, 3),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bridge_gives_distributions_on_singular_covariances(
+    C, rank, shift, log_scale, normalize, seed
+):
+    """PSD covariances of any rank (0: a logit vector that does not depend on the adapters),
+    a large common shift on top, and tiny or large scales: rows are probability vectors.
+    Before, a zero projected variance gave NaN that was patched entry by entry (rows summing
+    to 1/3, or uniform)."""
+    gen = torch.Generator().manual_seed(seed)
+    f_mu = 3 * torch.randn(2, C, generator=gen, dtype=torch.float64)
+    L = torch.randn(2, C, min(rank, C), generator=gen, dtype=torch.float64)
+    f_var = 10**log_scale * L @ L.transpose(1, 2) + shift * torch.ones(2, C, C, dtype=torch.float64)
+    p = laplace_bridge(f_mu, f_var, normalize=normalize)
+    assert torch.isfinite(p).all() and (p >= 0).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+def test_bridge_at_zero_variance_is_its_limit():
+    f_mu = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)[None]
+    zero = torch.zeros_like(eye)
+    # isotropic: the variance cancels, so 0 gives what ε I gives
+    torch.testing.assert_close(laplace_bridge(f_mu, zero), laplace_bridge(f_mu, 1e-9 * eye))
+    # one deterministic class among random ones: the limit puts the mass on it
+    partial = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))[None]
+    nearly = torch.diag(torch.tensor([1.0, 1.0, 1e-12], dtype=torch.float64))[None]
+    torch.testing.assert_close(laplace_bridge(f_mu, partial), laplace_bridge(f_mu, nearly))
+    # normalised, vanishing variance sharpens to the largest logit
+    expected = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(laplace_bridge(f_mu, zero, normalize=True), expected)
+    torch.testing.assert_close(laplace_bridge(f_mu, 1e-9 * eye, normalize=True), expected)
