@@ -162,6 +162,9 @@ def _check_takes_batch(model: nn.Module, x: Batch, kwargs: dict[str, Any]) -> No
         return
     try:
         signature.bind(x, **kwargs)
+        reason = _tensor_first_argument(signature)
+        if reason:
+            raise TypeError(reason)
     except TypeError as e:
         raise TypeError(
             f"{type(model).__name__}.forward{signature} cannot be called as model(batch) "
@@ -171,3 +174,16 @@ def _check_takes_batch(model: nn.Module, x: Batch, kwargs: dict[str, Any]) -> No
             'data["attention_mask"]).logits`, or pass the PeftModel itself, or wrap it in '
             "laplace_lora_ext.SequenceClassifier / LastTokenChoiceLM."
         ) from None
+
+
+#: HF model arguments that take a tensor: a ``forward`` whose first argument is one of them
+#: would get the whole dict batch in its place and fail deep inside the model.
+_TENSOR_ARGUMENTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values")
+
+
+def _tensor_first_argument(signature: inspect.Signature) -> str | None:
+    """Why a dict batch cannot go to ``forward`` as its first argument, or ``None``."""
+    first = next(iter(signature.parameters.values()), None)
+    if first is not None and first.name in _TENSOR_ARGUMENTS:
+        return f"its first argument {first.name!r} takes a tensor, and would get the dict batch"
+    return None

@@ -108,6 +108,26 @@ def test_keyword_only_forward_gets_a_clear_error():
         la.fit(loader(case.batch, 4))
 
 
+def test_forward_taking_input_ids_first_gets_a_clear_error():
+    """``forward(self, input_ids, attention_mask=None)`` binds the dict batch to
+    ``input_ids``; before, the model failed 36 frames deep (``'dict' object has no
+    attribute 'ne'`` on RoBERTa)."""
+
+    class TensorArguments(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    case = make_case("gpt2")
+    la = lora_laplace(TensorArguments(case.model.model))
+    with pytest.raises(TypeError, match=r"first argument 'input_ids' takes a tensor"):
+        la.fit(loader(case.batch, 4))
+    la.fit([(case.batch["input_ids"], case.batch["labels"])])  # tensor batches still work
+
+
 # --------------------------------------------------------------------------- pred_type="nn"
 
 
