@@ -75,6 +75,8 @@ class _DictModule(nn.Module):
             check_input_ids(
                 inputs["input_ids"], inputs.get("attention_mask"), _n_tokens(self.model)
             )
+        else:
+            _check_mask_matches_embeds(inputs["inputs_embeds"], inputs.get("attention_mask"))
         return inputs
 
 
@@ -108,6 +110,12 @@ class LastTokenChoiceLM(_DictModule):
     def forward(self, batch: Any = None, **kwargs: Any) -> torch.Tensor:
         """Logits ``(B, C)`` of the target tokens at the last non-padding position."""
         inputs = self._unpack(batch, kwargs)
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            if name in inputs:
+                raise ValueError(
+                    f"LastTokenChoiceLM already computes the logits of the last real position "
+                    f"only; drop {name}={inputs[name]!r} (it would pick another position)."
+                )
         ids = inputs.get("input_ids")
         mask = inputs.get("attention_mask")
         if mask is None:
@@ -211,6 +219,17 @@ def check_input_ids(
                 f"input_ids range over {low}..{high} but the model's embedding has {n_tokens} "
                 f"tokens (0..{n_tokens - 1}): was the batch tokenised with another model's "
                 "tokenizer?"
+            )
+
+
+def _check_mask_matches_embeds(embeds: Any, attention_mask: Any) -> None:
+    """``attention_mask`` ``(B, T)`` must match ``inputs_embeds`` ``(B, T, d)``."""
+    if torch.is_tensor(embeds) and torch.is_tensor(attention_mask):
+        if attention_mask.shape != embeds.shape[:2]:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but inputs_embeds "
+                f"{tuple(embeds.shape)}; the mask must be (batch, seq_len) = "
+                f"{tuple(embeds.shape[:2])}."
             )
 
 

@@ -269,6 +269,31 @@ def test_bad_input_ids_are_named_before_the_embedding_sees_them(kind, exc, match
         make(case.model).fit([{**_bad_inputs(case.batch, kind), "labels": case.batch["labels"]}])
 
 
+def test_inputs_embeds_with_a_mismatched_mask_is_named():
+    """Before, a wrong-length mask failed inside the model's attention (or, with zeros in
+    it, was reported as an all-padding row)."""
+    model = tiny_llama()
+    batch = random_batch(4, 6, 3, padding="right")
+    embeds = model.model.get_input_embeddings()(batch["input_ids"]).detach()
+    for mask in (torch.ones(4, 5, dtype=torch.long), torch.zeros(4, 5, dtype=torch.long)):
+        with pytest.raises(
+            ValueError, match=r"attention_mask has shape \(4, 5\) but inputs_embeds"
+        ):
+            model({"inputs_embeds": embeds, "attention_mask": mask})
+    assert model({"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}).shape == (
+        4,
+        3,
+    )
+
+
+@pytest.mark.parametrize("name", ["logits_to_keep", "num_logits_to_keep"])
+def test_last_token_choice_lm_refuses_logits_to_keep(name):
+    model = tiny_llama()
+    batch = random_batch(4, 6, 3)
+    with pytest.raises(ValueError, match=f"drop {name}=1"):
+        model({**batch, name: 1})
+
+
 def test_prediction_options():
     case = make_case("llama")
     la = make(case.model)
