@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -81,6 +82,7 @@ def forward_logits(
             causal LM's ``(B, T, V)``).
     """
     check_not_empty(x)
+    check_sequence_length(model, x)
     out = call_model(model, x, dict_key_y, model_kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     if not torch.is_tensor(logits):
@@ -111,6 +113,49 @@ def check_not_empty(x: Batch) -> None:
             "skip empty batches before calling the model or the posterior."
         )
 
+
+
+def check_sequence_length(model: nn.Module, x: Batch) -> None:
+    """Raise a clear ``ValueError`` when a dict batch is longer than ``model``'s learned
+    position table (GPT-2's ``wpe``, BERT's / RoBERTa's ``position_embeddings``), which
+    torch would report as a bare ``IndexError`` deep inside the model. Models without such
+    a table (rotary positions, as in Llama) and batches with their own ``position_ids``
+    are not checked.
+    """
+    if not isinstance(x, Mapping) or "position_ids" in x:
+        return
+    tokens = x.get("input_ids", x.get("inputs_embeds"))
+    if not torch.is_tensor(tokens) or tokens.ndim < 2:
+        return
+    limit = max_positions(model)
+    if limit is not None and tokens.shape[1] > limit:
+        raise ValueError(
+            f"The batch has sequences of {tokens.shape[1]} tokens but the model's position "
+            f"embedding covers {limit}; truncate them when tokenising (truncation=True, "
+            f"max_length={limit})."
+        )
+
+
+_MAX_POSITIONS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence ``model``'s learned absolute position embedding covers, or
+    ``None`` when it has none. RoBERTa-style tables that start after ``padding_idx`` lose
+    ``padding_idx + 1`` rows. Found once per model, by module name (``wpe``,
+    ``position_embeddings``)."""
+    if model not in _MAX_POSITIONS:
+        limits = [
+            m.num_embeddings - (0 if m.padding_idx is None else m.padding_idx + 1)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+        ]
+        _MAX_POSITIONS[model] = min(limits) if limits else None
+    return _MAX_POSITIONS[model]
+
+
+#: Module names of learned absolute position embeddings (GPT-2; BERT, RoBERTa and kin).
+_POSITION_TABLES = ("wpe", "position_embeddings")
 
 def is_hf_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``peft.PeftModel`` or a ``transformers.PreTrainedModel``, also

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inputs import check_sequence_length
+
 __all__ = [
     "LastTokenChoiceLM",
     "SequenceClassifier",
@@ -77,6 +79,7 @@ class _DictModule(nn.Module):
             )
         else:
             _check_mask_matches_embeds(inputs["inputs_embeds"], inputs.get("attention_mask"))
+        check_sequence_length(self.model, inputs)
         return inputs
 
 

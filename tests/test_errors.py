@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from laplace_lora_ext import LastTokenChoiceLM
 from tests.cases import make_case
-from tests.models import loader, random_batch, tiny_llama
+from tests.models import loader, random_batch, tiny_gpt2, tiny_llama, tiny_roberta
 
 
 def make(model, structure="kron", likelihood="classification", **kw):
@@ -292,6 +292,30 @@ def test_last_token_choice_lm_refuses_logits_to_keep(name):
     batch = random_batch(4, 6, 3)
     with pytest.raises(ValueError, match=f"drop {name}=1"):
         model({**batch, name: 1})
+
+
+@pytest.mark.parametrize(
+    "build, limit, pad_id",
+    [(tiny_gpt2, 32, 0), (tiny_roberta, 38, 1)],  # RoBERTa's positions start after padding_idx 1
+)
+def test_sequences_longer_than_the_position_table_are_named(build, limit, pad_id):
+    """Before: a bare IndexError (GPT-2) or RuntimeError (RoBERTa) from inside the model."""
+    from laplace_lora_ext.inputs import max_positions
+
+    model = build()
+    assert max_positions(model) == limit
+    make(model).fit(loader(random_batch(4, limit, 2, pad_id=pad_id), 2))
+    too_long = random_batch(4, limit + 1, 2, pad_id=pad_id)
+    with pytest.raises(
+        ValueError, match=f"{limit + 1} tokens .* covers {limit}.*max_length={limit}"
+    ):
+        make(model).fit(loader(too_long, 2))
+
+
+def test_rotary_models_have_no_position_limit():
+    from laplace_lora_ext.inputs import max_positions
+
+    assert max_positions(tiny_llama()) is None
 
 
 def test_prediction_options():
