@@ -382,7 +382,9 @@ def choice_token_ids(
         choices: the answer strings, e.g. ``["A", "B"]`` or ``["yes", "no"]``.
         context: the end of the prompt the answer follows.
         leading_space: put a space between ``context`` and the choice (a choice that
-            already starts with a space is used as given).
+            already starts with a space, or a ``context`` that ends in whitespace, is used
+            as given: after ``"Answer: "`` the answer is ``"A"``, not ``" A"``; byte-level
+            BPE merges that space into the answer and gets the merge error below).
 
     Returns:
         One token id per choice, for
@@ -396,6 +398,8 @@ def choice_token_ids(
     """
     if isinstance(choices, str) or len(choices) < 2:
         raise ValueError(f"choices must be a list of at least two strings, got {choices!r}.")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ValueError(f"Every choice must be a non-empty string, got {list(choices)!r}.")
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -403,13 +407,20 @@ def choice_token_ids(
     prefix = encode(context)
     ids = []
     for choice in choices:
-        text = choice if choice.startswith(" ") or not leading_space else " " + choice
+        spaced = leading_space and not choice.startswith(" ") and not context[-1:].isspace()
+        text = " " + choice if spaced else choice
         full = encode(context + text)
         tokens = full[len(prefix) :]
         if full[: len(prefix)] != prefix:
+            hint = (
+                " A prompt that ends in whitespace leaves a lone space token the model "
+                "rarely saw before an answer: end the prompt (and context) at 'Answer:'."
+                if context[-1:].isspace()
+                else ""
+            )
             raise ValueError(
                 f"The tokenizer merges choice {choice!r} with the context {context!r} "
-                f"({prefix} vs {full}); pass the exact end of your prompt as context=."
+                f"({prefix} vs {full}); pass the exact end of your prompt as context=.{hint}"
             )
         if len(tokens) != 1:
             raise ValueError(

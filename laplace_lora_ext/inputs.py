@@ -114,7 +114,6 @@ def check_not_empty(x: Batch) -> None:
         )
 
 
-
 def check_sequence_length(model: nn.Module, x: Batch) -> None:
     """Raise a clear ``ValueError`` when a dict batch is longer than ``model``'s learned
     position table (GPT-2's ``wpe``, BERT's / RoBERTa's ``position_embeddings``), which
@@ -156,6 +155,7 @@ def max_positions(model: nn.Module) -> int | None:
 
 #: Module names of learned absolute position embeddings (GPT-2; BERT, RoBERTa and kin).
 _POSITION_TABLES = ("wpe", "position_embeddings")
+
 
 def is_hf_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``peft.PeftModel`` or a ``transformers.PreTrainedModel``, also

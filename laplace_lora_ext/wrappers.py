@@ -314,7 +314,14 @@ def _gather_rows_hook(positions: torch.Tensor):
 
 
 class SequenceClassifier(_DictModule):
-    """Sequence-classification model -> ``.logits`` ``(B, C)`` from a dict batch."""
+    """Sequence-classification model -> ``.logits`` ``(B, C)`` from a dict batch.
+
+    The logits are exactly ``model(**batch).logits``: unlike :class:`LastTokenChoiceLM`,
+    no ``position_ids`` are derived from the mask, so the posterior is that of the model as
+    it was fine-tuned. On absolute-position models (GPT-2, BERT) a left-padded row then
+    sees shifted positions and other logits than the same row right-padded, as in
+    Hugging Face itself: pad on the side the model was fine-tuned with.
+    """
 
     def forward(self, batch: Any = None, **kwargs: Any) -> torch.Tensor:
         inputs = self._unpack(batch, kwargs)

@@ -292,3 +292,15 @@ def test_choice_token_ids_errors():
         choice_token_ids(word_tokenizer(), ["A", "A"])
     with pytest.raises(ValueError, match="at least two"):
         choice_token_ids(word_tokenizer(), "AB")
+
+
+def test_choice_token_ids_after_a_context_ending_in_a_space():
+    """After ``"Answer: "`` the answer is ``"A"``; before, the default leading space scored
+    ``"Answer:  A"`` and silently returned the ids of ``" A"``. Byte-level BPE merges the
+    prompt's trailing space into the answer, so that prompt is refused with a hint; a word
+    tokenizer, which keeps the two apart, gives the answer's ids."""
+    with pytest.raises(ValueError, match="merges choice 'A'.*end the prompt"):
+        choice_token_ids(byte_level_bpe(), ["A", "B"], context="Answer: ")
+    assert choice_token_ids(word_tokenizer(), ["A", "B"], context="Answer: ") == [3, 4]
+    with pytest.raises(ValueError, match="non-empty string"):
+        choice_token_ids(word_tokenizer(), ["A", ""])
