@@ -62,7 +62,13 @@ from . import distributed, guards
 from .curvature.capture import Captured
 from .inputs import forward_logits, split_batch
 from .jacobian_cache import LogitJacobianCache
-from .prior import UnchangedLogitsError, adapters_disabled, lora_a_mask, spread_matched_precision
+from .prior import (
+    RuleNotApplicableError,
+    UnchangedLogitsError,
+    adapters_disabled,
+    lora_a_mask,
+    spread_matched_precision,
+)
 
 __all__ = [
     "LOO_JACOBIAN_BYTES",
@@ -437,7 +443,7 @@ def loo_cache(
     )
     f_map = cache.logits.double().to(f_base.device)
     if len(f_map) < 2:
-        raise ValueError("method='leave_one_out' needs at least two training examples.")
+        raise RuleNotApplicableError("method='leave_one_out' needs at least two training examples.")
     Q = centred_basis(f_map.shape[-1]).to(f_map.device)
     y = (f_map - f_base) @ Q  # (M, C-1)
     if not float(y.square().sum()) > 0:

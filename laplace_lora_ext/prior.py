@@ -344,6 +344,12 @@ class UnchangedLogitsError(ValueError):
     """The adapter does not change the logits (``B = 0``): no function-space prior."""
 
 
+class RuleNotApplicableError(ValueError):
+    """A training-data prior rule cannot be used on this posterior (too few training
+    examples, or parameters other than LoRA matrices); the default falls back to
+    ``"lora_marglik"``."""
+
+
 def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
     """``(L,)``: the default prior. ``lora_A`` at :func:`spread_matched_precision`; one
     precision ``δ_B`` for every other tensor such that the prior explains the size of the

@@ -238,3 +238,32 @@ def test_override_false_adds_data_exactly(structure):
     assert (H(online) - H(full)).norm() < 1e-10 * H(full).norm()
     assert online.n_data == full.n_data == 7
     assert torch.allclose(online.log_marginal_likelihood(), full.log_marginal_likelihood())
+
+
+def test_changing_the_temperature_refreshes_the_full_posterior():
+    """``full`` caches its covariance factor; before, a new temperature was ignored by
+    ``la(x)`` and ``posterior_covariance`` once they had run (relative error 0.24)."""
+    case = make_case("llama")
+    la = make(case.model, "full")
+    la.fit(loader(case.batch, 4))
+    la(case.batch)
+    la.temperature = 4.0
+    ref = make(case.model, "full", temperature=4.0)
+    ref.fit(loader(case.batch, 4))
+    torch.testing.assert_close(la.posterior_covariance, ref.posterior_covariance)
+    torch.testing.assert_close(
+        la.predictive_moments(case.batch), ref.predictive_moments(case.batch)
+    )
+
+
+def test_load_state_dict_forgets_the_training_data_of_an_earlier_fit():
+    """The training-data rules read fit()'s loaders: after a load they belonged to another
+    posterior (the function-space prior came from the wrong data, silently)."""
+    case = make_case("llama")
+    la = make(case.model)
+    la.fit(loader(random_batch(6, 6, 3, seed=1), 3))
+    saved = make(case.model)
+    saved.fit(loader(case.batch, 4))
+    la.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="call la.fit"):
+        la.optimize_prior_precision(method="function_space")

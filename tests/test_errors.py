@@ -441,3 +441,56 @@ def test_whole_vocabulary_logits_are_refused_naming_last_token_choice_lm(structu
         la.fit(loader(batch, 4))
     la = make(LastTokenChoiceLM(peft_model, [5, 9, 13]), structure)  # the fix it names
     la.fit(loader(batch, 4))
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, match",
+    [
+        ("gridsearch", {"grid_size": 0}, "grid_size must be an int >= 1"),
+        ("gridsearch", {"grid_size": 2.5}, "grid_size must be an int >= 1"),
+        ("marglik", {"n_steps": -5}, "n_steps must be an int >= 1"),
+        ("lora_marglik", {"init_prior_prec": 0.0}, "finite number > 0"),
+        (None, {"init_prior_prec": torch.ones(4)}, "one prior precision for every tensor"),
+    ],
+)
+def test_bad_search_values_are_named_before_the_search(method, kwargs, match):
+    """Before: argmin/logspace errors after a validation pass, a math domain error, a
+    tensor-to-scalar error, or a 'did not converge in -5 steps' warning."""
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(4, 5, 3), 4))
+    before = la.prior_precision.clone()
+    val = {"val_loader": loader(random_batch(4, 5, 3), 4)} if method == "gridsearch" else {}
+    with pytest.raises(ValueError, match=match):
+        la.optimize_prior_precision(method=method, **kwargs, **val)
+    assert torch.equal(la.prior_precision, before)
+
+
+def test_training_data_rules_refuse_extra_params_and_the_default_falls_back():
+    """With a trainable head in the posterior, the function-space and leave-one-out sums
+    were dominated by the head (lora_B's prior 170x too precise, silently)."""
+    model = tiny_roberta()
+    batch = random_batch(6, 6, 2, pad_id=1)
+    la = make(model, include_extra_params=True)
+    la.fit(loader(batch, 3))
+    for method in ("function_space", "leave_one_out"):
+        with pytest.raises(ValueError, match="LoRA matrices only.*include_extra_params"):
+            la.optimize_prior_precision(method=method)
+    la._training_data_memorised = lambda: True  # the default would take leave_one_out
+    with pytest.warns(RuntimeWarning, match="LoRA matrices only.*Using method='lora_marglik'"):
+        la.optimize_prior_precision()
+    ref = make(model, include_extra_params=True)
+    ref.fit(loader(batch, 3))
+    ref.optimize_prior_precision(method="lora_marglik")
+    assert torch.allclose(la.prior_precision, ref.prior_precision)
+
+
+def test_the_default_falls_back_on_a_single_memorised_example():
+    """Before, the default (which the user did not choose) raised leave_one_out's 'needs
+    at least two training examples' where lora_marglik works."""
+    la = make(tiny_llama())
+    la.fit(loader(random_batch(1, 5, 3), 1))
+    la._training_data_memorised = lambda: True
+    with pytest.warns(RuntimeWarning, match="at least two training examples.*lora_marglik"):
+        la.optimize_prior_precision()
+    with pytest.raises(ValueError, match="at least two training examples"):
+        la.optimize_prior_precision(method="leave_one_out")

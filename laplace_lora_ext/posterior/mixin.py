@@ -211,6 +211,8 @@ class LoraLaplaceMixin(PriorTuningMixin):
     def temperature(self, value: float | torch.Tensor) -> None:
         guards.check_positive("temperature", value)
         self._temperature = value
+        if hasattr(self, "_posterior_scale"):  # full: the cached covariance factor is stale
+            self._posterior_scale = None
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
@@ -526,7 +528,9 @@ class LoraLaplaceMixin(PriorTuningMixin):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a posterior saved by :meth:`state_dict` (atomic: a refused one changes
-        nothing).
+        nothing). The training data of an earlier ``fit`` are forgotten: they do not belong
+        to the loaded posterior, so the training-data prior rules need a new ``fit`` (the
+        default falls back to ``"lora_marglik"`` with a warning).
 
         Raises:
             ValueError: the saved posterior was built with another ``hessian_structure`` or
@@ -544,6 +548,9 @@ class LoraLaplaceMixin(PriorTuningMixin):
         guards.check_finite_saved(state_dict)  # before laplace-torch decomposes it
         with guards.restore_on_error(self, _FIT_STATE):
             super().load_state_dict(state_dict)
+        # the training data of an earlier fit do not belong to the loaded posterior: the
+        # training-data prior rules would read them (the default falls back with a warning)
+        self._fit_loaders = None
         guards.warn_if_mean_differs(self.mean, self.params)
 
     def _damping(self) -> bool:

@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 
+from ..options import check_int
+
 __all__ = [
     "TUNING_METHODS",
     "READ_BY",
     "refuse_ignored_options",
     "refuse_unused_search_options",
+    "check_search_values",
 ]
 
 TUNING_METHODS = (
@@ -119,3 +122,23 @@ def refuse_ignored_options(
             f"predictive (link_approx='mc'), which defines its rule; link_approx="
             f"{link_approx!r} is used only by method='gridsearch'. Leave link_approx='mc'."
         )
+
+
+def check_search_values(method: str, grid_size: Any, n_steps: Any, init_prior_prec: Any) -> None:
+    """Raise a ``ValueError`` for a ``grid_size`` or ``n_steps`` that is not an int ``>= 1``
+    (where ``method`` reads it), and for an ``init_prior_prec`` that the evidence rules
+    (``"auto"``, ``"lora_marglik"``, the training-data rules' fall-back) cannot start from:
+    they take one finite value ``> 0`` for every tensor (laplace-torch's ``"marglik"``
+    checks its own, per-tensor values included)."""
+    if method in READ_BY["grid_size"]:
+        check_int("grid_size", grid_size, 1)
+    if method in READ_BY["n_steps"]:
+        check_int("n_steps", n_steps, 1)
+    if method in EVIDENCE_METHODS and method != "marglik":
+        value = torch.as_tensor(init_prior_prec)
+        if value.numel() != 1 or not bool(torch.isfinite(value).all() and (value > 0).all()):
+            raise ValueError(
+                f"method={method!r} starts the evidence search from one prior precision for "
+                f"every tensor; init_prior_prec must be a finite number > 0, got "
+                f"{init_prior_prec!r}. Per-tensor starting values: method='marglik'."
+            )
