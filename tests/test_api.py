@@ -267,3 +267,20 @@ def test_load_state_dict_forgets_the_training_data_of_an_earlier_fit():
     la.load_state_dict(saved.state_dict())
     with pytest.raises(ValueError, match="call la.fit"):
         la.optimize_prior_precision(method="function_space")
+
+
+def test_a_posterior_loaded_for_other_outputs_is_refused_at_prediction():
+    """A 3-class posterior loaded into a 4-choice wrapper of the same adapter predicted
+    over 4 outputs with the 3-output curvature, silently."""
+    from laplace_lora_ext import LastTokenChoiceLM
+    from tests.models import TARGET_IDS
+
+    case = make_case("llama")
+    la = make(case.model)
+    la.fit(loader(case.batch, 4))
+    wider = make(LastTokenChoiceLM(case.model.model, [*TARGET_IDS, 17]))
+    wider.load_state_dict(la.state_dict())
+    with pytest.raises(
+        ValueError, match="fitted on a model with 3 outputs, but the model now returns 4"
+    ):
+        wider(case.batch, link_approx="mc")

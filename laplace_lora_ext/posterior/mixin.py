@@ -373,7 +373,19 @@ class LoraLaplaceMixin(PriorTuningMixin):
         self._check_H_init()
         with guards.eval_mode(self.model):  # dropout off; the caller's modes come back
             f_mu, blocks = logit_jacobian_blocks(self.backend, x)
+        self._check_n_outputs(f_mu.shape[-1])
         return f_mu, self._functional_variance_blocks(blocks)
+
+    def _check_n_outputs(self, n_outputs: int) -> None:
+        """Refuse a model whose outputs differ from those the posterior was fitted with
+        (e.g. a state dict loaded into a ``LastTokenChoiceLM`` with other ``target_ids``)."""
+        fitted = getattr(self, "n_outputs", None)
+        if fitted is not None and int(fitted) != n_outputs:
+            raise ValueError(
+                f"The posterior was fitted on a model with {int(fitted)} outputs, but the model "
+                f"now returns {n_outputs} (other target_ids or num_labels?). Its curvature "
+                "belongs to the other outputs: refit with la.fit(train_loader)."
+            )
 
     @property
     def scatter(self) -> torch.Tensor:
