@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .prior import RuleNotApplicableError
+
 __all__ = ["ZERO_B_INITS", "AdapterInitError", "unsupported_init"]
 
 #: ``init_lora_weights`` values after which the adapter is a no-op on the unchanged base
@@ -22,8 +24,9 @@ __all__ = ["ZERO_B_INITS", "AdapterInitError", "unsupported_init"]
 ZERO_B_INITS = (True, "gaussian", "eva")
 
 
-class AdapterInitError(ValueError):
-    """The adapter did not start at ``lora_B = 0`` on the unchanged base weights."""
+class AdapterInitError(RuleNotApplicableError):
+    """The adapter did not start at ``lora_B = 0`` on the unchanged base weights (a
+    ``ValueError``)."""
 
 
 def _active_configs(model: nn.Module) -> list[tuple[str, object]]:

@@ -208,17 +208,17 @@ def _check_takes_batch(model: nn.Module, x: Batch, kwargs: dict[str, Any]) -> No
     try:
         signature.bind(x, **kwargs)
         reason = _tensor_first_argument(signature)
-        if reason:
-            raise TypeError(reason)
     except TypeError as e:
+        reason = str(e)
+    if reason:
         raise TypeError(
             f"{type(model).__name__}.forward{signature} cannot be called as model(batch) "
-            f"({e}). Like laplace-torch, laplace_lora_ext calls a custom module with the "
+            f"({reason}). Like laplace-torch, laplace_lora_ext calls a custom module with the "
             "whole dict batch as one argument; write the wrapper as `def forward(self, "
             'data): return self.hf_model(input_ids=data["input_ids"], attention_mask='
             'data["attention_mask"]).logits`, or pass the PeftModel itself, or wrap it in '
             "laplace_lora_ext.SequenceClassifier / LastTokenChoiceLM."
-        ) from None
+        )
 
 
 #: HF model arguments that take a tensor: a ``forward`` whose first argument is one of them

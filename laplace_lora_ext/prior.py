@@ -340,14 +340,14 @@ def function_space_sums(la: Any, loader: Iterable[Any], free: Tensor) -> tuple[T
     return jac, change
 
 
-class UnchangedLogitsError(ValueError):
-    """The adapter does not change the logits (``B = 0``): no function-space prior."""
-
-
 class RuleNotApplicableError(ValueError):
     """A training-data prior rule cannot be used on this posterior (too few training
-    examples, or parameters other than LoRA matrices); the default falls back to
-    ``"lora_marglik"``."""
+    examples, parameters other than LoRA matrices, an unchanged adapter, or one that did
+    not start at ``lora_B = 0``); the default falls back to ``"lora_marglik"``."""
+
+
+class UnchangedLogitsError(RuleNotApplicableError):
+    """The adapter does not change the logits (``B = 0``): no function-space prior."""
 
 
 def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:

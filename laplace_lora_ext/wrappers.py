@@ -210,11 +210,7 @@ def check_input_ids(
             f"input_ids must be (batch, seq_len), got shape {tuple(ids.shape)}; for one "
             "example add the batch dimension with ids.unsqueeze(0)."
         )
-    if torch.is_tensor(attention_mask) and attention_mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
-            f"{tuple(ids.shape)}; they must match (tokenise them together)."
-        )
+    _check_mask_shape(attention_mask, ids, "input_ids", "they must match (tokenise them together).")
     if ids.numel() and n_tokens is not None:
         low, high = torch.stack(torch.aminmax(ids)).tolist()  # one pass, one sync
         if low < 0 or high >= n_tokens:
@@ -227,13 +223,19 @@ def check_input_ids(
 
 def _check_mask_matches_embeds(embeds: Any, attention_mask: Any) -> None:
     """``attention_mask`` ``(B, T)`` must match ``inputs_embeds`` ``(B, T, d)``."""
-    if torch.is_tensor(embeds) and torch.is_tensor(attention_mask):
-        if attention_mask.shape != embeds.shape[:2]:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but inputs_embeds "
-                f"{tuple(embeds.shape)}; the mask must be (batch, seq_len) = "
-                f"{tuple(embeds.shape[:2])}."
-            )
+    if torch.is_tensor(embeds):
+        fix = f"the mask must be (batch, seq_len) = {tuple(embeds.shape[:2])}."
+        _check_mask_shape(attention_mask, embeds, "inputs_embeds", fix)
+
+
+def _check_mask_shape(attention_mask: Any, tokens: torch.Tensor, name: str, fix: str) -> None:
+    """Raise when a tensor ``attention_mask`` is not ``tokens``' ``(B, T)``; ``name`` is
+    ``tokens``' key in the batch and ``fix`` ends the message."""
+    if torch.is_tensor(attention_mask) and attention_mask.shape != tokens.shape[:2]:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but {name} "
+            f"{tuple(tokens.shape)}; {fix}"
+        )
 
 
 def _embedding_rows(model: nn.Module, getter: str) -> int | None:

@@ -11,7 +11,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from laplace_lora_ext import LastTokenChoiceLM
 from tests.cases import make_case
-from tests.models import loader, random_batch, tiny_gpt2, tiny_llama, tiny_roberta
+from tests.models import (
+    loader,
+    random_batch,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_llama_config,
+    tiny_roberta,
+)
 
 
 def make(model, structure="kron", likelihood="classification", **kw):
@@ -424,14 +431,8 @@ def test_whole_vocabulary_logits_are_refused_naming_last_token_choice_lm(structu
     from laplace_lora_ext.wrappers import MAX_VOCABULARY_OUTPUTS
 
     vocab = MAX_VOCABULARY_OUTPUTS + 1
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=8,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    config = tiny_llama_config()
+    config.vocab_size = vocab
     peft_model = get_peft_model(
         LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"])
     )

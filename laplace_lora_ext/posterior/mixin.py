@@ -530,10 +530,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
         state["lora_config"] = {
             "param_names": self.lora_param_names,
             "hessian_structure": self._key[1],
-            "damping": self._damping(),
-            "kfac_approx": self.kfac_approx,
-            "fisher_type": self.fisher_type,
-            "factor_rank": self.factor_rank,
+            **self._saved_options(),
             "param_shapes": [tuple(p.shape) for p in self.params],
         }
         return state
@@ -565,9 +562,15 @@ class LoraLaplaceMixin(PriorTuningMixin):
         self._fit_loaders = None
         guards.warn_if_mean_differs(self.mean, self.params)
 
-    def _damping(self) -> bool:
-        """``kron``'s damped-prior flag (``False`` for the other structures)."""
-        return bool(getattr(self, "damping", False))
+    def _saved_options(self) -> dict[str, Any]:
+        """The construction options a saved posterior must match (``damping``: ``kron``'s
+        damped prior, ``False`` for the other structures)."""
+        return {
+            "factor_rank": self.factor_rank,
+            "kfac_approx": self.kfac_approx,
+            "fisher_type": self.fisher_type,
+            "damping": bool(getattr(self, "damping", False)),
+        }
 
     def _check_saved_config(self, config: Mapping[str, Any]) -> None:
         structure = config.get("hessian_structure", self._key[1])
@@ -577,9 +580,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
                 f"{self._key[1]!r}; build it with Laplace(..., hessian_structure={structure!r}) "
                 "before load_state_dict."
             )
-        current = {"damping": self._damping()}
-        for key in ("factor_rank", "kfac_approx", "fisher_type", "damping"):
-            value = current[key] if key in current else getattr(self, key)
+        for key, value in self._saved_options().items():
             if key in config and config[key] != value:
                 raise ValueError(
                     f"The saved posterior has {key}={config[key]!r} but this object was built "

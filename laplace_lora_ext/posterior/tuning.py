@@ -314,11 +314,12 @@ class PriorTuningMixin:
         or ``"leave_one_out"`` (:func:`laplace_lora_ext.loo_prior.loo_precision`) on the
         loaders of ``fit``.
 
-        Returns ``True`` once the prior is set. With ``fall_back`` (the default method), an
-        adapter that has not changed the logits, or that did not start at ``lora_B = 0`` on
-        the unchanged base weights, warns and returns ``False`` (the caller then uses
-        ``"lora_marglik"``) instead of raising ``prior.UnchangedLogitsError`` or
-        ``adapter_init.AdapterInitError``. ``progress``: tqdm bars over the passes.
+        Returns ``True`` once the prior is set. With ``fall_back`` (the default method), a
+        rule that does not apply (:class:`~laplace_lora_ext.prior.RuleNotApplicableError`:
+        an adapter that has not changed the logits or did not start at ``lora_B = 0`` on the
+        unchanged base weights, a posterior over more than LoRA matrices, a single training
+        example) warns and returns ``False`` (the caller then uses ``"lora_marglik"``)
+        instead of raising. ``progress``: tqdm bars over the passes.
         """
         loaders = getattr(self, "_fit_loaders", None)
         if not loaders:
@@ -338,11 +339,7 @@ class PriorTuningMixin:
                     batches, desc="[Function-space pass]", leave=False, disable=not progress
                 )
                 delta = priors.function_space_precision(self, bar)
-        except (
-            priors.UnchangedLogitsError,
-            priors.RuleNotApplicableError,
-            adapter_init.AdapterInitError,
-        ) as e:
+        except priors.RuleNotApplicableError as e:  # unchanged or non-zero-B adapter, ...
             if not fall_back:
                 raise
             warnings.warn(
