@@ -181,7 +181,7 @@ def test_non_convergence_warning_names_the_method_and_the_callers_line():
 def test_lora_marglik_runs_rounds_until_converged(monkeypatch):
     """One round when it converges; otherwise rounds up to LORA_MARGLIK_ROUNDS, and the
     warning counts every step taken."""
-    from laplace_lora_ext.posterior import tuning
+    from laplace_lora_ext.posterior import evidence_search
 
     la = fitted("kron")
     calls = []
@@ -195,8 +195,8 @@ def test_lora_marglik_runs_rounds_until_converged(monkeypatch):
     la.optimize_prior_precision(method="lora_marglik", n_steps=200)
     assert 200 < len(calls) <= 203  # one round, its convergence check (and none after)
     free = ~P.lora_a_mask(la.lora_param_names)
-    assert la._marglik_gradient(free)[1] <= tuning.MARGLIK_GRAD_TOL
-    monkeypatch.setattr(tuning, "LORA_MARGLIK_ROUNDS", 3)
+    assert la._marglik_gradient(free)[1] <= evidence_search.MARGLIK_GRAD_TOL
+    monkeypatch.setattr(evidence_search, "LORA_MARGLIK_ROUNDS", 3)
     calls.clear()
     with pytest.warns(RuntimeWarning, match="did not converge in 600 steps"):
         la.optimize_prior_precision(method="lora_marglik", lr=1e-6, init_prior_prec=1e-3)

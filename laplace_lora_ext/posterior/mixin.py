@@ -3,12 +3,13 @@
 The mixin goes first in the MRO of each concrete class (``LoraKronLaplace(LoraLaplaceMixin,
 KronLaplace)``) and replaces what laplace-torch does differently for PEFT models:
 parameter selection (LoRA matrices only), the curvature backend, ``fit`` on HF dict
-batches, the Jacobian-free GLM predictive and the link approximations.
+batches, the Jacobian-free GLM predictive and the link approximations. Its bases add the
+prior search (:mod:`.tuning`), weight samples and the ``"nn"`` predictive
+(:mod:`.weight_sampling`) and saving and loading (:mod:`.persistence`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from .. import distributed, guards  # issue 8
 from ..compat import Likelihood
 from ..curvature import LoraCurvature
 from ..curvature.stock import StockKfacCurvature, resolve_stock_backend
-from ..inputs import forward_logits, split_batch
+from ..inputs import split_batch
 from ..links import LINK_APPROXIMATIONS, apply_link
 from ..lowrank.auto import FactorRank, any_low_rank, resolve_factor_rank
 from ..lowrank.factor import compute_dtype
@@ -39,29 +40,14 @@ from ..options import (
 )
 from ..predictive import logit_jacobian_blocks
 from ..targets import check_same_device, collect_targets, param_names, target_params
+from .persistence import FIT_STATE, PosteriorPersistenceMixin
 from .tuning import PriorTuningMixin
+from .weight_sampling import NN_SAMPLES, WeightSamplingMixin
 
 __all__ = ["LoraLaplaceMixin"]
 
-#: Network samples of ``la(x, pred_type="nn")`` without ``n_samples`` (laplace-torch's 100;
-#: each is a forward pass, unlike the GLM links' draws).
-NN_SAMPLES = 100
 
-_FIT_STATE = (
-    "H",
-    "H_facs",
-    "loss",
-    "n_data",
-    "n_outputs",
-    "mean",
-    "_prior_precision",
-    "_prior_mean",
-    "_posterior_scale",
-)
-"""Attributes a failed ``fit`` puts back (``fit`` rebinds them, never mutates in place)."""
-
-
-class LoraLaplaceMixin(PriorTuningMixin):
+class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersistenceMixin):
     """Mixin for Laplace over LoRA matrices (see the concrete classes for the arguments)."""
 
     _structure: str = ""
@@ -214,13 +200,6 @@ class LoraLaplaceMixin(PriorTuningMixin):
         if hasattr(self, "_posterior_scale"):  # full: the cached covariance factor is stale
             self._posterior_scale = None
 
-    def sample(
-        self, n_samples: int = 100, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Posterior weight samples ``(n_samples, P)`` (``n_samples >= 1``)."""
-        guards.check_n_samples(n_samples)
-        return super().sample(n_samples, generator=generator)
-
     # ------------------------------------------------------------------ fitting
     def fit(
         self, train_loader: DataLoader, override: bool = True, progress_bar: bool = False
@@ -244,7 +223,7 @@ class LoraLaplaceMixin(PriorTuningMixin):
             NonFiniteError: NaN or inf in a batch's logits, layer inputs, output gradients,
                 loss or curvature (the message names the batch).
         """
-        with guards.restore_on_error(self, _FIT_STATE), guards.eval_mode(self.model):
+        with guards.restore_on_error(self, FIT_STATE), guards.eval_mode(self.model):
             self._fit(train_loader, override, progress_bar)
         # kept (a reference, no copy) for optimize_prior_precision(method="function_space");
         # a one-shot iterator is spent by now, so nothing is kept (None: data unavailable)
@@ -485,154 +464,6 @@ class LoraLaplaceMixin(PriorTuningMixin):
         if diagonal_output:
             f_var = torch.diag_embed(f_var.diagonal(dim1=-2, dim2=-1))
         return apply_link(link_approx, f_mu, f_var, n_samples, generator)
-
-    def _nn_predictive_classification(
-        self,
-        X: Any,
-        n_samples: int = 100,
-        generator: torch.Generator | None = None,
-        **model_kwargs: Any,
-    ) -> torch.Tensor:
-        """Average of softmax outputs over posterior weight samples ``(B, C)``."""
-        logits = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
-        return torch.softmax(logits, dim=-1).mean(dim=0)
-
-    def _nn_functional_samples(
-        self,
-        X: Any,
-        n_samples: int = 100,
-        generator: torch.Generator | None = None,
-        **model_kwargs: Any,
-    ) -> torch.Tensor:
-        """Logits ``(n_samples, B, C)`` of the network at posterior weight samples.
-
-        Replaces laplace-torch's version (behind ``functional_samples`` /
-        ``predictive_samples(..., pred_type="nn")`` and ``la(x, pred_type="nn")``): the
-        model is called as in ``fit`` (``model_kwargs`` go to the model), and afterwards
-        the LoRA weights are exactly the caller's, not ``la.mean``, and own their storage
-        (laplace-torch's ``vector_to_parameters`` leaves them as views of ``la.mean``).
-        """
-        self._check_H_init()
-        guards.check_n_samples(n_samples)
-        samples = self.sample(n_samples, generator=generator)
-        logits = []
-        keep = _callers_weights(self.params, self.mean)
-        with torch.no_grad(), guards.eval_mode(self.model), keep:
-            for sample in samples:
-                _write_params(sample, self.params)
-                f = forward_logits(self.model, X, self.dict_key_y, model_kwargs)
-                logits.append(f.to(self._dtype))
-        return torch.stack(logits)
-
-    # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["lora_config"] = {
-            "param_names": self.lora_param_names,
-            "hessian_structure": self._key[1],
-            **self._saved_options(),
-            "param_shapes": [tuple(p.shape) for p in self.params],
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a posterior saved by :meth:`state_dict` (atomic: a refused one changes
-        nothing). The training data of an earlier ``fit`` are forgotten: they do not belong
-        to the loaded posterior, so the training-data prior rules need a new ``fit`` (the
-        default falls back to ``"lora_marglik"`` with a warning).
-
-        Raises:
-            ValueError: the saved posterior was built with another ``hessian_structure`` or
-                other options (``factor_rank``, ``kfac_approx``, ``fisher_type``,
-                ``damping``) or for other LoRA parameters (names or
-                shapes), or holds NaN/inf (:class:`~laplace_lora_ext.guards.NonFiniteError`).
-
-        Warns:
-            UserWarning: when the loaded ``mean`` differs from the model's current LoRA
-                weights (the posterior was fitted at other weights).
-        """
-        config = state_dict.get("lora_config")
-        if config is not None:
-            self._check_saved_config(config)
-        guards.check_finite_saved(state_dict)  # before laplace-torch decomposes it
-        with guards.restore_on_error(self, _FIT_STATE):
-            super().load_state_dict(state_dict)
-        # the training data of an earlier fit do not belong to the loaded posterior: the
-        # training-data prior rules would read them (the default falls back with a warning)
-        self._fit_loaders = None
-        guards.warn_if_mean_differs(self.mean, self.params)
-
-    def _saved_options(self) -> dict[str, Any]:
-        """The construction options a saved posterior must match (``damping``: ``kron``'s
-        damped prior, ``False`` for the other structures)."""
-        return {
-            "factor_rank": self.factor_rank,
-            "kfac_approx": self.kfac_approx,
-            "fisher_type": self.fisher_type,
-            "damping": bool(getattr(self, "damping", False)),
-        }
-
-    def _check_saved_config(self, config: Mapping[str, Any]) -> None:
-        structure = config.get("hessian_structure", self._key[1])
-        if structure != self._key[1]:
-            raise ValueError(
-                f"The saved posterior has hessian_structure={structure!r} but this object is "
-                f"{self._key[1]!r}; build it with Laplace(..., hessian_structure={structure!r}) "
-                "before load_state_dict."
-            )
-        for key, value in self._saved_options().items():
-            if key in config and config[key] != value:
-                raise ValueError(
-                    f"The saved posterior has {key}={config[key]!r} but this object was built "
-                    f"with {key}={value!r}; build it with the same {key} (and "
-                    "the same other options) before load_state_dict."
-                )
-        if config["param_names"] != self.lora_param_names:
-            raise ValueError(
-                "The saved posterior covers different LoRA parameters than this model "
-                f"({len(config['param_names'])} vs {len(self.lora_param_names)} tensors); "
-                "rebuild the model with the same LoraConfig and adapter."
-            )
-        shapes = [tuple(p.shape) for p in self.params]
-        saved = [tuple(s) for s in config.get("param_shapes", shapes)]
-        if saved != shapes:
-            bad = next(i for i, (a, b) in enumerate(zip(saved, shapes, strict=True)) if a != b)
-            raise ValueError(
-                f"The saved posterior's {self.lora_param_names[bad]} has shape {saved[bad]} "
-                f"but the model's is {shapes[bad]} (another LoRA rank?); rebuild the model "
-                "with the same LoraConfig."
-            )
-
-
-@contextlib.contextmanager
-def _callers_weights(params: list[torch.Tensor], mean: torch.Tensor) -> Iterator[None]:
-    """Run the block, then put back the exact values ``params`` had before it.
-
-    Parameters that share storage with ``mean`` (laplace-torch's ``vector_to_parameters``
-    makes them views of ``la.mean``) first get their own copy, so that writing samples
-    into them cannot change the posterior mean.
-    """
-    mean_storage = mean.untyped_storage().data_ptr()
-    for p in params:
-        if p.untyped_storage().data_ptr() == mean_storage:
-            p.data = p.data.clone()
-    saved = [p.detach().clone() for p in params]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
-                p.copy_(value)
-
-
-def _write_params(vector: torch.Tensor, params: list[torch.Tensor]) -> None:
-    """Copy a flat vector into ``params`` in place (keeps each parameter's dtype)."""
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(vector[offset : offset + n].view_as(p))
-            offset += n
 
 
 def _dataset_size(loader: DataLoader) -> int | None:

@@ -1,0 +1,104 @@
+"""Weight samples and the sampling ("nn") predictive of the ``lora`` Laplace classes.
+
+laplace-torch writes each weight sample into the model with ``vector_to_parameters``,
+which leaves the model's parameters as views of ``la.mean``; this mixin writes samples in
+place and afterwards puts back the caller's own weights (see :func:`_callers_weights`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .. import guards
+from ..inputs import forward_logits
+
+__all__ = ["NN_SAMPLES", "WeightSamplingMixin"]
+
+#: Network samples of ``la(x, pred_type="nn")`` without ``n_samples`` (laplace-torch's 100;
+#: each is a forward pass, unlike the GLM links' draws).
+NN_SAMPLES = 100
+
+
+class WeightSamplingMixin:
+    """Posterior weight samples and network-sample logits (needs the Laplace attributes
+    ``params``, ``mean``, ``model``, ``dict_key_y`` and ``_dtype``)."""
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Posterior weight samples ``(n_samples, P)`` (``n_samples >= 1``)."""
+        guards.check_n_samples(n_samples)
+        return super().sample(n_samples, generator=generator)
+
+    def _nn_predictive_classification(
+        self,
+        X: Any,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Average of softmax outputs over posterior weight samples ``(B, C)``."""
+        logits = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
+        return torch.softmax(logits, dim=-1).mean(dim=0)
+
+    def _nn_functional_samples(
+        self,
+        X: Any,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits ``(n_samples, B, C)`` of the network at posterior weight samples.
+
+        Replaces laplace-torch's version (behind ``functional_samples`` /
+        ``predictive_samples(..., pred_type="nn")`` and ``la(x, pred_type="nn")``): the
+        model is called as in ``fit`` (``model_kwargs`` go to the model), and afterwards
+        the LoRA weights are exactly the caller's, not ``la.mean``, and own their storage
+        (laplace-torch's ``vector_to_parameters`` leaves them as views of ``la.mean``).
+        """
+        self._check_H_init()
+        guards.check_n_samples(n_samples)
+        samples = self.sample(n_samples, generator=generator)
+        logits = []
+        keep = _callers_weights(self.params, self.mean)
+        with torch.no_grad(), guards.eval_mode(self.model), keep:
+            for sample in samples:
+                _write_params(sample, self.params)
+                f = forward_logits(self.model, X, self.dict_key_y, model_kwargs)
+                logits.append(f.to(self._dtype))
+        return torch.stack(logits)
+
+
+@contextlib.contextmanager
+def _callers_weights(params: list[torch.Tensor], mean: torch.Tensor) -> Iterator[None]:
+    """Run the block, then put back the exact values ``params`` had before it.
+
+    Parameters that share storage with ``mean`` (laplace-torch's ``vector_to_parameters``
+    makes them views of ``la.mean``) first get their own copy, so that writing samples
+    into them cannot change the posterior mean.
+    """
+    mean_storage = mean.untyped_storage().data_ptr()
+    for p in params:
+        if p.untyped_storage().data_ptr() == mean_storage:
+            p.data = p.data.clone()
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+
+
+def _write_params(vector: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Copy a flat vector into ``params`` in place (keeps each parameter's dtype)."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(vector[offset : offset + n].view_as(p))
+            offset += n
