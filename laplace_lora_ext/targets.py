@@ -11,7 +11,7 @@ mean, the prior and every curvature matrix.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,12 +28,27 @@ class LoraTarget:
         module: the ``nn.Linear`` whose parameters are covered.
         kind: ``"lora_A"``, ``"lora_B"`` or ``"extra"`` (another trainable Linear).
         with_bias: whether the layer's bias is a separate posterior block (extra layers).
+        lora_layer: the PEFT LoRA layer that owns a ``lora_A``/``lora_B`` matrix (``None``
+            for extra layers); read to explain why a matrix was not called.
     """
 
     name: str
     module: nn.Linear
     kind: str
     with_bias: bool = False
+    lora_layer: nn.Module | None = field(default=None, compare=False, repr=False)
+
+    def bypass_reason(self) -> str | None:
+        """Why PEFT does not call this LoRA matrix in a forward pass, if the reason is a
+        state of its layer: ``"merged"`` into the base weight or ``"disabled"``."""
+        layer = self.lora_layer
+        if layer is None:
+            return None
+        if getattr(layer, "disable_adapters", False):
+            return "disabled"
+        if getattr(layer, "merged", False):
+            return "merged"
+        return None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -121,7 +136,7 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
                     f"{name}.{kind}.{adapter} is a {type(sub).__name__}; only bias-free "
                     "nn.Linear LoRA matrices are supported (not Conv or lora_bias=True)."
                 )
-            targets.append(LoraTarget(f"{name}.{kind}.{adapter}", sub, kind))
+            targets.append(LoraTarget(f"{name}.{kind}.{adapter}", sub, kind, lora_layer=module))
     if len(getattr(module, "lora_embedding_A", {})) > 0:
         raise ValueError(
             f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import numbers
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -122,6 +123,8 @@ class LastTokenChoiceLM(_DictModule):
         ids = inputs.get("input_ids")
         mask = inputs.get("attention_mask")
         if mask is None:
+            if ids is not None:
+                _check_no_unmasked_padding(ids, _pad_token_id(self.model))
             ref = ids if ids is not None else inputs["inputs_embeds"][..., 0]
             mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         positions = last_token_positions(mask)
@@ -151,6 +154,12 @@ def _check_token_ids(target_ids: Any, vocab_size: int | None) -> list[int]:
     if isinstance(target_ids, (str, bytes, Mapping)) or not hasattr(target_ids, "__iter__"):
         raise TypeError(
             f"target_ids must be a sequence of token ids (one per class), got {target_ids!r}."
+        )
+    if isinstance(target_ids, AbstractSet):
+        raise TypeError(
+            f"target_ids must be an ordered sequence (a list or tuple: the i-th id is class "
+            f"i's token), got a {type(target_ids).__name__}, whose order is arbitrary; pass "
+            "e.g. [id_A, id_B]."
         )
     ids = []
     for t in target_ids:
@@ -253,6 +262,31 @@ def _embedding_rows(model: nn.Module, getter: str) -> int | None:
 def _n_tokens(model: nn.Module) -> int | None:
     """Rows of the model's input embedding, if it has one."""
     return _embedding_rows(model, "get_input_embeddings")
+
+
+def _pad_token_id(model: nn.Module) -> int | None:
+    """The model config's ``pad_token_id``, if it names one."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return pad if isinstance(pad, int) else None
+
+
+def _check_no_unmasked_padding(input_ids: torch.Tensor, pad_id: int | None) -> None:
+    """Refuse ``input_ids`` ``(B, T)`` without an attention mask whose first or last column
+    holds the model's pad token: without the mask every row would be read at position
+    ``T - 1`` (a pad for right-padded rows) and left-padded rows would attend to their pads,
+    which silently changes the logits (an ``(input_ids, labels)`` ``TensorDataset`` drops
+    the tokenizer's mask)."""
+    if pad_id is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        return
+    edges = torch.stack([input_ids[:, 0], input_ids[:, -1]])
+    if bool((edges == pad_id).any()):
+        raise ValueError(
+            f"The batch has no attention_mask, but its input_ids begin or end with the "
+            f"model's pad token ({pad_id}): padded rows would be read at a padding position. "
+            "Pass the tokenizer's attention_mask in the batch dict (for (X, y) pairs, make X "
+            "the dict {'input_ids': ..., 'attention_mask': ...}). If these tokens are not "
+            "padding, pass attention_mask=torch.ones_like(input_ids)."
+        )
 
 
 def _vocab_size(model: nn.Module) -> int | None:

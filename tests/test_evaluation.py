@@ -78,6 +78,22 @@ def test_bins_reproduce_torchmetrics_ece(n_classes):
     assert classification_metrics(probs, labels)["ece"] == pytest.approx(float(reference))
 
 
+def test_metrics_take_a_low_precision_softmax_and_refuse_unnormalised_rows():
+    """A bfloat16 softmax's rows are a few 1e-3 off 1 (also cast to float32): accepted and
+    renormalised; rows 5 % off are refused with the deviation in the message."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 4, generator=gen)
+    labels = torch.randint(0, 4, (64,), generator=gen)
+    probs = torch.softmax(logits.bfloat16(), dim=-1)
+    assert float((probs.double().sum(-1) - 1).abs().max()) > 1e-3
+    exact = probs.double() / probs.double().sum(-1, keepdim=True)
+    for p in (probs, probs.float()):
+        got = classification_metrics(p, labels)
+        assert got == pytest.approx(classification_metrics(exact, labels))
+    with pytest.raises(ValueError, match="sum to 1, but one is 0.05 off"):
+        classification_metrics(exact * 1.05, labels)
+
+
 def test_metrics_reject_logits_and_bad_labels():
     with pytest.raises(ValueError, match="not logits"):
         classification_metrics(torch.log(PROBS), LABELS)

@@ -322,12 +322,56 @@ def test_rank_options_are_checked(structure, kwargs, match):
         ([True, 5], TypeError, "integer token ids"),
         ([5, VOCAB], ValueError, rf"0\.\.{VOCAB - 1}"),
         ("AB", TypeError, "sequence"),
+        ({5, 9}, TypeError, "ordered sequence"),
+        (frozenset({5, 9}), TypeError, "ordered sequence"),
+        ({5: "A", 9: "B"}.keys(), TypeError, "ordered sequence"),
     ],
 )
 def test_target_ids_are_checked_at_construction(ids, exc, match):
     peft_model = tiny_llama().model
     with pytest.raises(exc, match=match):
         LastTokenChoiceLM(peft_model, ids)
+
+
+def test_unmasked_padding_is_refused_and_a_ones_mask_is_the_escape():
+    """Without an attention_mask, ids that begin or end with the config's pad token would be
+    read at a padding position; a real ones mask (or ids without pads at the edges) runs."""
+    model = tiny_llama()
+    model.model.config.pad_token_id = 0
+    right = random_batch(4, 6, 3, "right", pad_id=0)
+    left = random_batch(4, 6, 3, "left", pad_id=0)
+    for b in (right, left):
+        assert bool((b["input_ids"][:, [0, -1]] == 0).any())
+        pairs = DataLoader(TensorDataset(b["input_ids"], b["labels"]), batch_size=2)
+        with pytest.raises(ValueError, match="no attention_mask.*pad token"):
+            lora_laplace(model, "kron").fit(pairs)
+        with pytest.raises(ValueError, match="no attention_mask"):
+            model(b["input_ids"])
+    ids = right["input_ids"].clone()
+    ids[ids == 0] = 3
+    ones = torch.ones_like(ids)
+    torch.testing.assert_close(model(ids), model({"input_ids": ids, "attention_mask": ones}))
+    model(right["input_ids"], attention_mask=torch.ones_like(right["input_ids"]))
+
+
+@pytest.mark.parametrize("state", ["merged", "disabled"])
+def test_merged_or_disabled_adapter_is_named(state):
+    """A merged or disabled adapter is not called in the forward pass: the error names the
+    state and its fix, and the failed fit leaves the posterior as it was."""
+    model = tiny_llama()
+    b = random_batch(4, 5, 3)
+    la = lora_laplace(model, "kron")
+    la.fit(loader(b, 2))
+    before = la.H_facs.to_matrix().clone()
+    match = "unmerge_adapter" if state == "merged" else "disable_adapter"
+    if state == "merged":
+        model.model.merge_adapter()
+        context = warnings.catch_warnings()
+    else:
+        context = model.model.disable_adapter()
+    with context, pytest.raises(RuntimeError, match=match):
+        la.fit(loader(b, 2))
+    torch.testing.assert_close(la.H_facs.to_matrix(), before)
 
 
 def test_bool_labels_are_refused():

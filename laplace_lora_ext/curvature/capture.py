@@ -83,12 +83,9 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
-    missing = [t.name for t, a in zip(targets, inputs, strict=True) if a is None]
+    missing = [t for t, a in zip(targets, inputs, strict=True) if a is None]
     if missing:
-        raise RuntimeError(
-            f"LoRA layers {missing[:5]}{'...' if len(missing) > 5 else ''} were not called "
-            "in the forward pass; is the adapter active and the layer used by the model?"
-        )
+        raise RuntimeError(_not_called_message(missing))
     named = [
         (f"The inputs of LoRA layer {t.name}", a) for t, a in zip(targets, inputs, strict=True)
     ]
@@ -96,6 +93,29 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
         named.insert(0, ("The model's logits", logits.detach()))
     check_all_finite(named)  # type: ignore[arg-type]
     return Captured(logits, inputs, outputs)  # type: ignore[arg-type]
+
+
+def _not_called_message(missing: list[LoraTarget]) -> str:
+    """Why the ``missing`` targets were not called, with the fix when PEFT says why."""
+    names = [t.name for t in missing]
+    listed = f"{names[:5]}{'...' if len(names) > 5 else ''}"
+    reasons = {t.bypass_reason() for t in missing} - {None}
+    if "merged" in reasons:
+        return (
+            f"LoRA layers {listed} were not called in the forward pass: the adapter is merged "
+            "into the base weights (merge_adapter()), so the LoRA matrices have no inputs or "
+            "gradients. Call peft_model.unmerge_adapter() before fit and prediction."
+        )
+    if "disabled" in reasons:
+        return (
+            f"LoRA layers {listed} were not called in the forward pass: the adapters are "
+            "disabled (inside peft_model.disable_adapter()?). Fit and predict outside that "
+            "context."
+        )
+    return (
+        f"LoRA layers {listed} were not called in the forward pass; is the adapter active "
+        "and the layer used by the model?"
+    )
 
 
 def output_gradients(
