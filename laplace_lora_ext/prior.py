@@ -240,11 +240,15 @@ def _fixed_point(
     return delta, False, n_steps
 
 
+#: Upper bound of the linearised evidence's prior precision (:func:`fit_prior_precision`).
+LINEARISED_MAX_PRECISION = 1e8
+
+
 def fit_prior_precision(
     spectra: list[Spectrum],
     prior_structure: str = "layerwise",
     init: float = 1.0,
-    max_delta: float = 1e8,
+    max_delta: float = LINEARISED_MAX_PRECISION,
     n_steps: int = 500,
     rtol: float = 1e-6,
 ) -> PriorFit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -293,3 +294,21 @@ def test_options_a_method_would_ignore_are_refused():
         la.optimize_prior_precision(method="gridsearch", prior_structure="layerwise")
     with pytest.raises(ValueError, match="custom loss"):
         la.optimize_prior_precision(method="marglik", loss=lambda p: p)
+
+
+def test_linearised_says_when_it_returns_the_map():
+    """On the tiny random model the linearised evidence supports no prior variance in 6 of
+    the 8 tensors: their precisions end at the upper bound, and the user is told (the
+    posterior is the MAP there)."""
+    from laplace_lora_ext.posterior.evidence_search import _warn_if_at_upper_bound
+
+    la = fitted("kron")
+    with pytest.warns(RuntimeWarning, match="put 6 tensors' prior precision \\(of 8\\) at its"):
+        la.optimize_prior_precision(method="linearised")
+    assert int((la.prior_precision == P.LINEARISED_MAX_PRECISION).sum()) == 6
+    bound = P.LINEARISED_MAX_PRECISION
+    with pytest.warns(RuntimeWarning, match="put 2 tensors' prior precision \\(of 4\\)"):
+        _warn_if_at_upper_bound(torch.tensor([bound, 3.0, bound, 1.0]), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_at_upper_bound(torch.tensor([0.5 * bound, 3.0]), 2)

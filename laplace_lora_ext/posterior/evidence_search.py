@@ -66,6 +66,7 @@ class EvidenceSearchMixin:
         self.prior_precision = fit.deltas.to(self._device, self._dtype)
         self.prior_fit = fit
         self._report_prior("linearised", False, verbose)
+        _warn_if_at_upper_bound(fit.deltas, len(self.params))
 
     def _optimize_lora_marglik(
         self,
@@ -206,3 +207,22 @@ class EvidenceSearchMixin:
             "'gridsearch' with a validation loader."
         )
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+def _warn_if_at_upper_bound(deltas: torch.Tensor, n_tensors: int) -> None:
+    """Say so when the linearised evidence put precisions ``(1,)`` or ``(L,)`` at their
+    upper bound: there the posterior is its mean (no uncertainty), not a choice of width."""
+    capped = int((deltas >= priors.LINEARISED_MAX_PRECISION * (1 - 1e-9)).sum())
+    if capped == 0:
+        return
+    which = "every tensor's" if capped == deltas.numel() else f"{capped} tensors'"
+    warnings.warn(
+        f"optimize_prior_precision(method='linearised') put {which} prior precision (of "
+        f"{n_tensors}) at its upper bound {priors.LINEARISED_MAX_PRECISION:g}: the data "
+        "support no prior variance there, so the posterior is the MAP in those tensors (no "
+        "uncertainty). This happens when the softmax's curvature is too small for the "
+        "evidence's quadratic model (e.g. memorised training data). Use the default "
+        "(method='auto'), or method='gridsearch' with a validation loader.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
