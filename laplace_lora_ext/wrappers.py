@@ -123,9 +123,8 @@ class LastTokenChoiceLM(_DictModule):
         ids = inputs.get("input_ids")
         mask = inputs.get("attention_mask")
         if mask is None:
-            if ids is not None:
-                _check_no_unmasked_padding(ids, _pad_token_id(self.model))
             ref = ids if ids is not None else inputs["inputs_embeds"][..., 0]
+            _check_no_unmasked_padding(ids, ref.shape[0], _pad_token_id(self.model))
             mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         positions = last_token_positions(mask)
         if self._takes_position_ids and "position_ids" not in inputs and "attention_mask" in inputs:
@@ -270,22 +269,41 @@ def _pad_token_id(model: nn.Module) -> int | None:
     return pad if isinstance(pad, int) else None
 
 
-def _check_no_unmasked_padding(input_ids: torch.Tensor, pad_id: int | None) -> None:
-    """Refuse ``input_ids`` ``(B, T)`` without an attention mask whose first or last column
-    holds the model's pad token: without the mask every row would be read at position
-    ``T - 1`` (a pad for right-padded rows) and left-padded rows would attend to their pads,
-    which silently changes the logits (an ``(input_ids, labels)`` ``TensorDataset`` drops
-    the tokenizer's mask)."""
-    if pad_id is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+def _check_no_unmasked_padding(
+    input_ids: torch.Tensor | None, n_rows: int, pad_id: int | None
+) -> None:
+    """Refuse a batch of ``n_rows`` without an attention mask that may be padded.
+
+    Without the mask every row is read at position ``T - 1`` (a pad for right-padded rows)
+    and left-padded rows attend to their pads, which silently changes the logits (an
+    ``(input_ids, labels)`` ``TensorDataset`` drops the tokenizer's mask). One row cannot be
+    padded. Several rows are accepted only when the model's config names its pad token and
+    no row of ``input_ids`` ``(B, T)`` begins or ends with it; without a pad id (many causal
+    LMs keep it on the tokenizer only) padding cannot be told from text.
+    """
+    if n_rows <= 1:
+        return
+    fix = (
+        "Pass the tokenizer's attention_mask in the batch dict (for (X, y) pairs, make X the "
+        "dict {'input_ids': ..., 'attention_mask': ...}). If the rows are not padded, pass "
+        "attention_mask=torch.ones_like(input_ids), or set "
+        "peft_model.config.pad_token_id = tokenizer.pad_token_id (rows that neither begin "
+        "nor end with it are then read as unpadded)."
+    )
+    if pad_id is None or input_ids is None:
+        raise ValueError(
+            f"The batch of {n_rows} rows has no attention_mask, and the model's config names "
+            "no pad_token_id, so padded rows cannot be recognised: they would be read at a "
+            f"padding position. {fix}"
+        )
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         return
     edges = torch.stack([input_ids[:, 0], input_ids[:, -1]])
     if bool((edges == pad_id).any()):
         raise ValueError(
             f"The batch has no attention_mask, but its input_ids begin or end with the "
             f"model's pad token ({pad_id}): padded rows would be read at a padding position. "
-            "Pass the tokenizer's attention_mask in the batch dict (for (X, y) pairs, make X "
-            "the dict {'input_ids': ..., 'attention_mask': ...}). If these tokens are not "
-            "padding, pass attention_mask=torch.ones_like(input_ids)."
+            f"{fix}"
         )
 
 

@@ -58,14 +58,23 @@ def test_works_on_peft_model_itself_and_on_wrapper():
 
 
 def test_fit_with_tensor_pairs_and_progress_bar(capsys):
+    """(X, y) tensor pairs of unpadded ids: the wrapper reads them once the model's config
+    names its pad token (without it, unmasked rows might be padded and are refused)."""
     model = tiny_llama()
     b = random_batch(6, 5, 3, "left")
-    ds = TensorDataset(b["input_ids"], b["labels"])
+    ids = b["input_ids"].masked_fill(b["attention_mask"] == 0, 7)  # no padding left
+    ds = TensorDataset(ids, b["labels"])
     la = make(model)
+    with pytest.raises(ValueError, match="names no pad_token_id"):
+        la.fit(DataLoader(ds, batch_size=4))
+    model.model.config.pad_token_id = 0
     la.fit(DataLoader(ds, batch_size=4), progress_bar=True)
     assert "[Computing Hessian]" in capsys.readouterr().err
     assert la.n_data == 6 and la.n_outputs == 3
-    assert la(b["input_ids"]).shape == (6, 3)
+    assert la(ids).shape == (6, 3)
+    masked = make(model)
+    masked.fit(loader({**b, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, 4))
+    torch.testing.assert_close(masked.H_facs.to_matrix(), la.H_facs.to_matrix())
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])

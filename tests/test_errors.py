@@ -360,10 +360,9 @@ class _NoGradWrapper(torch.nn.Module):
 def test_missing_lora_gradients_are_an_error_not_a_silent_posterior():
     model = _NoGradWrapper(tiny_llama())
     b = random_batch(4, 5, 3)
-    ds = torch.utils.data.TensorDataset(b["input_ids"], b["labels"])
     la = make(model)
     with pytest.raises(RuntimeError, match="gradient"):
-        la.fit(DataLoader(ds, batch_size=4))
+        la.fit(loader(b, 4))
 
 
 def test_lora_layers_detached_from_output():

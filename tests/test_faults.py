@@ -383,7 +383,8 @@ def test_bool_labels_are_refused():
 
 def test_list_labels_are_refused():
     b = random_batch(4, 5, 3)
-    pairs = [(b["input_ids"], b["labels"].tolist())]  # (X, y) with y a list
+    x = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    pairs = [(x, b["labels"].tolist())]  # (X, y) with y a list
     with pytest.raises(TypeError, match="tensor of integer class indices"):
         lora_laplace(tiny_llama(), "kron").fit(pairs)
 
@@ -514,7 +515,10 @@ def test_load_state_dict_warns_when_the_weights_differ():
 def test_tensor_pairs_loader_counts_examples():
     """``(X, y)`` tensor batches (laplace-torch's usual loader) are counted too."""
     b = random_batch(6, 5, 3)
-    ds = TensorDataset(b["input_ids"], b["labels"])
-    la = lora_laplace(tiny_llama(), "kron")
+    ids = b["input_ids"].masked_fill(b["attention_mask"] == 0, 7)  # unpadded rows
+    ds = TensorDataset(ids, b["labels"])
+    model = tiny_llama()
+    model.model.config.pad_token_id = 0  # so that unmasked rows can be read
+    la = lora_laplace(model, "kron")
     la.fit(DataLoader(ds, batch_size=4, drop_last=True))
     assert la.n_data == 4

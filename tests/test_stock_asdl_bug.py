@@ -21,6 +21,7 @@ def test_stock_asdl_input_factors_are_T_times_too_large(T):
     from laplace.curvature import AsdlGGN
 
     model = tiny_llama()
+    model.model.config.pad_token_id = 1  # not among the ids: stock ASDL passes no mask
     batch = random_batch(4, T, 3, "left")
     batch["attention_mask"][:] = 1  # no padding: T tokens per sequence
     targets = collect_targets(model)
