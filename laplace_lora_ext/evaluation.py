@@ -57,6 +57,8 @@ def _row_sum_tolerance(dtype: torch.dtype, n_classes: int) -> float:
 def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated ``probs`` ``(N, C)`` as float64 with rows renormalised to sum to 1 (within
     :func:`_row_sum_tolerance`) and ``labels`` ``(N,)`` as int64 (CPU)."""
+    if not torch.is_tensor(probs) and hasattr(probs, "__array__"):  # a NumPy array
+        probs = torch.as_tensor(probs)
     if not torch.is_tensor(probs) or probs.ndim != 2:
         raise ValueError(
             f"probs must be a (N, C) tensor of class probabilities, got "
@@ -64,6 +66,11 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         )
     labels = torch.as_tensor(labels).reshape(-1).detach().cpu()
     N, C = probs.shape
+    if C < 2:
+        raise ValueError(
+            f"probs must have one column per class (C >= 2), got shape {tuple(probs.shape)}; "
+            "for a binary model with one probability p, pass torch.stack([1 - p, p], dim=-1)."
+        )
     if N == 0 or len(labels) != N:
         raise ValueError(f"Need N > 0 examples and one label each; got {N} rows, {len(labels)}.")
     if labels.is_floating_point() or int(labels.min()) < 0 or int(labels.max()) >= C:
@@ -155,6 +162,7 @@ def classification_metrics(
     Raises:
         ValueError: for logits instead of probabilities, or mismatched or bad labels.
     """
+    check_int("n_bins", n_bins, minimum=1)
     p, y = _check_probs(probs, labels)
     onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
     return {

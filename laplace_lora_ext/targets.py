@@ -30,6 +30,7 @@ class LoraTarget:
         with_bias: whether the layer's bias is a separate posterior block (extra layers).
         lora_layer: the PEFT LoRA layer that owns a ``lora_A``/``lora_B`` matrix (``None``
             for extra layers); read to explain why a matrix was not called.
+        adapter: the PEFT adapter name of a LoRA matrix (``None`` for extra layers).
     """
 
     name: str
@@ -37,10 +38,12 @@ class LoraTarget:
     kind: str
     with_bias: bool = False
     lora_layer: nn.Module | None = field(default=None, compare=False, repr=False)
+    adapter: str | None = None
 
     def bypass_reason(self) -> str | None:
         """Why PEFT does not call this LoRA matrix in a forward pass, if the reason is a
-        state of its layer: ``"merged"`` into the base weight or ``"disabled"``."""
+        state of its layer: ``"disabled"``, ``"merged"`` into the base weight, or its adapter
+        ``"inactive"`` (another one set active)."""
         layer = self.lora_layer
         if layer is None:
             return None
@@ -48,6 +51,8 @@ class LoraTarget:
             return "disabled"
         if getattr(layer, "merged", False):
             return "merged"
+        if self.adapter not in getattr(layer, "active_adapters", [self.adapter]):
+            return "inactive"
         return None
 
     @property
@@ -136,7 +141,10 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
                     f"{name}.{kind}.{adapter} is a {type(sub).__name__}; only bias-free "
                     "nn.Linear LoRA matrices are supported (not Conv or lora_bias=True)."
                 )
-            targets.append(LoraTarget(f"{name}.{kind}.{adapter}", sub, kind, lora_layer=module))
+            target = LoraTarget(
+                f"{name}.{kind}.{adapter}", sub, kind, lora_layer=module, adapter=adapter
+            )
+            targets.append(target)
     if len(getattr(module, "lora_embedding_A", {})) > 0:
         raise ValueError(
             f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "

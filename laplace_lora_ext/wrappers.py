@@ -133,6 +133,12 @@ class LastTokenChoiceLM(_DictModule):
         head = self._output_layer()
         if head is None:
             logits = self.model(**inputs).logits  # (B, T, V)
+            if logits.ndim != 3:
+                raise ValueError(
+                    f"LastTokenChoiceLM reads next-token logits (batch, seq_len, vocabulary), "
+                    f"but the model returns logits of shape {tuple(logits.shape)}: a "
+                    "sequence-classification model? Wrap it in SequenceClassifier instead."
+                )
             rows = torch.arange(len(positions), device=logits.device)
             last = logits[rows, positions.to(logits.device)]
         else:

@@ -94,6 +94,18 @@ def test_metrics_take_a_low_precision_softmax_and_refuse_unnormalised_rows():
         classification_metrics(exact * 1.05, labels)
 
 
+def test_metrics_take_numpy_probabilities_and_check_bins_and_columns():
+    probs = torch.softmax(torch.randn(20, 3, generator=torch.Generator().manual_seed(1)), -1)
+    labels = torch.arange(20) % 3
+    got = classification_metrics(probs.numpy(), labels.numpy())
+    assert got == pytest.approx(classification_metrics(probs, labels))
+    for bad in (True, 0, 2.5):
+        with pytest.raises(ValueError, match="n_bins"):
+            classification_metrics(probs, labels, n_bins=bad)
+    with pytest.raises(ValueError, match="C >= 2"):
+        classification_metrics(probs[:, :1], torch.zeros(20, dtype=torch.long))
+
+
 def test_metrics_reject_logits_and_bad_labels():
     with pytest.raises(ValueError, match="not logits"):
         classification_metrics(torch.log(PROBS), LABELS)

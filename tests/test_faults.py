@@ -28,6 +28,7 @@ from tests.models import (
     random_batch,
     tiny_gpt2,
     tiny_llama,
+    tiny_llama_config,
 )
 
 STRUCTURES = [
@@ -522,3 +523,86 @@ def test_tensor_pairs_loader_counts_examples():
     la = lora_laplace(model, "kron")
     la.fit(DataLoader(ds, batch_size=4, drop_last=True))
     assert la.n_data == 4
+
+
+# --------------------------------------------------------------------------- review, 2026-12-04
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_temperature_and_sigma_noise_are_scalars_the_posterior_can_take(structure):
+    """A temperature vector would scale the curvature's columns (full: an asymmetric
+    precision, a vector evidence); sigma_noise != 1 would divide a classification
+    posterior's curvature by σ². Both refused, the old value kept."""
+    la = lora_laplace(tiny_llama(), structure)
+    la.fit(loader(random_batch(4, 5, 3), 2))
+    with pytest.raises(ValueError, match="temperature must be one number"):
+        la.temperature = torch.full((la.n_params,), 2.0)
+    with pytest.raises(ValueError, match="sigma_noise"):
+        la.sigma_noise = 2.0
+    assert la.temperature == 1 and float(la.sigma_noise) == 1.0
+    la.temperature = torch.tensor(2.0)
+    la.sigma_noise = 1.0
+    assert la.log_marginal_likelihood().ndim == 0
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+@pytest.mark.parametrize("method", ["predictive_samples", "functional_samples"])
+def test_glm_sample_counts_are_checked(method, n):
+    la = lora_laplace(tiny_llama(), "kron")
+    b = random_batch(4, 5, 3)
+    la.fit(loader(b, 2))
+    with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
+        getattr(la, method)(b, n_samples=n)
+    assert getattr(la, method)(b, n_samples=3).shape == (3, 4, 3)
+
+
+def test_predictions_are_detached_after_a_users_marglik_loop():
+    """laplace-torch's README loop leaves a prior with a graph; predictions stay detached."""
+    la = lora_laplace(tiny_llama(), "diag")
+    b = random_batch(4, 5, 3)
+    la.fit(loader(b, 2))
+    log_prior = torch.zeros(1, requires_grad=True)
+    la.log_marginal_likelihood(log_prior.exp())
+    for link in ("probit", "mc"):
+        assert not la(b, link_approx=link).requires_grad
+    f_mu, f_var = la.predictive_moments(b)
+    assert not f_mu.requires_grad and not f_var.requires_grad
+
+
+def test_incremental_low_rank_fit_warns():
+    model = tiny_llama()
+    b = random_batch(8, 5, 3)
+    la = lora_laplace(model, "kron", factor_rank=1, rank_threshold=2)
+    la.fit(loader(b, 4))
+    with pytest.warns(RuntimeWarning, match=r"override=False\) with low-rank"):
+        la.fit(loader(b, 4), override=False)
+    dense = lora_laplace(model, "kron")
+    dense.fit(loader(b, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense.fit(loader(b, 4), override=False)
+
+
+def test_last_token_wrapper_around_a_classifier_is_named():
+    peft_model = tiny_gpt2().model
+    wrapper = LastTokenChoiceLM(peft_model, [0, 1])
+    with pytest.raises(ValueError, match="Wrap it in SequenceClassifier"):
+        wrapper(random_batch(4, 5, 3))
+
+
+def test_an_inactive_adapter_is_named():
+    """A posterior for adapter 'b' while 'a' is active (or fitted on 'a' and predicted after
+    set_adapter('b')) names the adapter and set_adapter."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config()).double()
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    peft_model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    model = LastTokenChoiceLM(peft_model, TARGET_IDS).eval()
+    b = random_batch(4, 5, 3)
+    with pytest.raises(RuntimeError, match=r"adapter\(s\) \['b'\] are not active.*set_adapter"):
+        lora_laplace(model, "kron", adapter_name="b").fit(loader(b, 2))
+    la = lora_laplace(model, "kron")
+    la.fit(loader(b, 2))
+    peft_model.set_adapter("b")
+    with pytest.raises(RuntimeError, match=r"\['a'\] are not active"):
+        la(b)

@@ -411,6 +411,10 @@ def test_gridsearch_progress_bar_covers_the_validation_pass(capsys):
         ({"method": "leave_one_out", "link_approx": "bridge"}, "Leave link_approx='mc'"),
         ({"val_loader": True}, "val_loader is used only by method='gridsearch'"),
         ({"method": "marglik", "val_loader": True}, "Pass method='gridsearch' to tune on it"),
+        ({"method": "lora_marglik", "link_approx": "probit"}, "link_approx would be ignored"),
+        ({"method": "marglik", "link_approx": "bridge"}, "link_approx would be ignored"),
+        ({"method": "linearised", "n_samples": 3}, "n_samples would be ignored"),
+        ({"method": "function_space", "n_samples": 100}, "n_samples would be ignored"),
     ],
 )
 def test_options_the_method_would_ignore_are_refused_and_the_prior_kept(kwargs, match):

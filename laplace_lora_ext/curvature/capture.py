@@ -112,6 +112,14 @@ def _not_called_message(missing: list[LoraTarget]) -> str:
             "disabled (inside peft_model.disable_adapter()?). Fit and predict outside that "
             "context."
         )
+    if "inactive" in reasons:
+        names = sorted({t.adapter for t in missing if t.bypass_reason() == "inactive"})
+        return (
+            f"LoRA layers {listed} were not called in the forward pass: adapter(s) {names} "
+            "are not active in the model. Call peft_model.set_adapter(...) with the adapter "
+            "the posterior covers (adapter_name=...) before fit and prediction, or build the "
+            "posterior for the active adapter."
+        )
     return (
         f"LoRA layers {listed} were not called in the forward pass; is the adapter active "
         "and the layer used by the model?"

@@ -195,10 +195,33 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
 
     @temperature.setter
     def temperature(self, value: float | torch.Tensor) -> None:
+        """Refuses ``<= 0``, NaN, inf and more than one value (a vector would scale the
+        curvature's columns unevenly and make the evidence a vector)."""
         guards.check_positive("temperature", value)
+        if torch.is_tensor(value) and value.numel() != 1:
+            raise ValueError(
+                f"temperature must be one number, got a tensor of shape {tuple(value.shape)}."
+            )
         self._temperature = value
         if hasattr(self, "_posterior_scale"):  # full: the cached covariance factor is stale
             self._posterior_scale = None
+
+    @property
+    def sigma_noise(self) -> torch.Tensor:
+        """Observation noise of regression; always 1 for classification."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | torch.Tensor) -> None:
+        """Refuses any value but 1: the ``lora`` classes are classification posteriors, and
+        laplace-torch would divide the curvature and the log-likelihood by ``σ²``."""
+        if bool(torch.any(torch.as_tensor(value) != 1)):
+            raise ValueError(
+                f"sigma_noise is the observation noise of regression; a classification "
+                f"posterior keeps sigma_noise=1, got {value!r}. To soften the predictions use "
+                "la.temperature or the prior precision."
+            )
+        super(LoraLaplaceMixin, type(self)).sigma_noise.fset(self, value)
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -353,7 +376,8 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         with guards.eval_mode(self.model):  # dropout off; the caller's modes come back
             f_mu, blocks = logit_jacobian_blocks(self.backend, x)
         self._check_n_outputs(f_mu.shape[-1])
-        return f_mu, self._functional_variance_blocks(blocks)
+        with torch.no_grad():  # detached also when the prior carries a graph (a user's loop)
+            return f_mu.detach(), self._functional_variance_blocks(blocks)
 
     def _check_n_outputs(self, n_outputs: int) -> None:
         """Refuse a model whose outputs differ from those the posterior was fitted with

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import guards
+from ..lowrank import LowRankFactor
 
 __all__ = ["FIT_STATE", "PosteriorPersistenceMixin"]
 
@@ -43,6 +44,8 @@ class PosteriorPersistenceMixin:
             **self._saved_options(),
             "param_shapes": [tuple(p.shape) for p in self.params],
         }
+        if _is_factor_lists(state.get("H")):  # kron: low-rank factors as plain dicts
+            state["H"] = [[_plain(F) for F in block] for block in state["H"]]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -61,6 +64,8 @@ class PosteriorPersistenceMixin:
             UserWarning: when the loaded ``mean`` differs from the model's current LoRA
                 weights (the posterior was fitted at other weights).
         """
+        if _is_factor_lists(state_dict.get("H")):  # a copy: the caller's dict stays as it is
+            state_dict = {**state_dict, "H": [[_factor(F) for F in b] for b in state_dict["H"]]}
         config = state_dict.get("lora_config")
         if config is not None:
             self._check_saved_config(config)
@@ -112,3 +117,24 @@ class PosteriorPersistenceMixin:
                 f"but the model's is {shapes[bad]} (another LoRA rank?); rebuild the model "
                 "with the same LoraConfig."
             )
+
+
+_LOW_RANK_KEY = "low_rank_factor"
+
+
+def _is_factor_lists(H: Any) -> bool:
+    """Whether ``H`` is a Kronecker posterior's saved factors (a list of factor lists)."""
+    return isinstance(H, list) and all(isinstance(block, list) for block in H)
+
+
+def _plain(F: Any) -> Any:
+    """A Kronecker factor as ``torch.load(weights_only=True)`` reads it: a tensor as it is,
+    a :class:`~laplace_lora_ext.lowrank.LowRankFactor` as a dict of tensors and ints."""
+    return {_LOW_RANK_KEY: F.state()} if isinstance(F, LowRankFactor) else F
+
+
+def _factor(F: Any) -> Any:
+    """Inverse of :func:`_plain` (files saved before it hold the objects themselves)."""
+    if isinstance(F, dict) and _LOW_RANK_KEY in F:
+        return LowRankFactor.from_state(F[_LOW_RANK_KEY])
+    return F

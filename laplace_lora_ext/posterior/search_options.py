@@ -2,7 +2,7 @@
 refuse the others (laplace-torch ignores them silently).
 
 * :func:`refuse_ignored_options`: a ``prior_structure``, ``loss``, ``val_loader``,
-  ``pred_type`` or ``link_approx`` the chosen method would not use.
+  ``pred_type``, ``link_approx`` or ``n_samples`` the chosen method would not use.
 * :func:`refuse_unused_search_options`: grid options without ``"gridsearch"``, the
   evidence's ``lr`` / ``init_prior_prec`` without an evidence method, ``n_steps`` with
   ``"gridsearch"`` (:data:`READ_BY`); values equal to the defaults are accepted.
@@ -37,6 +37,9 @@ TUNING_METHODS = (
 #: Methods that score the joint MC predictive of :func:`laplace_lora_ext.loo_prior`
 #: (``"auto"`` may take it) and so would ignore another ``link_approx``.
 JOINT_MC_RULES = ("auto", "leave_one_out")
+#: Methods that score a predictive, and so read ``n_samples``; the others (evidence,
+#: function space) would ignore ``n_samples`` and ``link_approx``.
+PREDICTIVE_METHODS = (*JOINT_MC_RULES, "gridsearch")
 
 
 #: methods that run the evidence's Adam steps (the training-data rules fall back to it)
@@ -83,6 +86,7 @@ def refuse_ignored_options(
     pred_type: str,
     link_approx: str,
     val_loader: Any,
+    n_samples: int | None = None,
 ) -> None:
     """Raise for options the chosen method would otherwise ignore silently."""
     allowed = {
@@ -115,6 +119,14 @@ def refuse_ignored_options(
             f"optimize_prior_precision(method={method!r}) scores the linearised (GLM) "
             f"predictive, the one la(x) uses by default; pred_type={pred_type!r} is not "
             "supported here. Leave pred_type='glm'."
+        )
+    if method not in PREDICTIVE_METHODS and (link_approx != "mc" or n_samples is not None):
+        given = "link_approx" if link_approx != "mc" else "n_samples"
+        raise ValueError(
+            f"optimize_prior_precision(method={method!r}) scores no predictive, so {given} "
+            "would be ignored; it is read by the default, 'leave_one_out' (n_samples) and "
+            "'gridsearch' (n_samples, link_approx). Drop it, or set it on the prediction: "
+            "la(x, link_approx=..., n_samples=...)."
         )
     if link_approx != "mc" and method in JOINT_MC_RULES:
         raise ValueError(

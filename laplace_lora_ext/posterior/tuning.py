@@ -151,16 +151,16 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
                 ``init_prior_prec`` with ``"gridsearch"`` or ``"linearised"``, ``n_steps``
                 with ``"gridsearch"``, a
                 ``pred_type`` other than ``"glm"`` (except with
-                ``"marglik"``, which passes it to laplace-torch), or a ``link_approx`` other
-                than ``"mc"`` for the rules defined by the joint MC predictive (``"auto"``,
-                ``"leave_one_out"``).
+                ``"marglik"``, which passes it to laplace-torch), a ``link_approx`` other
+                than ``"mc"`` except with ``"gridsearch"``, or ``n_samples`` with a method
+                that scores no predictive (the evidence and function-space methods).
         """
         method = "auto" if method is None else method
         default = method == "auto"
         if method not in TUNING_METHODS:
             raise ValueError(f"method must be one of {list(TUNING_METHODS)}, got {method!r}.")
         search_options.refuse_ignored_options(
-            method, prior_structure, loss, pred_type, link_approx, val_loader
+            method, prior_structure, loss, pred_type, link_approx, val_loader, n_samples
         )
         search_options.refuse_unused_search_options(
             method,

@@ -34,6 +34,31 @@ class WeightSamplingMixin:
         guards.check_n_samples(n_samples)
         return super().sample(n_samples, generator=generator)
 
+    def functional_samples(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """laplace-torch's logit samples ``(n_samples, B, C)`` (``n_samples >= 1``; its GLM
+        path would return an empty tensor for 0 and fail deep inside for negatives)."""
+        guards.check_n_samples(n_samples)
+        return super().functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+
+    def predictive_samples(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """laplace-torch's probability samples ``(n_samples, B, C)`` (``n_samples >= 1``)."""
+        guards.check_n_samples(n_samples)
+        return super().predictive_samples(x, pred_type, n_samples, diagonal_output, generator)
+
     def _nn_predictive_classification(
         self,
         X: Any,
