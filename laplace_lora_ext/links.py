@@ -50,6 +50,7 @@ from .options import LINK_APPROXIMATIONS
 __all__ = [
     "LINK_APPROXIMATIONS",
     "antithetic_normal",
+    "psd_sqrt",
     "apply_link",
     "default_draws",
     "probit",
@@ -120,7 +121,7 @@ def _zero_variance(f_var: torch.Tensor) -> torch.Tensor:
     return f_var.shape[-1] * eps * diag.abs().amax(dim=-1, keepdim=True)
 
 
-def _psd_sqrt(f_var: torch.Tensor) -> torch.Tensor:
+def psd_sqrt(f_var: torch.Tensor) -> torch.Tensor:
     """A factor ``L`` with ``L Lᵀ = f_var`` ``(B, C, C)`` (Cholesky, eigen fallback)."""
     L, info = torch.linalg.cholesky_ex(f_var)
     if bool((info == 0).all()):
@@ -187,7 +188,7 @@ def mc_joint(
 ) -> torch.Tensor:
     """Joint Monte Carlo: ``mean_s softmax(f_mu + L z_s)`` with ``L Lᵀ = f_var`` and
     antithetic ``z_s`` (``n_samples=None``: :func:`default_draws`)."""
-    L = _psd_sqrt(f_var)
+    L = psd_sqrt(f_var)
     return _mc_mean(f_mu, lambda z: torch.einsum("bij,sbj->sbi", L, z), n_samples, generator)
 
 

@@ -606,3 +606,34 @@ def test_an_inactive_adapter_is_named():
     peft_model.set_adapter("b")
     with pytest.raises(RuntimeError, match=r"\['a'\] are not active"):
         la(b)
+
+
+def test_glm_samples_are_independent_per_example_and_take_singular_covariances():
+    """Each example gets its own draws (laplace-torch shared one z over the batch), with the
+    right moments, and a row whose logits do not depend on the adapters (covariance 0)
+    samples its mean instead of failing in a Cholesky factorisation."""
+    la = lora_laplace(tiny_llama(), "full")
+    b = random_batch(4, 5, 3)
+    la.fit(loader(b, 2))
+    gen = torch.Generator().manual_seed(0)
+    f_mu, f_var = la.predictive_moments(b)
+    f_var[1] = 0.0  # a row that does not depend on the adapters
+    draws = la._glm_functional_samples(f_mu, f_var, 20000, generator=gen)
+    z0 = (draws[:, 0, 0] - f_mu[0, 0]) / f_var[0, 0, 0].sqrt()
+    z2 = (draws[:, 2, 0] - f_mu[2, 0]) / f_var[2, 0, 0].sqrt()
+    assert abs(float((z0 * z2).mean())) < 0.05  # independent across examples
+    centred = draws - f_mu
+    cov = torch.einsum("sbi,sbj->bij", centred, centred) / draws.shape[0]
+    torch.testing.assert_close(cov, f_var, atol=0.05 * float(f_var.abs().max()), rtol=0.1)
+    torch.testing.assert_close(draws[:, 1], f_mu[1].expand(20000, 3))
+    assert la.predictive_samples(b, n_samples=4).shape == (4, 4, 3)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_prior_mean_must_be_finite(value):
+    with pytest.raises(ValueError, match="prior_mean must be finite"):
+        lora_laplace(tiny_llama(), "kron", prior_mean=value)
+    la = lora_laplace(tiny_llama(), "diag")
+    with pytest.raises(ValueError, match="prior_mean must be finite"):
+        la.prior_mean = torch.full((la.n_params,), value)
+    assert float(la.prior_mean.abs().max()) == 0.0

@@ -189,6 +189,23 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
             super(LoraLaplaceMixin, type(self)).prior_precision.fset(self, value)
 
     @property
+    def prior_mean(self) -> torch.Tensor:
+        """Prior mean: a scalar or one value per LoRA weight ``(P,)``."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | torch.Tensor) -> None:
+        """Refuses NaN and inf (the evidence and the scatter would turn NaN, and the prior
+        search would then blame the prior precision); laplace-torch checks the rest."""
+        if isinstance(value, (int, float)) or torch.is_tensor(value):
+            if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                raise ValueError(
+                    "prior_mean must be finite, got NaN or inf; pass 0 (the default) or the "
+                    "weights the prior is centred at."
+                )
+        super(LoraLaplaceMixin, type(self)).prior_mean.fset(self, value)
+
+    @property
     def temperature(self) -> float | torch.Tensor:
         """Likelihood temperature (> 0; the curvature is divided by it)."""
         return self._temperature

@@ -15,6 +15,7 @@ import torch
 
 from .. import guards
 from ..inputs import forward_logits
+from ..links import psd_sqrt
 
 __all__ = ["NN_SAMPLES", "WeightSamplingMixin"]
 
@@ -58,6 +59,32 @@ class WeightSamplingMixin:
         """laplace-torch's probability samples ``(n_samples, B, C)`` (``n_samples >= 1``)."""
         guards.check_n_samples(n_samples)
         return super().predictive_samples(x, pred_type, n_samples, diagonal_output, generator)
+
+    def _glm_functional_samples(
+        self,
+        f_mu: torch.Tensor,
+        f_var: torch.Tensor,
+        n_samples: int,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """GLM logit samples ``(n_samples, B, C)`` from ``f_mu`` ``(B, C)`` and ``f_var``
+        ``(B, C, C)``: independent draws for every example, and a square root that also
+        serves a singular covariance (:func:`~laplace_lora_ext.links.psd_sqrt`).
+
+        Replaces laplace-torch's version, which draws one ``z`` for the whole batch (every
+        example's samples moved together: correlation 1 where the GLM gives 0.16) and
+        fails in a Cholesky factorisation when a row's covariance is singular (a one-token
+        row under a last-layer ``q_proj`` posterior), where ``la(x, link_approx="mc")``
+        works.
+        """
+        if diagonal_output:
+            f_var = torch.diag_embed(f_var.diagonal(dim1=-2, dim2=-1))
+        L = psd_sqrt(f_var)
+        z = torch.randn(
+            (n_samples, *f_mu.shape), generator=generator, device=f_mu.device, dtype=f_mu.dtype
+        )
+        return f_mu + torch.einsum("bij,sbj->sbi", L.to(f_mu.dtype), z)
 
     def _nn_predictive_classification(
         self,
