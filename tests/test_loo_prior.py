@@ -415,6 +415,9 @@ def test_gridsearch_progress_bar_covers_the_validation_pass(capsys):
         ({"method": "marglik", "link_approx": "bridge"}, "link_approx would be ignored"),
         ({"method": "linearised", "n_samples": 3}, "n_samples would be ignored"),
         ({"method": "function_space", "n_samples": 100}, "n_samples would be ignored"),
+        ({"method": "leave_one_out", "lr": 0.5}, r"does not use \['lr'\]"),
+        ({"method": "function_space", "n_steps": 3}, r"does not use \['n_steps'\]"),
+        ({"method": "leave_one_out", "init_prior_prec": 7.0}, "does not use"),
     ],
 )
 def test_options_the_method_would_ignore_are_refused_and_the_prior_kept(kwargs, match):

@@ -42,8 +42,9 @@ JOINT_MC_RULES = ("auto", "leave_one_out")
 PREDICTIVE_METHODS = (*JOINT_MC_RULES, "gridsearch")
 
 
-#: methods that run the evidence's Adam steps (the training-data rules fall back to it)
-EVIDENCE_METHODS = ("auto", "lora_marglik", "function_space", "leave_one_out", "marglik")
+#: methods that run the evidence's Adam steps (``"auto"`` may fall back to it; an explicit
+#: training-data rule raises instead of falling back, so it reads none of their options)
+EVIDENCE_METHODS = ("auto", "lora_marglik", "marglik")
 GRID_ONLY = ("gridsearch",)
 #: optimize_prior_precision's keywords that only some methods read, and those methods
 READ_BY = {
@@ -53,7 +54,7 @@ READ_BY = {
     "log_prior_prec_base": GRID_ONLY,
     "lr": EVIDENCE_METHODS,
     "init_prior_prec": EVIDENCE_METHODS,
-    "n_steps": tuple(m for m in TUNING_METHODS if m != "gridsearch"),
+    "n_steps": (*EVIDENCE_METHODS, "linearised"),
 }
 
 

@@ -127,8 +127,10 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
             prior_structure: ``"layerwise"`` (the default of ``"linearised"``: one precision
                 per parameter tensor, so ``lora_A`` and ``lora_B`` get their own) or
                 ``"scalar"``; with ``"marglik"`` laplace-torch's default and ``"diag"`` too.
-            n_steps: Adam steps (``"marglik"``) or fixed-point iterations per precision
-                (``"linearised"``, which stops early once converged).
+            n_steps: Adam steps (``"marglik"``; ``"lora_marglik"`` and the default's
+                evidence take at least 200 per round) or fixed-point iterations per precision
+                (``"linearised"``, at least 500, stopping early once converged). Not read by
+                ``"function_space"``, ``"leave_one_out"`` or ``"gridsearch"``.
             link_approx, n_samples: predictive used to score the grid (``"gridsearch"``);
                 default ``"mc"``, the link this package recommends for choice logits.
                 ``n_samples`` also sets the draws of the leave-one-out rule's grid. ``None``:
