@@ -418,6 +418,11 @@ def test_gridsearch_progress_bar_covers_the_validation_pass(capsys):
         ({"method": "leave_one_out", "lr": 0.5}, r"does not use \['lr'\]"),
         ({"method": "function_space", "n_steps": 3}, r"does not use \['n_steps'\]"),
         ({"method": "leave_one_out", "init_prior_prec": 7.0}, "does not use"),
+        ({"method": "gridsearch", "link_approx": "probit", "n_samples": 5}, "draws no samples"),
+        (
+            {"method": "marglik", "prior_structure": "scalar", "init_prior_prec": [1.0, 2.0]},
+            "init_prior_prec has 2 values but prior_structure='scalar' takes 1",
+        ),
     ],
 )
 def test_options_the_method_would_ignore_are_refused_and_the_prior_kept(kwargs, match):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 import tqdm
@@ -43,7 +44,9 @@ class EvidenceSearchMixin:
     def _training_data_memorised(self) -> bool:
         return self._train_nll() < SATURATED_TRAIN_NLL
 
-    def _check_marglik_prior_structure(self, method: str, prior_structure: str | None) -> None:
+    def _check_marglik_prior_structure(
+        self, method: str, prior_structure: str | None, init_prior_prec: Any = 1.0
+    ) -> None:
         """Refuse a ``prior_structure`` laplace-torch's marglik cannot take here, before its
         setter fails with a message that does not name the keyword."""
         if method != "marglik" or prior_structure is None:
@@ -57,6 +60,15 @@ class EvidenceSearchMixin:
                 "hessian_structure='kron': its Kronecker factors take a scalar or one "
                 "precision per LoRA matrix. Use prior_structure='layerwise', or "
                 "hessian_structure='diag'."
+            )
+        sizes = {"scalar": 1, "layerwise": len(self.params), "diag": self.n_params}
+        n_init = torch.as_tensor(init_prior_prec).numel()
+        if n_init != 1 and n_init != sizes[prior_structure]:
+            raise ValueError(
+                f"init_prior_prec has {n_init} values but prior_structure={prior_structure!r} "
+                f"takes {sizes[prior_structure]}; laplace-torch would keep the length of "
+                "init_prior_prec and ignore prior_structure. Pass one value, or one per "
+                "entry of the structure."
             )
 
     def _optimize_linearised(self, prior_structure: str, n_steps: int, verbose: bool) -> None:

@@ -129,6 +129,12 @@ def refuse_ignored_options(
             "'gridsearch' (n_samples, link_approx). Drop it, or set it on the prediction: "
             "la(x, link_approx=..., n_samples=...)."
         )
+    if method == "gridsearch" and n_samples is not None and not link_approx.startswith("mc"):
+        raise ValueError(
+            f"optimize_prior_precision(method='gridsearch', link_approx={link_approx!r}) "
+            "draws no samples, so n_samples would be ignored; drop it, or use "
+            "link_approx='mc'."
+        )
     if link_approx != "mc" and method in JOINT_MC_RULES:
         raise ValueError(
             f"optimize_prior_precision(method={method!r}) scores the joint Monte Carlo "

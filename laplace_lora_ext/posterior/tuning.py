@@ -178,7 +178,7 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
             _search_defaults(),
         )
         search_options.check_search_values(method, grid_size, n_steps, init_prior_prec)
-        self._check_marglik_prior_structure(method, prior_structure)
+        self._check_marglik_prior_structure(method, prior_structure, init_prior_prec)
         if n_samples is not None:
             guards.check_n_samples(n_samples)
         with _prior_restored_on_error(self):  # a failed search leaves the prior as it was
