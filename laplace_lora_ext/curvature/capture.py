@@ -98,32 +98,30 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
 def _not_called_message(missing: list[LoraTarget]) -> str:
     """Why the ``missing`` targets were not called, with the fix when PEFT says why."""
     names = [t.name for t in missing]
-    listed = f"{names[:5]}{'...' if len(names) > 5 else ''}"
-    reasons = {t.bypass_reason() for t in missing} - {None}
-    if "merged" in reasons:
-        return (
-            f"LoRA layers {listed} were not called in the forward pass: the adapter is merged "
-            "into the base weights (merge_adapter()), so the LoRA matrices have no inputs or "
-            "gradients. Call peft_model.unmerge_adapter() before fit and prediction."
+    head = f"LoRA layers {names[:5]}{'...' if len(names) > 5 else ''} were not called in the "
+    by_reason: dict[str | None, list[LoraTarget]] = {}
+    for t in missing:
+        by_reason.setdefault(t.bypass_reason(), []).append(t)
+    if "merged" in by_reason:
+        return head + (
+            "forward pass: the adapter is merged into the base weights (merge_adapter()), so "
+            "the LoRA matrices have no inputs or gradients. Call peft_model.unmerge_adapter() "
+            "before fit and prediction."
         )
-    if "disabled" in reasons:
-        return (
-            f"LoRA layers {listed} were not called in the forward pass: the adapters are "
-            "disabled (inside peft_model.disable_adapter()?). Fit and predict outside that "
-            "context."
+    if "disabled" in by_reason:
+        return head + (
+            "forward pass: the adapters are disabled (inside peft_model.disable_adapter()?). "
+            "Fit and predict outside that context."
         )
-    if "inactive" in reasons:
-        names = sorted({t.adapter for t in missing if t.bypass_reason() == "inactive"})
-        return (
-            f"LoRA layers {listed} were not called in the forward pass: adapter(s) {names} "
-            "are not active in the model. Call peft_model.set_adapter(...) with the adapter "
-            "the posterior covers (adapter_name=...) before fit and prediction, or build the "
-            "posterior for the active adapter."
+    if "inactive" in by_reason:
+        adapters = sorted({t.adapter for t in by_reason["inactive"]})
+        return head + (
+            f"forward pass: adapter(s) {adapters} are not active in the model. Call "
+            "peft_model.set_adapter(...) with the adapter the posterior covers "
+            "(adapter_name=...) before fit and prediction, or build the posterior for the "
+            "active adapter."
         )
-    return (
-        f"LoRA layers {listed} were not called in the forward pass; is the adapter active "
-        "and the layer used by the model?"
-    )
+    return head + "forward pass; is the adapter active and the layer used by the model?"
 
 
 def output_gradients(

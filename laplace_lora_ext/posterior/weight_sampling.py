@@ -35,31 +35,6 @@ class WeightSamplingMixin:
         guards.check_n_samples(n_samples)
         return super().sample(n_samples, generator=generator)
 
-    def functional_samples(
-        self,
-        x: Any,
-        pred_type: str = "glm",
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """laplace-torch's logit samples ``(n_samples, B, C)`` (``n_samples >= 1``; its GLM
-        path would return an empty tensor for 0 and fail deep inside for negatives)."""
-        guards.check_n_samples(n_samples)
-        return super().functional_samples(x, pred_type, n_samples, diagonal_output, generator)
-
-    def predictive_samples(
-        self,
-        x: Any,
-        pred_type: str = "glm",
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """laplace-torch's probability samples ``(n_samples, B, C)`` (``n_samples >= 1``)."""
-        guards.check_n_samples(n_samples)
-        return super().predictive_samples(x, pred_type, n_samples, diagonal_output, generator)
-
     def _glm_functional_samples(
         self,
         f_mu: torch.Tensor,
@@ -76,8 +51,11 @@ class WeightSamplingMixin:
         example's samples moved together: correlation 1 where the GLM gives 0.16) and
         fails in a Cholesky factorisation when a row's covariance is singular (a one-token
         row under a last-layer ``q_proj`` posterior), where ``la(x, link_approx="mc")``
-        works.
+        works. Checks ``n_samples`` for both GLM sample methods (laplace-torch's would
+        return an empty tensor for 0, whose mean is NaN, and fail deep inside for
+        negatives); their ``"nn"`` paths check it in :meth:`_nn_functional_samples`.
         """
+        guards.check_n_samples(n_samples)
         if diagonal_output:
             f_var = torch.diag_embed(f_var.diagonal(dim1=-2, dim2=-1))
         L = psd_sqrt(f_var)
