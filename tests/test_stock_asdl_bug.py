@@ -25,13 +25,15 @@ def test_stock_asdl_input_factors_are_T_times_too_large(T):
     batch = random_batch(4, T, 3, "left")
     batch["attention_mask"][:] = 1  # no padding: T tokens per sequence
     targets = collect_targets(model)
-    ref = kfac_reference(model, batch, [t.module for t in targets], 4, "expand")
+    modules = [t.module for t in targets]
+    textbook = kfac_reference(model, batch, modules, 4, "expand", reaching_only=False)
+    ref = kfac_reference(model, batch, modules, 4, "expand")  # ours: reaching positions only
 
     _, stock = AsdlGGN(model, "classification").kron(batch["input_ids"], batch["labels"], N=4)
     ours = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron")
     ours.fit(loader(batch, 4))
-    for i, (G, A) in enumerate(ref):
+    for i, ((G, A), (_, A_textbook)) in enumerate(zip(ref, textbook, strict=True)):
         stock_G, stock_A = stock.kfacs[i]
         assert torch.allclose(stock_G, G, rtol=1e-8)
-        assert torch.allclose(stock_A, T * A, rtol=1e-8)  # the bug: a factor of T
+        assert torch.allclose(stock_A, T * A_textbook, rtol=1e-8)  # the bug: a factor of T
         assert torch.allclose(ours.H_facs.kfacs[i][1], A, rtol=1e-8)

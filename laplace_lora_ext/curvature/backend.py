@@ -25,7 +25,7 @@ from ..targets import LoraTarget, target_params
 from ..wrappers import check_not_vocabulary_logits
 from .capture import Captured, capture_forward, output_gradients, token_weights
 from .fisher import FISHER_TYPES, grad_output_vectors
-from .kfac import KFAC_APPROX, drop_zero_rows, input_root, output_root
+from .kfac import KFAC_APPROX, drop_zero_rows, input_root, output_root, reaching_weights
 
 __all__ = ["LoraCurvature", "DEFAULT_RANK_THRESHOLD"]
 
@@ -146,15 +146,19 @@ class LoraCurvature(CurvatureInterface):
         per weight and ``[M]`` per bias, in ``self.params`` order."""
         cap, loss, V, weights = self._batch(x, y)
         g_rows: list[list[torch.Tensor]] = [[] for _ in self.targets]
+        grad_size: list[torch.Tensor | float] = [0.0] * len(self.targets)  # (B, T') each
         for grads in output_gradients(cap, V, self.targets):
             for i, g in enumerate(grads):
-                g_rows[i].append(
-                    drop_zero_rows(output_root(g.to(self.curvature_dtype), self.kfac_approx))
-                )
+                size = g.abs().amax(dim=-1).to(self.curvature_dtype)
+                grad_size[i] = torch.maximum(torch.as_tensor(grad_size[i]), size)
+                g = g.to(self.curvature_dtype)
+                g_rows[i].append(drop_zero_rows(output_root(g, self.kfac_approx)))
         kfacs: list[list[Any]] = []
         for i, t in enumerate(self.targets):
             a = cap.inputs[i].to(self.curvature_dtype)
-            A_rows = input_root(a, weights[i], N, self.kfac_approx)
+            size = torch.as_tensor(grad_size[i])
+            w = reaching_weights(weights[i], size, cap.logits.dtype)
+            A_rows = input_root(a, w, N, self.kfac_approx)
             d_out, d_in = t.module.weight.shape
             G = self._factor(g_rows[i], d_out)
             kfacs.append([G, self._factor([A_rows], d_in)])

@@ -11,6 +11,13 @@ examples; the input factor is normalised by N) is ``G ⊗ A`` with
 (Eschenhagen et al. 2023), ``T_n`` = number of real tokens of example n. Each factor is
 returned as a root ``R`` ``(m, d)`` with factor ``= Rᵀ R``, so that large factors can be
 compressed to low rank without ever forming ``d x d``.
+
+Of the real tokens (``w = 1``), :func:`reaching_weights` keeps only the positions whose
+output reaches the logits (non-zero ``g`` for some ``k``). For a layer whose output
+is read at one position only (the last block's query projection behind a last-token head,
+a head applied to every position before one is picked), ``A`` is then that position's
+``a aᵀ`` and KFAC equals the exact GGN block for one example, instead of mixing in inputs
+that carry no curvature. Layers reached at every position are unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 
 from ..options import KFAC_APPROX
 
-__all__ = ["input_root", "output_root", "KFAC_APPROX"]
+__all__ = ["input_root", "output_root", "reaching_weights", "KFAC_APPROX"]
 
 
 def input_root(a: torch.Tensor, w: torch.Tensor, n_data: int, approx: str) -> torch.Tensor:
@@ -55,6 +62,35 @@ def output_root(g: torch.Tensor, approx: str) -> torch.Tensor:
     if approx == "reduce":
         return g.sum(dim=1)
     raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {approx!r}.")
+
+
+#: A position reaches the output if its largest output gradient exceeds this many machine
+#: epsilons times the example's largest. Positions that do not reach it (a first token's
+#: query, which attends to itself alone) get exact zeros or round-off near one epsilon.
+REACH_RTOL_EPS = 16.0
+
+
+def reaching_weights(w: torch.Tensor, grad_size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Token weights ``(B, T)`` restricted to the positions that reach the output.
+
+    Args:
+        w: 0/1 weights of real tokens ``(B, T)``.
+        grad_size: ``(B, T')`` the largest ``|g|`` at each position over all grad-output
+            vectors. If ``T'`` differs from ``T`` nothing is restricted.
+        dtype: the dtype the gradients were computed in (its epsilon, at least float32's,
+            sets the round-off level; reduced-precision kernels accumulate in float32).
+
+    An example none of whose real tokens is reached (a saturated softmax whose gradients
+    underflow to zero) keeps all of them: it adds nothing to ``G`` and its input factor is
+    what it was without the restriction.
+    """
+    if grad_size.shape != w.shape:
+        return w
+    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    largest = grad_size.amax(dim=1, keepdim=True)
+    kept = w * (grad_size > REACH_RTOL_EPS * eps * largest).to(w.dtype)
+    none = kept.sum(dim=1, keepdim=True) == 0
+    return torch.where(none, w, kept)
 
 
 def drop_zero_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .reference import (
     kron_block_dense,
     kron_frobenius,
     layer_io_jacobians,
+    reaching_positions,
     rel,
     softmax_hessian,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "kron_frobenius",
     "layer_io_jacobians",
     "perturb_lora_B",
+    "reaching_positions",
     "rel",
     "softmax_hessian",
 ]

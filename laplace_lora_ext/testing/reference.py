@@ -122,8 +122,11 @@ def layer_io_jacobians(model, batch, modules):
     return logits.detach(), [inputs[i].detach() for i in range(len(modules))], jacs
 
 
-def kfac_reference(model, batch, modules, n_data: int, approx: str):
-    """[G, A] per module by the formulas of Eschenhagen et al. (explicit loops over n, t)."""
+def kfac_reference(model, batch, modules, n_data: int, approx: str, reaching_only: bool = True):
+    """[G, A] per module by the formulas of Eschenhagen et al. (explicit loops over n, t),
+    over the real positions whose output reaches the logits (see ``curvature.kfac``), or
+    over all real positions (``reaching_only=False``: the textbook rule, as ASDL and
+    curvlinops compute it)."""
     logits, inputs, jacs = layer_io_jacobians(model, batch, modules)
     Lam = softmax_hessian(logits)
     mask = batch["attention_mask"]
@@ -135,6 +138,7 @@ def kfac_reference(model, batch, modules, n_data: int, approx: str):
         A = torch.zeros(d_in, d_in, dtype=a.dtype)
         for n in range(N):
             real = [t for t in range(T) if (mask.shape[1] != T or mask[n, t] == 1)]
+            real = reaching_positions(real, J[n], logits[n]) if reaching_only else real
             Tn = len(real)
             if approx == "expand":
                 for t in range(T):
@@ -148,6 +152,20 @@ def kfac_reference(model, batch, modules, n_data: int, approx: str):
                 A += torch.outer(s, s) / (n_data * Tn**2)
         result.append([G, A])
     return result
+
+
+def reaching_positions(positions: list[int], Jn: torch.Tensor, logits: torch.Tensor) -> list[int]:
+    """The ``positions`` whose layer output moves the class probabilities: the centred
+    Jacobian ``(C, T, d_out)`` above ``REACH_RTOL_EPS`` epsilons of its largest entry (the
+    rule of ``curvature.kfac.reaching_weights``); all of them if none does."""
+    from laplace_lora_ext.curvature.kfac import REACH_RTOL_EPS
+
+    p = torch.softmax(logits, dim=-1)
+    Jc = Jn - torch.einsum("c,ctd->td", p, Jn)
+    size = Jc.abs().amax(dim=(0, 2))  # (T,)
+    tol = REACH_RTOL_EPS * torch.finfo(Jn.dtype).eps * size.max()
+    reached = [t for t in positions if bool(size[t] > tol)]
+    return reached or positions
 
 
 def _sandwich(Jt: torch.Tensor, Lam: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
