@@ -146,18 +146,17 @@ class LoraCurvature(CurvatureInterface):
         per weight and ``[M]`` per bias, in ``self.params`` order."""
         cap, loss, V, weights = self._batch(x, y)
         g_rows: list[list[torch.Tensor]] = [[] for _ in self.targets]
-        grad_size: list[torch.Tensor | float] = [0.0] * len(self.targets)  # (B, T') each
+        grad_size: list[torch.Tensor | None] = [None] * len(self.targets)  # (B, T') each
         for grads in output_gradients(cap, V, self.targets):
             for i, g in enumerate(grads):
                 size = g.abs().amax(dim=-1).to(self.curvature_dtype)
-                grad_size[i] = torch.maximum(torch.as_tensor(grad_size[i]), size)
+                grad_size[i] = size if grad_size[i] is None else torch.maximum(grad_size[i], size)
                 g = g.to(self.curvature_dtype)
                 g_rows[i].append(drop_zero_rows(output_root(g, self.kfac_approx)))
         kfacs: list[list[Any]] = []
         for i, t in enumerate(self.targets):
             a = cap.inputs[i].to(self.curvature_dtype)
-            size = torch.as_tensor(grad_size[i])
-            w = reaching_weights(weights[i], size, cap.logits.dtype)
+            w = reaching_weights(weights[i], grad_size[i], cap.outputs[i].dtype)
             A_rows = input_root(a, w, N, self.kfac_approx)
             d_out, d_in = t.module.weight.shape
             G = self._factor(g_rows[i], d_out)

@@ -70,13 +70,15 @@ def output_root(g: torch.Tensor, approx: str) -> torch.Tensor:
 REACH_RTOL_EPS = 16.0
 
 
-def reaching_weights(w: torch.Tensor, grad_size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def reaching_weights(
+    w: torch.Tensor, grad_size: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     """Token weights ``(B, T)`` restricted to the positions that reach the output.
 
     Args:
         w: 0/1 weights of real tokens ``(B, T)``.
         grad_size: ``(B, T')`` the largest ``|g|`` at each position over all grad-output
-            vectors. If ``T'`` differs from ``T`` nothing is restricted.
+            vectors. If it is ``None`` or ``T'`` differs from ``T``, nothing is restricted.
         dtype: the dtype the gradients were computed in (its epsilon, at least float32's,
             sets the round-off level; reduced-precision kernels accumulate in float32).
 
@@ -84,7 +86,7 @@ def reaching_weights(w: torch.Tensor, grad_size: torch.Tensor, dtype: torch.dtyp
     underflow to zero) keeps all of them: it adds nothing to ``G`` and its input factor is
     what it was without the restriction.
     """
-    if grad_size.shape != w.shape:
+    if grad_size is None or grad_size.shape != w.shape:
         return w
     eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
     largest = grad_size.amax(dim=1, keepdim=True)
