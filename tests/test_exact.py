@@ -87,7 +87,7 @@ def test_kron_is_exact_on_blocks_read_at_one_position(name):
     """One sequence of several tokens: a layer whose output reaches the logits at one
     position only (the last block's query behind a last-token head, a head applied to every
     position before one is read) has a Kronecker GGN block, and KFAC must equal it. (When
-    ``A`` averaged every token, these blocks were 0.7 to 2.6 off, relative Frobenius.)"""
+    ``A`` averaged every token, these blocks were 0.4 to 2.5 off, relative Frobenius.)"""
     case = make_case(name, n=1, T=6)
     case.batch["attention_mask"][:] = 1
     la = fit(case, "kron")

@@ -156,7 +156,7 @@ class LoraCurvature(CurvatureInterface):
         kfacs: list[list[Any]] = []
         for i, t in enumerate(self.targets):
             a = cap.inputs[i].to(self.curvature_dtype)
-            w = reaching_weights(weights[i], grad_size[i], cap.outputs[i].dtype)
+            w = reaching_weights(weights[i], grad_size[i])
             A_rows = input_root(a, w, N, self.kfac_approx)
             d_out, d_in = t.module.weight.shape
             G = self._factor(g_rows[i], d_out)

@@ -13,11 +13,12 @@ returned as a root ``R`` ``(m, d)`` with factor ``= Rᵀ R``, so that large fact
 compressed to low rank without ever forming ``d x d``.
 
 Of the real tokens (``w = 1``), :func:`reaching_weights` keeps only the positions whose
-output reaches the logits (non-zero ``g`` for some ``k``). For a layer whose output
-is read at one position only (the last block's query projection behind a last-token head,
-a head applied to every position before one is picked), ``A`` is then that position's
-``a aᵀ`` and KFAC equals the exact GGN block for one example, instead of mixing in inputs
-that carry no curvature. Layers reached at every position are unchanged.
+output reaches the logits (``g`` above round-off for some ``k``; ``T_n`` counts those). For
+a layer whose output is read at one position only (the last block's query projection
+behind a last-token head, a head applied to every position before one is picked), ``A`` is
+then that position's ``a aᵀ`` and KFAC equals the exact GGN block for one example, instead
+of mixing in inputs that carry no curvature. Layers whose gradients stay above the cut-off
+at every position are unchanged.
 """
 
 from __future__ import annotations
@@ -64,33 +65,33 @@ def output_root(g: torch.Tensor, approx: str) -> torch.Tensor:
     raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {approx!r}.")
 
 
-#: A position reaches the output if its largest output gradient exceeds this many machine
-#: epsilons times the example's largest. Positions that do not reach it (a first token's
-#: query, which attends to itself alone) get exact zeros or round-off near one epsilon.
-REACH_RTOL_EPS = 16.0
+#: A position reaches the output if its largest output gradient exceeds this fraction of
+#: the sequence's largest: 16 float32 epsilons, whatever the model's dtype. Positions that do
+#: not reach it (a first token's query, which attends to itself alone) get exact zeros or
+#: round-off of a few float32 epsilons. One cut-off for every dtype keeps a float32 copy of a
+#: model and its float64 original on the same positions: float32 cannot tell a gradient this
+#: small from round-off, so genuine ones below it (very peaked attention) are dropped in both;
+#: their share of the curvature is below (2e-6)².
+REACH_RTOL = 16 * torch.finfo(torch.float32).eps
 
 
-def reaching_weights(
-    w: torch.Tensor, grad_size: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
+def reaching_weights(w: torch.Tensor, grad_size: torch.Tensor | None) -> torch.Tensor:
     """Token weights ``(B, T)`` restricted to the positions that reach the output.
 
     Args:
         w: 0/1 weights of real tokens ``(B, T)``.
         grad_size: ``(B, T')`` the largest ``|g|`` at each position over all grad-output
             vectors. If it is ``None`` or ``T'`` differs from ``T``, nothing is restricted.
-        dtype: the dtype the gradients were computed in (its epsilon, at least float32's,
-            sets the round-off level; reduced-precision kernels accumulate in float32).
 
-    An example none of whose real tokens is reached (a saturated softmax whose gradients
-    underflow to zero) keeps all of them: it adds nothing to ``G`` and its input factor is
-    what it was without the restriction.
+    A position is kept if its ``grad_size`` exceeds :data:`REACH_RTOL` times its sequence's
+    largest. A sequence none of whose real tokens is reached (a saturated softmax whose
+    gradients underflow to zero) keeps all of them: it adds nothing to ``G`` and its input
+    factor is what it was without the restriction.
     """
     if grad_size is None or grad_size.shape != w.shape:
         return w
-    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
     largest = grad_size.amax(dim=1, keepdim=True)
-    kept = w * (grad_size > REACH_RTOL_EPS * eps * largest).to(w.dtype)
+    kept = w * (grad_size > REACH_RTOL * largest).to(w.dtype)
     none = kept.sum(dim=1, keepdim=True) == 0
     return torch.where(none, w, kept)
 

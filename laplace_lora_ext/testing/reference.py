@@ -156,15 +156,14 @@ def kfac_reference(model, batch, modules, n_data: int, approx: str, reaching_onl
 
 def reaching_positions(positions: list[int], Jn: torch.Tensor, logits: torch.Tensor) -> list[int]:
     """The ``positions`` whose layer output moves the class probabilities: the centred
-    Jacobian ``(C, T, d_out)`` above ``REACH_RTOL_EPS`` epsilons of its largest entry (the
-    rule of ``curvature.kfac.reaching_weights``); all of them if none does."""
-    from laplace_lora_ext.curvature.kfac import REACH_RTOL_EPS
+    Jacobian ``(C, T, d_out)`` above ``REACH_RTOL`` of its largest entry (the rule of
+    ``curvature.kfac.reaching_weights``); all of them if none does."""
+    from laplace_lora_ext.curvature.kfac import REACH_RTOL
 
     p = torch.softmax(logits, dim=-1)
     Jc = Jn - torch.einsum("c,ctd->td", p, Jn)
     size = Jc.abs().amax(dim=(0, 2))  # (T,)
-    tol = REACH_RTOL_EPS * torch.finfo(Jn.dtype).eps * size.max()
-    reached = [t for t in positions if bool(size[t] > tol)]
+    reached = [t for t in positions if bool(size[t] > REACH_RTOL * size.max())]
     return reached or positions
 
 
