@@ -19,7 +19,6 @@ posterior (it matched our previous factors to about 1e-7)::
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import time
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks import _common as C
-from benchmarks.bench_peers import SMALL, _build, _ours
+from benchmarks.bench_peers import SMALL, _build, _compare_exact, _ours
 from laplace_lora_ext import testing as R
 
 NAME = "kfac_reach_check"
@@ -38,16 +37,6 @@ GROUPS = {
     "v_proj": r"v_proj",
     "lm_head": r"lm_head",
 }
-
-
-def _errors(blocks: list[list[torch.Tensor]], exact: list[torch.Tensor]) -> dict[str, float]:
-    """Trace ratio and relative Frobenius error of Kronecker ``blocks`` against ``exact``."""
-    dense = [R.kron_block_dense(F) for F in blocks]
-    trace = sum(float(D.diagonal().sum()) for D in dense)
-    trace_exact = sum(float(E.diagonal().sum()) for E in exact)
-    diff2 = sum(float((D - E).square().sum()) for D, E in zip(dense, exact, strict=True))
-    norm2 = sum(float(E.square().sum()) for E in exact)
-    return {"trace_ratio": trace / trace_exact, "rel_frob_err": math.sqrt(diff2 / norm2)}
 
 
 def compare(n: int, T: int, approx: str, seed: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -68,7 +57,8 @@ def compare(n: int, T: int, approx: str, seed: int) -> dict[str, dict[str, dict[
     for group, regex in {**GROUPS, "all": r"."}.items():
         idx = [i for i, p in enumerate(names) if re.search(regex, p)]
         out[group] = {
-            rule: _errors([F[i] for i in idx], [exact[i] for i in idx]) for rule, F in fits.items()
+            rule: _compare_exact([F[i] for i in idx], [exact[i] for i in idx])
+            for rule, F in fits.items()
         }
     return out
 

@@ -149,9 +149,9 @@ class LoraCurvature(CurvatureInterface):
         grad_size: list[torch.Tensor | None] = [None] * len(self.targets)  # (B, T') each
         for grads in output_gradients(cap, V, self.targets):
             for i, g in enumerate(grads):
-                size = g.abs().amax(dim=-1).to(self.curvature_dtype)
-                grad_size[i] = size if grad_size[i] is None else torch.maximum(grad_size[i], size)
                 g = g.to(self.curvature_dtype)
+                size = g.abs().amax(dim=-1)
+                grad_size[i] = size if grad_size[i] is None else torch.maximum(grad_size[i], size)
                 g_rows[i].append(drop_zero_rows(output_root(g, self.kfac_approx)))
         kfacs: list[list[Any]] = []
         for i, t in enumerate(self.targets):
