@@ -403,6 +403,16 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def metric_cell(m: dict[str, float], percent_digits: int = 1) -> str:
+    """One table cell "ACC / ECE / NLL / confidence" from a metrics dict (fractions; ACC, ECE
+    and confidence printed ×100, ECE with one decimal, NLL with three); ``percent_digits``
+    sets ACC's and confidence's decimals (0 where 1 test answer is 1 point)."""
+    d = percent_digits
+    return (
+        f"{100 * m['acc']:.{d}f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.{d}f}"
+    )
+
+
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:

@@ -69,19 +69,15 @@ def compare(old: dict, new: dict) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(m: dict) -> str:
-    return f"{100 * m['acc']:.1f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.1f}"
-
-
 def render(records: list[dict[str, Any]]) -> str:
     rows = [
         [
             f"{r['task']} s{r['seed']} step {r['step']}",
             r["split"],
             r["row"],
-            _cell(r["map"]),
-            _cell(r["old"]),
-            _cell(r["new"]),
+            C.metric_cell(r["map"]),
+            C.metric_cell(r["old"]),
+            C.metric_cell(r["new"]),
             f"{r['new']['nll'] - r['old']['nll']:+.3f}",
             f"{r['prior_geomean']['old']:.3g} → {r['prior_geomean']['new']:.3g}",
         ]

@@ -26,6 +26,7 @@ import json
 import re
 from pathlib import Path
 
+from benchmarks import _common as C
 from benchmarks import llm_bars
 from benchmarks import llm_calibration as calib
 from benchmarks.llm_summary import RESULTS, TASKS
@@ -82,17 +83,15 @@ def per_seed_rows(payload: dict, methods: list[str]) -> list[str]:
             nll = ckpt["_train_nll"]
             rule = "leave-one-out" if nll < SATURATED_TRAIN_NLL else "evidence"
             test = ckpt["test"]
-            cells = [_cell(test[m]) if m in test else "–" for m in methods]
+            cells = [
+                C.metric_cell(test[m], percent_digits=0) if m in test else "–" for m in methods
+            ]
             rows.append(
                 f"| {task} | {seed} | {nll:.1e} | {rule} | {ckpt['_temperature']:.1f} | "
                 + " | ".join(cells)
                 + " |"
             )
     return rows
-
-
-def _cell(m: dict) -> str:
-    return f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.0f}"
 
 
 def main(

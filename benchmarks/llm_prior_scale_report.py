@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks import _common as C
 from benchmarks import llm_bars
 from benchmarks import llm_larger_splits_report as larger_splits_report
 from benchmarks.llm_calibration import RESULTS
@@ -130,8 +131,7 @@ def grid_table(runs: dict[int, dict], grid: str, part: str = PART) -> list[str]:
 
 
 def _cells(m: dict) -> str:
-    return (f" {100 * m['acc']:.1f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / "
-            f"{100 * m['conf']:.1f} |")  # fmt: skip
+    return f" {C.metric_cell(m)} |"
 
 
 def reproduction_lines(data: dict[str, dict[int, dict]], results: Path) -> list[str]:

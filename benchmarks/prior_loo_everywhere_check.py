@@ -35,6 +35,7 @@ import json
 import statistics
 from collections.abc import Callable
 
+from benchmarks import _common as C
 from benchmarks.llm_summary import RESULTS, TASKS
 
 PREFIX = "prior_loo_everywhere"
@@ -116,8 +117,7 @@ def decide(rows: list[dict]) -> dict:
 def _cells(row: dict, split: str, method: str) -> str:
     if split not in row:
         return ""
-    m = row[split][method]
-    return f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.0f}"
+    return C.metric_cell(row[split][method], percent_digits=0)
 
 
 SPLITS = ("validation", "test", "shift")

@@ -105,8 +105,10 @@ def run(task: str, seed: int) -> Path:
 
 
 def load() -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted(C.RESULTS_DIR.glob(f"{NAME}_*_seed*.json"))]
-    return sorted(rows, key=lambda r: (TASKS.index(r["task"]), r["seed"]))
+    """This check's per-seed files, by task (the held-out benchmark's files share the name's
+    prefix, ``{NAME}_heldout_*``, and are not read)."""
+    paths = [p for t in TASKS for p in sorted(C.RESULTS_DIR.glob(f"{NAME}_{t}_seed*.json"))]
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def decide(rows: list[dict]) -> dict:
@@ -144,11 +146,7 @@ def bars(rows: list[dict]) -> list[dict]:
 
 
 def render(rows: list[dict], decision: dict, bar_rows: list[dict]) -> str:
-    def cell(m: dict) -> str:
-        return (
-            f"{100 * m['acc']:.1f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / {100 * m['conf']:.1f}"
-        )
-
+    cell = C.metric_cell
     lines = ["# The leave-one-out rule's grid with the default draws (validation)", "",
              "`python -m benchmarks.prior_loo_mc_draws_check`; protocol and rule in its "
              "docstring. Both rules on one leave-one-out cache; both priors scored with the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from statistics import mean
 
+from benchmarks import _common as C
 from benchmarks.llm_bars import overfit_bars
 from benchmarks.prior_threshold_check import CURRENT, RESULTS, TASKS, THRESHOLDS
 
@@ -129,8 +130,10 @@ def _test_record(rows: list[dict], tau: float) -> list[str]:
         "| overfit bars met |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    fmt = lambda m: (f"{100 * m['acc']:.0f} / {100 * m['ece']:.1f} / {m['nll']:.3f} / "  # noqa: E731
-                     f"{100 * m['conf']:.0f}")  # fmt: skip
+
+    def fmt(m: dict) -> str:
+        return C.metric_cell(m, percent_digits=0)
+
     for r in rows:
         t = r["test"]
         default = t[rule_name(r, tau)]
