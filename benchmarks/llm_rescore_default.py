@@ -26,6 +26,9 @@ chosen on validation data and compared on test without confounds (used by
         --method leave_one_out --out benchmarks/results/prior_loo_everywhere_T
 
 ``--steps S ...`` keeps only those checkpoints (the file is written to ``--out``).
+``--refresh-map`` (with ``--out``) also re-scores MAP and temperature scaling (the file's
+temperature) on the rebuilt model, keeping the file's rows as ``map_file`` / ``temp_file``:
+for checkpoints re-trained where the cache was lost (:mod:`benchmarks.kfac_reach_bars`).
 
 Each checkpoint records ``_rescore_map_max_abs_diff``, the largest difference between the
 file's MAP metrics and the rebuilt model's: a cached checkpoint that is not the model of
@@ -115,10 +118,21 @@ def map_check_text(diff: float | None) -> str:
 
 
 def rescore_checkpoint(
-    wrapper, data, shifted, collate, args, seed: int, ckpt: dict, method: str | None = None
+    wrapper,
+    data,
+    shifted,
+    collate,
+    args,
+    seed: int,
+    ckpt: dict,
+    method: str | None = None,
+    refresh_map: bool = False,
 ) -> None:
     """Replace ``ckpt``'s ``la`` rows (test, shift, AUROC, prior) by the current default, or
-    by ``method`` (then ``la_previous`` is re-scored in the same run, validation included)."""
+    by ``method`` (then ``la_previous`` is re-scored in the same run, validation included).
+    ``refresh_map`` also re-scores ``map`` and ``temp`` (the file's temperature) on the
+    rebuilt model, for checkpoints re-trained on another machine (the file's rows move to
+    ``map_file`` and ``temp_file``)."""
     train_loader = make_loader(data.train, collate, args.la_batch_size)
     la = Laplace(wrapper, "classification", subset_of_weights="lora", hessian_structure="kron")
     la.fit(train_loader)
@@ -155,6 +169,8 @@ def rescore_checkpoint(
                 "la_last": calib.mc_probs(cache, la, args, seed, last),
             }
             new = {name: p for name, p in new.items() if name in rows}
+            if refresh_map:
+                new |= map_and_temperature(rows, cache, ckpt["_temperature"])
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
@@ -168,6 +184,15 @@ def rescore_checkpoint(
         ckpt["shift_auroc"] = {
             m: calib.auroc(torch.tensor(ent_in[m]), torch.tensor(ent_out[m])) for m in ent_in
         }
+
+
+def map_and_temperature(rows: dict, cache: LogitJacobianCache, T: float) -> dict:
+    """MAP's and temperature scaling's probabilities ``(N, C)`` on ``cache``'s model (the
+    temperature ``T`` as the file fitted it), moving the file's rows to ``*_file``."""
+    for name in ("map", "temp"):
+        rows.setdefault(f"{name}_file", rows[name])
+    logits = cache.logits.float()
+    return {"map": logits.softmax(-1), "temp": (logits / T).softmax(-1)}
 
 
 def write_rescored(payload: dict, out: Path, partial: Path) -> None:
@@ -189,7 +214,11 @@ def keep_steps(runs: dict, steps: list[str]) -> None:
 
 
 def main(
-    path: str, method: str | None = None, out: str | None = None, steps: list[str] | None = None
+    path: str,
+    method: str | None = None,
+    out: str | None = None,
+    steps: list[str] | None = None,
+    refresh_map: bool = False,
 ) -> None:
     out = Path(out or path).with_suffix("")
     partial = out.with_suffix(".partial.json")
@@ -201,7 +230,9 @@ def main(
     torch.set_num_threads(args.threads or 1)
     scored = (lambda ckpt: "validation" in ckpt) if resume else (lambda ckpt: False)
     for c in calib.cached_checkpoints(payload["runs"], args, skip=scored):
-        rescore_checkpoint(c.wrapper, c.data, c.shifted, c.collate, args, c.seed, c.ckpt, method)
+        rescore_checkpoint(
+            c.wrapper, c.data, c.shifted, c.collate, args, c.seed, c.ckpt, method, refresh_map
+        )
         partial.write_text(json.dumps(payload, default=str))
         line = calib.summary_line(c.ckpt["test"])
         check = map_check_text(c.ckpt["_rescore_map_max_abs_diff"])
@@ -221,7 +252,12 @@ if __name__ == "__main__":
     parser.add_argument("--method", default=None, help="a candidate prior method")
     parser.add_argument("--out", default=None, help="output base path (default: rewrite)")
     parser.add_argument("--steps", nargs="+", help="only these checkpoints (needs --out)")
+    parser.add_argument(
+        "--refresh-map",
+        action="store_true",
+        help="re-score MAP and temperature scaling on the rebuilt model (needs --out)",
+    )
     a = parser.parse_args()
-    if (a.method or a.steps) and not a.out:
-        parser.error("--method and --steps need --out: the result is written to a new file")
-    main(a.path, a.method, a.out, a.steps)
+    if (a.method or a.steps or a.refresh_map) and not a.out:
+        parser.error("--method, --steps and --refresh-map need --out: a new file is written")
+    main(a.path, a.method, a.out, a.steps, a.refresh_map)

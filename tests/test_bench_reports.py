@@ -394,6 +394,52 @@ def test_rescore_map_check_is_zero_only_for_the_files_model():
     assert map_check_text(None) == "n/a (no MAP row)" and map_check_text(0.0) == "0.00e+00"
 
 
+def test_rescore_refresh_map_scores_the_rebuilt_model_and_keeps_the_files_rows():
+    from benchmarks.llm_rescore_default import map_and_temperature
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    cache = types.SimpleNamespace(logits=logits, labels=torch.tensor([0, 1]))
+    rows = {"map": {"acc": 0.5}, "temp": {"acc": 0.25}}
+    probs = map_and_temperature(rows, cache, 2.0)
+    assert torch.allclose(probs["map"], logits.float().softmax(-1))
+    assert torch.allclose(probs["temp"], (logits.float() / 2).softmax(-1))
+    assert rows["map_file"] == {"acc": 0.5} and rows["temp_file"] == {"acc": 0.25}
+    rows["map"] = {"acc": 1.0}  # a second call keeps the file's rows, not the new ones
+    map_and_temperature(rows, cache, 2.0)
+    assert rows["map_file"] == {"acc": 0.5}
+
+
+def test_metric_cell_formats_acc_ece_nll_confidence():
+    from benchmarks._common import metric_cell
+
+    m = {"acc": 0.6467, "ece": 0.0801, "nll": 0.64912, "conf": 0.5893}
+    assert metric_cell(m) == "64.7 / 8.0 / 0.649 / 58.9"
+    assert metric_cell(m, percent_digits=0) == "65 / 8.0 / 0.649 / 59"
+
+
+def test_kfac_reach_bars_cuts_one_seed_with_the_default_draws():
+    from benchmarks.kfac_reach_bars import cut
+
+    payload = {
+        "args": {"seeds": [0, 1], "tasks": ["t"], "n_samples": 1000, "steps": 80},
+        "runs": {"t": {"0": {"checkpoints": {}}, "1": {"checkpoints": {"80": {}}}}},
+    }
+    out = cut(payload, "t", 1)
+    assert out["runs"] == {"t": {"1": {"checkpoints": {"80": {}}}}}
+    assert out["args"] == {"seeds": [1], "tasks": ["t"], "n_samples": None, "steps": 80}
+    assert payload["args"]["n_samples"] == 1000  # the committed payload is not changed
+
+
+def test_kfac_reach_bars_reads_the_status_bars_by_regime():
+    from benchmarks.kfac_reach_bars import committed_rows
+
+    ten = committed_rows("10epochs")
+    memorised = committed_rows("memorised")
+    assert {r["regime"] for r in ten} == {"early", "overfit", "shift"}
+    assert {r["regime"] for r in memorised} == {"overfit", "shift"}
+    assert len(ten) == 19 and len(memorised) == 13  # the status' counts
+
+
 @pytest.mark.parametrize(
     "name, verdict",
     [

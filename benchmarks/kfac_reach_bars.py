@@ -1,0 +1,194 @@
+"""Issue 13's bars with today's code (KFAC over the positions that reach the logits, 5e23c4a),
+re-scored on re-trained checkpoints (test; nothing is chosen here).
+
+:mod:`benchmarks.llm_status` reads the bars from re-scores made before the KFAC change.
+This re-runs the default where those re-scores did, with the code of this checkout:
+
+* ``prepare`` writes one small result file per task and seed
+  (``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}.json``), cut from the
+  committed benchmark files (``llm_calibration_<task>_3seeds.json`` for the 10-epoch
+  regime, ``llm_memorised_<task>_seed<s>.json`` for the memorised one), with the library's
+  default Monte Carlo draws (``n_samples=None``) as the status' sources use;
+* :mod:`benchmarks.llm_rescore_default` ``--refresh-map`` re-trains each run (the cache is
+  not kept between sessions; fine-tuning is not bitwise reproducible across machines and
+  thread counts), fits KFAC, runs ``optimize_prior_precision()`` and scores the default,
+  MAP and temperature scaling (the file's temperature) on the rebuilt model;
+* ``report`` merges the seeds per task, checks the bars (:mod:`benchmarks.llm_bars`) and
+  sets them beside the status' committed bars for the same regime::
+
+    python -m benchmarks.kfac_reach_bars prepare
+    python -m benchmarks.llm_rescore_default benchmarks/cache/kfac_reach_bars/X.json \\
+        --refresh-map --out benchmarks/cache/kfac_reach_bars/X-rescored   # per file
+    python -m benchmarks.kfac_reach_bars report
+
+Writes ``results/kfac_reach_bars.{json,md}`` (bars, per-seed test rows, the largest
+difference between the re-trained and the committed MAP metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks import _common as C
+from benchmarks import llm_bars, llm_status
+from benchmarks.llm_calibration import summarize
+
+NAME = "kfac_reach_bars"
+CACHE = Path(__file__).resolve().parent / "cache" / NAME
+TASKS = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
+SEEDS = (0, 1, 2)
+#: regime -> (the committed benchmark file of a task and seed, the status' source file)
+REGIMES = {
+    "10epochs": ("llm_calibration_{task}_3seeds.json", "mc_default_draws_bars.json"),
+    "memorised": ("llm_memorised_{task}_seed{seed}.json", "prior_loo_mc_draws.json"),
+}
+
+
+def cut(payload: dict, task: str, seed: int) -> dict:
+    """``payload`` reduced to one task and seed, scored with the default draws."""
+    out = dict(payload)
+    out["runs"] = {task: {str(seed): payload["runs"][task][str(seed)]}}
+    out["args"] = dict(payload["args"], seeds=[seed], tasks=[task], n_samples=None)
+    return out
+
+
+def prepare(regimes: list[str]) -> list[Path]:
+    """Write the per-task, per-seed files to re-score; returns their paths."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for regime in regimes:
+        pattern = REGIMES[regime][0]
+        for task in TASKS:
+            for seed in SEEDS:
+                source = C.RESULTS_DIR / pattern.format(task=task, seed=seed)
+                path = CACHE / f"{regime}-{task}-seed{seed}.json"
+                path.write_text(json.dumps(cut(json.loads(source.read_text()), task, seed)))
+                paths.append(path)
+    return paths
+
+
+def merged(regime: str, task: str) -> dict | None:
+    """The re-scored seeds of ``task`` as one ``runs`` block with its summary, or ``None``
+    until every seed is re-scored."""
+    files = [CACHE / f"{regime}-{task}-seed{s}-rescored.json" for s in SEEDS]
+    if not all(f.exists() for f in files):
+        return None
+    runs: dict = {task: {}}
+    for f in files:
+        runs[task] |= json.loads(f.read_text())["runs"][task]
+    return {"runs": runs, "summary": summarize(runs)}
+
+
+def committed_rows(regime: str) -> list[dict]:
+    """The status' bars for ``regime`` (before the KFAC change)."""
+    source = next(s for s in llm_status.SOURCES if s.file == REGIMES[regime][1])
+    rows = source.rows(json.loads((C.RESULTS_DIR / source.file).read_text()))
+    return [{**r, "regime": _llm_bars_regime(r)} for r in rows]
+
+
+def _llm_bars_regime(row: dict) -> str:
+    """The status files the shift bar under its checkpoint and names the memorised one;
+    :mod:`benchmarks.llm_bars` says ``shift`` and ``overfit``."""
+    if "temperature" in row["bar"]:
+        return "shift"
+    return "overfit" if row["regime"] == "memorised" else row["regime"]
+
+
+def bar_rows(regime: str, runs: dict[str, dict]) -> list[dict]:
+    """Per bar: today's value (re-trained, re-scored) beside the committed one."""
+    before = {(r["task"], r["regime"], r["bar"]): r for r in committed_rows(regime)}
+    rows = []
+    for task, block in runs.items():
+        for row in llm_bars.check(block["summary"]):
+            old = before.get((task, row["regime"], row["bar"]))
+            rows.append({**row, "before": old and {k: old[k] for k in ("value", "met")}})
+    return rows
+
+
+def seed_rows(runs: dict[str, dict]) -> list[dict]:
+    """Per task, seed and step: MAP, temperature scaling and the default (test), and the
+    largest difference between the re-trained model's MAP metrics and the file's."""
+    out = []
+    for task, block in runs.items():
+        for seed, run in block["runs"][task].items():
+            for step, ckpt in run["checkpoints"].items():
+                test = ckpt["test"]
+                out.append(
+                    {
+                        "task": task,
+                        "seed": int(seed),
+                        "step": int(step),
+                        "map_diff": ckpt["_rescore_map_max_abs_diff"],
+                        **{m: test[m] for m in ("map", "temp", "la", "la_previous")},
+                    }
+                )
+    return out
+
+
+def render(results: dict[str, dict]) -> str:
+    lines = [
+        "# Issue 13's bars with today's code (KFAC over the positions that reach the logits)",
+        "",
+        "Re-trained checkpoints, the default re-run and scored with the default draws "
+        "(`python -m benchmarks.kfac_reach_bars`, protocol in its docstring). Test split, "
+        "means over seeds; *before*: the status' committed re-score of the same regime "
+        "(original checkpoints, code before the change).",
+    ]
+    for regime, res in results.items():
+        rows = res["bars"]
+        n_met = sum(r["met"] for r in rows)
+        n_before = sum(bool(r["before"] and r["before"]["met"]) for r in rows)
+        lines += ["", f"## {regime}: {n_met} of {len(rows)} met (before: {n_before})", ""]
+        head = ["task", "regime", "bar", "today", "target", "met", "before", "met before"]
+        table = [
+            [r["task"], r["regime"], r["bar"], f"{r['value']:.4g}", r["target"],
+             "yes" if r["met"] else "**no**",
+             f"{r['before']['value']:.4g}" if r["before"] else "–",
+             ("yes" if r["before"]["met"] else "no") if r["before"] else "–"]
+            for r in rows
+        ]  # fmt: skip
+        lines.append(C.md_table(head, table))
+        lines += ["", "Per seed (ACC / ECE / NLL / confidence):", ""]
+        head = ["task", "seed", "step", "MAP", "temperature", "default", "file's prior", "MAP Δ"]
+        table = [
+            [s["task"], str(s["seed"]), str(s["step"])]
+            + [C.metric_cell(s[m]) for m in ("map", "temp", "la", "la_previous")]
+            + [f"{s['map_diff']:.1e}"]
+            for s in res["seeds"]
+        ]
+        lines.append(C.md_table(head, table))
+    lines += [
+        "",
+        "*file's prior*: the prior stored in the committed file, on today's fit and draws. "
+        "*MAP Δ*: the largest difference between the re-trained model's MAP metrics and the "
+        "committed file's (fractions).",
+    ]
+    return "\n".join(lines)
+
+
+def report() -> dict[str, dict]:
+    results = {}
+    for regime in REGIMES:
+        runs = {t: m for t in TASKS if (m := merged(regime, t)) is not None}
+        if runs:
+            results[regime] = {"bars": bar_rows(regime, runs), "seeds": seed_rows(runs)}
+    C.write_results(NAME, results, render(results))
+    print(render(results))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=("prepare", "report"))
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    a = p.parse_args()
+    if a.command == "prepare":
+        print("\n".join(str(path) for path in prepare(a.regimes)))
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
