@@ -9,16 +9,17 @@ This re-runs the default where those re-scores did, with the code of this checko
   committed benchmark files (``llm_calibration_<task>_3seeds.json`` for the 10-epoch
   regime, ``llm_memorised_<task>_seed<s>.json`` for the memorised one), with the library's
   default Monte Carlo draws (``n_samples=None``) as the status' sources use;
-* :mod:`benchmarks.llm_rescore_default` ``--refresh-map`` re-trains each run (the cache is
-  not kept between sessions; fine-tuning is not bitwise reproducible across machines and
-  thread counts), fits KFAC, runs ``optimize_prior_precision()`` and scores the default,
-  MAP and temperature scaling (the file's temperature) on the rebuilt model;
+* :mod:`benchmarks.llm_rescore_default` ``--method auto --refresh-map`` re-trains each run
+  (the cache is not kept between sessions; fine-tuning is not bitwise reproducible across
+  machines and thread counts), fits KFAC, runs ``optimize_prior_precision()`` (the
+  default, ``"auto"``) and scores it, the file's stored prior (``la_previous``, on today's
+  fit and draws), MAP and temperature scaling (the file's temperature) on the rebuilt model;
 * ``report`` merges the seeds per task, checks the bars (:mod:`benchmarks.llm_bars`) and
   sets them beside the status' committed bars for the same regime::
 
     python -m benchmarks.kfac_reach_bars prepare
     python -m benchmarks.llm_rescore_default benchmarks/cache/kfac_reach_bars/X.json \\
-        --refresh-map --out benchmarks/cache/kfac_reach_bars/X-rescored   # per file
+        --method auto --refresh-map --out benchmarks/cache/kfac_reach_bars/X-rescored
     python -m benchmarks.kfac_reach_bars report
 
 Writes ``results/kfac_reach_bars.{json,md}`` (bars, per-seed test rows, the largest
