@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 __all__ = [
     "CACHE_DIR",
@@ -199,6 +200,25 @@ def _build_smollm2_cache(folder: Path, name: str, cache: Path, info: dict) -> No
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ensure_smollm2_cache(folder: Path, name: str, cache: Path, info: dict) -> None:
+    """Build the fp32 checkpoint in ``cache`` unless it holds ``info``'s GGUF already.
+
+    Processes that start together on an empty cache (the benchmarks run two at a time)
+    build it one after the other under a file lock, each re-checking under the lock, so
+    that none reads the folder while another replaces it.
+    """
+    if _smollm2_cache_ok(cache, info):
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingAssetError(
+            "Reading GGUF files needs the 'gguf' package:\n    " + _pip_hint("gguf")
+        )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock"):
+        if not _smollm2_cache_ok(cache, info):
+            _build_smollm2_cache(folder, name, cache, info)
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32,
     use_cache: bool = True,
@@ -221,12 +241,8 @@ def load_smollm2(
     folder, name = smollm2_gguf()
     info = _smollm2_source_info(folder, name)
     cache = Path(cache_dir) if cache_dir is not None else smollm2_cache_dir()
-    if use_cache and not _smollm2_cache_ok(cache, info):
-        if importlib.util.find_spec("gguf") is None:
-            raise MissingAssetError(
-                "Reading GGUF files needs the 'gguf' package:\n    " + _pip_hint("gguf")
-            )
-        _build_smollm2_cache(folder, name, cache, info)
+    if use_cache:
+        ensure_smollm2_cache(folder, name, cache, info)
     if use_cache:
         tokenizer = AutoTokenizer.from_pretrained(cache)
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)

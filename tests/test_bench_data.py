@@ -7,6 +7,8 @@ packages) skip when those are not installed; none downloads anything.
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 import zlib
 
 import pytest
@@ -439,3 +441,31 @@ def test_unused_examples_are_fresh_and_seeded(name, module):
     assert len({e["text"] for e in fresh}) == len(fresh)
     assert fresh[:5] == tasks.unused_examples(name, **sizes)[:5]
     assert fresh[:5] != tasks.unused_examples(name, **(sizes | {"seed": 2}))[:5]
+
+
+def test_smollm2_cache_is_built_once_by_processes_starting_together(tmp_path, monkeypatch):
+    """Two loaders on an empty cache: one builds it, the other waits and reuses it (before
+    the lock, the second replaced the folder while the first read its tokenizer)."""
+    import threading
+
+    info = {"gguf_file": "m.gguf", "gguf_size": 1, "format": 1}
+    builds = []
+
+    def slow_build(folder, name, cache, info):
+        builds.append(name)
+        time.sleep(0.2)
+        cache.mkdir(parents=True)
+        (cache / "source.json").write_text(json.dumps(info))
+
+    monkeypatch.setattr(offline, "_build_smollm2_cache", slow_build)
+    cache = tmp_path / "smollm2"
+    workers = [
+        threading.Thread(target=offline.ensure_smollm2_cache, args=(tmp_path, "m", cache, info))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert builds == ["m"]
+    assert offline._smollm2_cache_ok(cache, info)
