@@ -33,8 +33,9 @@ import json
 from pathlib import Path
 
 from benchmarks import _common as C
-from benchmarks import llm_bars, llm_status
+from benchmarks import llm_bars
 from benchmarks.llm_calibration import summarize
+from benchmarks.llm_status import memorised_rows
 
 NAME = "kfac_reach_bars"
 CACHE = Path(__file__).resolve().parent / "cache" / NAME
@@ -83,10 +84,21 @@ def merged(regime: str, task: str) -> dict | None:
 
 
 def committed_rows(regime: str) -> list[dict]:
-    """The status' bars for ``regime`` (before the KFAC change)."""
-    source = next(s for s in llm_status.SOURCES if s.file == REGIMES[regime][1])
-    rows = source.rows(json.loads((C.RESULTS_DIR / source.file).read_text()))
+    """The bars of ``regime`` as the status read them before the KFAC change."""
+    payload = json.loads((C.RESULTS_DIR / REGIMES[regime][1]).read_text())
+    rows = default_draws_rows(payload) if regime == "10epochs" else memorised_rows(payload)
     return [{**r, "regime": _llm_bars_regime(r)} for r in rows]
+
+
+def default_draws_rows(payload: dict) -> list[dict]:
+    """``mc_default_draws_bars``' early and overfit (with shift) bars with the default
+    draws, keyed ``task:regime`` there."""
+    rows = []
+    for key, entry in payload.items():
+        task, regime = key.split(":")
+        if regime in ("early", "overfit"):
+            rows += [{"task": task, "regime": regime, **b} for b in entry["bars"]["default draws"]]
+    return rows
 
 
 def _llm_bars_regime(row: dict) -> str:
@@ -134,8 +146,8 @@ def render(results: dict[str, dict]) -> str:
         "",
         "Re-trained checkpoints, the default re-run and scored with the default draws "
         "(`python -m benchmarks.kfac_reach_bars`, protocol in its docstring). Test split, "
-        "means over seeds; *before*: the status' committed re-score of the same regime "
-        "(original checkpoints, code before the change).",
+        "means over seeds; *before*: the committed re-score the status read for the same "
+        "regime until now (original checkpoints, code before the change).",
     ]
     for regime, res in results.items():
         rows = res["bars"]

@@ -15,10 +15,16 @@ def _bar(name: str, met: bool, value: float = 1.0) -> dict:
 
 
 def _payloads() -> dict[str, dict]:
+    before = {"before": {"value": 0.5, "met": True}}
     ten = {
-        "a:early": {"bars": {"default draws": [_bar("e", True)], "1000 draws": [_bar("x", False)]}},
-        "a:overfit": {"bars": {"default draws": [_bar("o", True), _bar("shift", False, 3.5)]}},
-        "a:memorised": {"bars": {"default draws": [_bar("m", False)]}},
+        "10epochs": {
+            "bars": [
+                {"task": "a", "regime": "early", **_bar("e", True), **before},
+                {"task": "a", "regime": "overfit", **_bar("o", True), **before},
+                {"task": "a", "regime": "shift", **_bar("shift", False, 3.5), **before},
+            ]
+        },
+        "memorised": {"bars": [{"task": "a", "regime": "overfit", **_bar("m", False)}]},
     }
     memorised = {
         "bars": [
@@ -39,13 +45,14 @@ def _payloads() -> dict[str, dict]:
 def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
     summary = S.summarize(_payloads())
     counts = [(b["met"], b["bars"]) for b in summary["benchmarks"]]
-    # 10 epochs: early + overfit with the default draws only (the memorised key is not theirs)
+    # 10 epochs: early, overfit and shift of that regime only (the memorised one is not theirs)
     assert counts == [(2, 3), (1, 1), (1, 1), (1, 1)]
     assert (summary["met"], summary["bars"]) == (5, 6)
     (missed,) = summary["benchmarks"][0]["missed"]
-    assert (missed["task"], missed["regime"], missed["bar"]) == ("a", "overfit", "shift")
+    assert (missed["task"], missed["regime"], missed["bar"]) == ("a", "shift", "shift")
+    assert "before" not in missed  # the committed value it is compared with stays out
     table = S.render(summary)
-    assert "a overfit, shift: 3.5 (target ≤ 2)" in table
+    assert "a shift, shift: 3.5 (target ≤ 2)" in table
     assert "| 2 of 3 |" in table and table.endswith("5 of 6 bars met with today's default.\n")
 
 
