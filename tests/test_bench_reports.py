@@ -536,3 +536,12 @@ def test_map_check_report_names_the_flags_it_ran_with():
         }
     ]
     assert f"`{line}`" in C.render(rows, "x_{task}_3seeds.json", line)
+
+
+def test_kfac_reach_bars_report_is_the_committed_one():
+    from benchmarks.kfac_reach_bars import render
+
+    payload, md = committed("kfac_reach_bars")
+    assert render(payload).rstrip() == md.rstrip()
+    ten = payload["10epochs"]["bars"]
+    assert len(ten) == 19 and all(r["before"] is not None for r in ten)
