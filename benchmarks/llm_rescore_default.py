@@ -159,9 +159,7 @@ def rescore_checkpoint(
             rows["_entropy"]["la_previous"] = rows["_entropy"]["la"]
         probs[split] = calib.mc_probs(cache, la, args, seed)
         if split == "validation":  # the candidate, with MAP and temperature for reference
-            logits = cache.logits.float()
-            T = ckpt["_temperature"]
-            new = {"la": probs[split], "map": logits.softmax(-1), "temp": (logits / T).softmax(-1)}
+            new = {"la": probs[split], **map_and_temperature(cache, ckpt["_temperature"])}
         else:  # the rows of the file that use the default prior
             new = {
                 "la": probs[split],
@@ -170,7 +168,8 @@ def rescore_checkpoint(
             }
             new = {name: p for name, p in new.items() if name in rows}
             if refresh_map:
-                new |= map_and_temperature(rows, cache, ckpt["_temperature"])
+                keep_file_rows(rows)
+                new |= map_and_temperature(cache, ckpt["_temperature"])
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
@@ -186,13 +185,18 @@ def rescore_checkpoint(
         }
 
 
-def map_and_temperature(rows: dict, cache: LogitJacobianCache, T: float) -> dict:
+def map_and_temperature(cache: LogitJacobianCache, T: float) -> dict[str, torch.Tensor]:
     """MAP's and temperature scaling's probabilities ``(N, C)`` on ``cache``'s model (the
-    temperature ``T`` as the file fitted it), moving the file's rows to ``*_file``."""
-    for name in ("map", "temp"):
-        rows.setdefault(f"{name}_file", rows[name])
+    temperature ``T`` as the file fitted it)."""
     logits = cache.logits.float()
     return {"map": logits.softmax(-1), "temp": (logits / T).softmax(-1)}
+
+
+def keep_file_rows(rows: dict) -> None:
+    """Keep the file's ``map`` and ``temp`` rows as ``map_file`` / ``temp_file`` (once)
+    before they are re-scored on the rebuilt model."""
+    for name in ("map", "temp"):
+        rows.setdefault(f"{name}_file", rows[name])
 
 
 def write_rescored(payload: dict, out: Path, partial: Path) -> None:

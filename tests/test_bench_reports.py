@@ -395,17 +395,18 @@ def test_rescore_map_check_is_zero_only_for_the_files_model():
 
 
 def test_rescore_refresh_map_scores_the_rebuilt_model_and_keeps_the_files_rows():
-    from benchmarks.llm_rescore_default import map_and_temperature
+    from benchmarks.llm_rescore_default import keep_file_rows, map_and_temperature
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     cache = types.SimpleNamespace(logits=logits, labels=torch.tensor([0, 1]))
     rows = {"map": {"acc": 0.5}, "temp": {"acc": 0.25}}
-    probs = map_and_temperature(rows, cache, 2.0)
+    keep_file_rows(rows)
+    probs = map_and_temperature(cache, 2.0)
     assert torch.allclose(probs["map"], logits.float().softmax(-1))
     assert torch.allclose(probs["temp"], (logits.float() / 2).softmax(-1))
     assert rows["map_file"] == {"acc": 0.5} and rows["temp_file"] == {"acc": 0.25}
     rows["map"] = {"acc": 1.0}  # a second call keeps the file's rows, not the new ones
-    map_and_temperature(rows, cache, 2.0)
+    keep_file_rows(rows)
     assert rows["map_file"] == {"acc": 0.5}
 
 
