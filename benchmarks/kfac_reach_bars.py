@@ -1,8 +1,9 @@
 """Issue 13's bars with today's code (KFAC over the positions that reach the logits, 5e23c4a),
 re-scored on re-trained checkpoints (test; nothing is chosen here).
 
-:mod:`benchmarks.llm_status` reads the bars from re-scores made before the KFAC change.
-This re-runs the default where those re-scores did, with the code of this checkout:
+The status' bars came from re-scores made before the KFAC change. This re-runs the default
+where those re-scores did, with the code of this checkout (:mod:`benchmarks.llm_status`
+now reads its 10-epoch and memorised rows from the results):
 
 * ``prepare`` writes one small result file per task and seed
   (``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}.json``), cut from the

@@ -9,8 +9,9 @@ source below is the latest committed re-score of the current default on its chec
   ``kfac_reach_bars.json``, regime ``"10epochs"``: the checkpoints re-trained and the
   default (the evidence there) re-run with today's code (KFAC over the positions that reach
   the logits), predicted with the library's default draws;
-* **memorised** (30 epochs), the same tasks and seeds: ``prior_loo_mc_draws.json``, rule
-  ``"loo_default"``: the current leave-one-out rule re-run on the cached models;
+* **memorised** (30 epochs), the same tasks and seeds: ``kfac_reach_bars.json``, regime
+  ``"memorised"``: the checkpoints of the ``llm_memorised`` files re-trained and the default
+  (the leave-one-out rule there) re-run with today's code, as for 10 epochs;
 * **held-out tasks, memorised** (chosen after the rules were fixed):
   ``prior_loo_mc_draws_heldout_bars.json``;
 * **held-out tasks, early**: ``llm_heldout_bars.json``, regime ``"early"`` (the evidence,
@@ -28,7 +29,7 @@ Writes ``results/llm_status.{json,md}``, the bars table between ``<!-- status:st
 and the per-seed one between ``<!-- status-seeds:start/end -->`` in README.md and
 docs/benchmarks.md, and between ``<!-- memorised-now:start/end -->`` in
 README.md the memorised benchmark's MAP, temperature scaling and default on the same
-(re-trained, cached) models: ``prior_loo_mc_draws_<task>_seed<s>.json``, test split.
+(re-trained) models: ``kfac_reach_bars.json``'s memorised seeds, test split.
 """
 
 from __future__ import annotations
@@ -62,14 +63,32 @@ class Source:
     rows: Callable[[dict], list[dict]]
 
 
-def ten_epoch_rows(payload: dict) -> list[dict]:
-    """The 10-epoch bars (early, overfit, shift) of today's code on the re-trained
-    checkpoints, without the committed values they are compared with (``before``)."""
-    return [{k: v for k, v in row.items() if k != "before"} for row in payload["10epochs"]["bars"]]
+#: How the status names the checkpoints of ``kfac_reach_bars.json``' memorised regime
+#: (:mod:`benchmarks.llm_bars` calls them ``overfit``, and their shift bar ``shift``).
+MEMORISED_REGIME_NAMES = {"overfit": "memorised", "shift": "memorised shift"}
+
+
+def reach_rows(regime: str) -> Callable[[dict], list[dict]]:
+    """The bars of ``regime`` (``"10epochs"``: early, overfit, shift; ``"memorised"``) of
+    today's code on the re-trained checkpoints (``kfac_reach_bars.json``), without the
+    committed values they are compared with there (``before``)."""
+
+    def rows(payload: dict) -> list[dict]:
+        out = []
+        for row in payload[regime]["bars"]:
+            row = {k: v for k, v in row.items() if k != "before"}
+            if regime == "memorised":
+                row["regime"] = MEMORISED_REGIME_NAMES[row["regime"]]
+            out.append(row)
+        return out
+
+    return rows
 
 
 def memorised_rows(payload: dict) -> list[dict]:
-    """The current leave-one-out rule's bars (``rule == "loo_default"``)."""
+    """The leave-one-out rule's bars in ``prior_loo_mc_draws.json`` (``rule ==
+    "loo_default"``; before the KFAC change, the status' memorised source until then, now
+    the *before* of :mod:`benchmarks.kfac_reach_bars`)."""
     return [
         {"regime": "memorised", **{k: v for k, v in row.items() if k != "rule"}}
         for row in payload["bars"]
@@ -87,9 +106,14 @@ SOURCES = (
         "3 tasks, 10 epochs",
         "early, overfit, shift",
         "kfac_reach_bars.json",
-        ten_epoch_rows,
+        reach_rows("10epochs"),
     ),
-    Source("3 tasks, memorised", "30 epochs, shift", "prior_loo_mc_draws.json", memorised_rows),
+    Source(
+        "3 tasks, memorised",
+        "30 epochs, shift",
+        "kfac_reach_bars.json",
+        reach_rows("memorised"),
+    ),
     Source(
         "2 held-out tasks, memorised",
         "30 epochs",
@@ -156,7 +180,7 @@ MEMORISED_TASKS = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
 MEMORISED_METHODS = {
     "map": "MAP",
     "temp": "temperature scaling (validation)",
-    "loo_default": "**Laplace-LoRA, default**",
+    "la": "**Laplace-LoRA, default**",
 }
 
 
@@ -192,10 +216,17 @@ def render_memorised(means: dict[str, dict[str, dict]]) -> str:
 
 
 def _memorised_per_seed() -> dict[str, list[dict]]:
+    """Each memorised task's seeds (``kfac_reach_bars.json``), as ``{"test": {method:
+    metrics}}`` for :data:`MEMORISED_METHODS`; empty lists where not committed."""
+    path = RESULTS / "kfac_reach_bars.json"
+    seeds = (
+        json.loads(path.read_text()).get("memorised", {}).get("seeds", []) if path.exists() else []
+    )
     return {
         task: [
-            json.loads(p.read_text())
-            for p in sorted(RESULTS.glob(f"prior_loo_mc_draws_{task}_seed*.json"))
+            {"test": {m: row[m] for m in MEMORISED_METHODS}}
+            for row in sorted(seeds, key=lambda r: r["seed"])
+            if row["task"] == task
         ]
         for task in MEMORISED_TASKS
     }
@@ -216,7 +247,7 @@ def seed_tests(memorised_per_seed: dict[str, list[dict]]) -> dict[str, list[dict
     memorised benchmark (the re-trained models; ``memorised_per_seed``, as
     :func:`_memorised_per_seed` reads them) and the held-out tasks (the re-score)."""
     memorised = [
-        _as_summary(p["test"], {"map": "map", "temp": "temp", "loo_default": "default"})
+        _as_summary(p["test"], {"map": "map", "temp": "temp", "la": "default"})
         for payloads in memorised_per_seed.values()
         for p in payloads
     ]

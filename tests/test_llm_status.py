@@ -24,13 +24,12 @@ def _payloads() -> dict[str, dict]:
                 {"task": "a", "regime": "shift", **_bar("shift", False, 3.5), **before},
             ]
         },
-        "memorised": {"bars": [{"task": "a", "regime": "overfit", **_bar("m", False)}]},
-    }
-    memorised = {
-        "bars": [
-            {"task": "a", "rule": "loo_100", **_bar("acc", False)},
-            {"task": "a", "rule": "loo_default", **_bar("acc", True)},
-        ]
+        "memorised": {
+            "bars": [
+                {"task": "a", "regime": "overfit", **_bar("acc", True), **before},
+                {"task": "a", "regime": "shift", **_bar("shift", False), **before},
+            ]
+        },
     }
     heldout = {"rows": [{"task": "h", "regime": "overfit", **_bar("acc", True)}]}
     early = {
@@ -39,21 +38,25 @@ def _payloads() -> dict[str, dict]:
             {"task": "h", "regime": "overfit", **_bar("conf", False)},
         ]
     }
-    return {s.file: p for s, p in zip(S.SOURCES, (ten, memorised, heldout, early), strict=True)}
+    files = [s.file for s in S.SOURCES]
+    assert files[0] == files[1]  # both 3-task regimes: one file
+    return dict(zip(files[1:], (ten, heldout, early), strict=True))
 
 
 def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
     summary = S.summarize(_payloads())
     counts = [(b["met"], b["bars"]) for b in summary["benchmarks"]]
-    # 10 epochs: early, overfit and shift of that regime only (the memorised one is not theirs)
-    assert counts == [(2, 3), (1, 1), (1, 1), (1, 1)]
-    assert (summary["met"], summary["bars"]) == (5, 6)
+    # each regime of kfac_reach_bars.json reads its own rows only
+    assert counts == [(2, 3), (1, 2), (1, 1), (1, 1)]
+    assert (summary["met"], summary["bars"]) == (5, 7)
     (missed,) = summary["benchmarks"][0]["missed"]
     assert (missed["task"], missed["regime"], missed["bar"]) == ("a", "shift", "shift")
     assert "before" not in missed  # the committed value it is compared with stays out
+    (missed,) = summary["benchmarks"][1]["missed"]
+    assert missed["regime"] == "memorised shift"  # the status' name for the checkpoint
     table = S.render(summary)
-    assert "a shift, shift: 3.5 (target ≤ 2)" in table
-    assert "| 2 of 3 |" in table and table.endswith("5 of 6 bars met with today's default.\n")
+    assert "a shift, shift: 3.5 (target ≤ 2)" in table and "a memorised shift, shift" in table
+    assert "| 2 of 3 |" in table and table.endswith("5 of 7 bars met with today's default.\n")
 
 
 def test_a_source_without_bars_is_an_error_not_a_perfect_score():
@@ -88,7 +91,7 @@ def _seed(acc: float, nll: float) -> dict:
 
 def test_memorised_means_average_seeds_in_points_but_nll():
     means = S.memorised_means({"t": [_seed(0.6, 1.0), _seed(0.7, 2.0)]})
-    cell = means["loo_default"]["t"]
+    cell = means["la"]["t"]
     assert cell["acc"] == pytest.approx(65.0) and cell["nll"] == pytest.approx(1.5)
     assert cell["seeds"] == 2
     assert "| **Laplace-LoRA, default** | 65.0 / 10.0 / 1.500 / 50 |" in S.render_memorised(means)
@@ -137,3 +140,18 @@ def test_the_pages_quote_the_committed_per_seed_bars(page):
     text = (S.ROOT / page).read_text()
     block = re.search(r"<!-- status-seeds:start -->\n(.*?)<!-- status-seeds:end -->", text, re.S)
     assert block is not None and block.group(1) == S.render_per_seed(S.per_seed_bars(tests))
+
+
+def test_memorised_per_seed_reads_the_reach_bars_seeds_by_task_in_seed_order(tmp_path, monkeypatch):
+    def row(task: str, seed: int) -> dict:
+        return {"task": task, "seed": seed, "step": 240, "la_previous": {}} | {
+            m: {"acc": seed / 10} for m in S.MEMORISED_METHODS
+        }
+
+    seeds = [row("bbc_headlines_mc", 1), row("fine_foods_mc", 0), row("bbc_headlines_mc", 0)]
+    (tmp_path / "kfac_reach_bars.json").write_text(json.dumps({"memorised": {"seeds": seeds}}))
+    monkeypatch.setattr(S, "RESULTS", tmp_path)
+    out = S._memorised_per_seed()
+    assert [len(out[t]) for t in S.MEMORISED_TASKS] == [1, 0, 2]
+    assert [p["test"]["la"]["acc"] for p in out["bbc_headlines_mc"]] == [0.0, 0.1]
+    assert set(out["fine_foods_mc"][0]["test"]) == set(S.MEMORISED_METHODS)
