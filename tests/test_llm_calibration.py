@@ -166,6 +166,19 @@ def test_llm_bars_check_each_regime():
     assert "6 of 7 bars met." in render(rows, {"t": 3})
 
 
+def test_accuracy_bound_on_its_value_prints_as_met_and_equal():
+    """A 3-seed mean of 100-example accuracies moves in thirds of a point: one decimal
+    printed a bound met exactly (39.67 >= 39.67) as '≥ 39.7' beside 39.67."""
+    from benchmarks.llm_bars import overfit_bars
+
+    test = {
+        "map": {"acc": [(0.40 + 0.41 + 0.41) / 3], "ece": [0.4], "nll": [3.0]},
+        "la": {"acc": [(0.38 + 0.41 + 0.40) / 3], "ece": [0.1], "nll": [1.5], "conf": [0.4]},
+    }
+    (acc, *_) = overfit_bars(test)
+    assert acc["met"] and acc["target"] == "≥ 39.67" and acc["value"] == 39.667
+
+
 def test_tables_mark_methods_run_on_fewer_seeds():
     from benchmarks.llm_bars import compact_table
     from benchmarks.llm_summary import methods_table
