@@ -36,7 +36,6 @@ from pathlib import Path
 from benchmarks import _common as C
 from benchmarks import llm_bars
 from benchmarks.llm_calibration import summarize
-from benchmarks.llm_status import memorised_rows
 
 NAME = "kfac_reach_bars"
 CACHE = Path(__file__).resolve().parent / "cache" / NAME
@@ -108,6 +107,16 @@ def default_draws_rows(payload: dict) -> list[dict]:
         if regime in ("early", "overfit"):
             rows += [{"task": task, "regime": regime, **b} for b in entry["bars"]["default draws"]]
     return rows
+
+
+def memorised_rows(payload: dict) -> list[dict]:
+    """``prior_loo_mc_draws``' bars of the leave-one-out rule (``rule == "loo_default"``),
+    the status' memorised source before the KFAC change, named ``memorised`` as it did."""
+    return [
+        {"regime": "memorised", **{k: v for k, v in row.items() if k != "rule"}}
+        for row in payload["bars"]
+        if row["rule"] == "loo_default"
+    ]
 
 
 def _llm_bars_regime(row: dict) -> str:

@@ -21,8 +21,6 @@ from pathlib import Path
 
 METHOD = "la"
 EPS = 1e-6  # bounds are inclusive; the means over seeds are float32
-# The accuracy bound prints with two decimals: 3-seed means of 100-example accuracies move in
-# thirds of a point, and one decimal showed a bound met exactly as '≥ 39.7' beside 39.67.
 
 
 def _mean(summary_split: dict, method: str, metric: str) -> float:
@@ -34,6 +32,8 @@ def overfit_bars(test: dict, method: str = METHOD) -> list[dict]:
     m = {k: _mean(test, "map", k) for k in ("acc", "ece", "nll")}
     la = {k: _mean(test, method, k) for k in ("acc", "ece", "nll", "conf")}
     return [
+        # two decimals: 3-seed means of 100-example accuracies move in thirds of a point,
+        # and one decimal showed a bound met exactly as '≥ 39.7' beside 39.67
         _bar("ACC within 1 point of MAP", 100 * la["acc"], f"≥ {100 * m['acc'] - 1:.2f}",
              la["acc"] >= m["acc"] - 0.01 - EPS),
         _bar("ECE ≤ 0.6 × MAP", 100 * la["ece"], f"≤ {60 * m['ece']:.1f}",

@@ -85,17 +85,6 @@ def reach_rows(regime: str) -> Callable[[dict], list[dict]]:
     return rows
 
 
-def memorised_rows(payload: dict) -> list[dict]:
-    """The leave-one-out rule's bars in ``prior_loo_mc_draws.json`` (``rule ==
-    "loo_default"``; before the KFAC change, the status' memorised source until then, now
-    the *before* of :mod:`benchmarks.kfac_reach_bars`)."""
-    return [
-        {"regime": "memorised", **{k: v for k, v in row.items() if k != "rule"}}
-        for row in payload["bars"]
-        if row["rule"] == "loo_default"
-    ]
-
-
 def regime_rows(regime: str) -> Callable[[dict], list[dict]]:
     """The rows of one regime from a ``{"rows": [...]}`` bars file."""
     return lambda payload: [row for row in payload["rows"] if row["regime"] == regime]

