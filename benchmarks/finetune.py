@@ -255,6 +255,7 @@ def train(
     progress: bool = True,
     overwrite: bool = False,
     built=None,
+    until: int | None = None,
 ) -> tuple[RunResult, Any]:
     """Fine-tune (or resume) a LoRA run; returns ``(RunResult, (peft_model, tok, wrapper))``.
 
@@ -262,7 +263,12 @@ def train(
     Otherwise training resumes from the latest cached step (exactly: batch order is a
     function of the step, RNG and optimizer state are restored). ``built`` may pass a
     ``build_model`` result to reuse (its weights are overwritten by the checkpoint).
+    ``until`` stops after that step of ``cfg``'s schedule (saved there; a later call
+    resumes from it exactly), so an early checkpoint costs only its own steps.
     """
+    stop = cfg.steps if until is None else until
+    if not 0 < stop <= cfg.steps:
+        raise ValueError(f"until={until} is outside the run's 1..{cfg.steps} steps")
     data = data if data is not None else _load_data(cfg)
     _check_run_dir(cfg, overwrite)
     peft_model, tokenizer, wrapper = built if built is not None else build_model(cfg, data, base)
@@ -272,7 +278,7 @@ def train(
     scheduler = _linear_schedule(optimizer, cfg.warmup_steps, cfg.steps)
 
     cached = _cached_steps(cfg.run_dir)
-    start = max([s for s in cached if s <= cfg.steps], default=0)
+    start = max([s for s in cached if s <= stop], default=0)
     if start:
         ckpt = torch.load(cached[start], map_location="cpu", weights_only=False)
         load_trainable_state_dict(peft_model, ckpt["trainable"])
@@ -287,11 +293,11 @@ def train(
     step_seconds: list[float] = []
     wrapper.train()
     bar = tqdm(
-        range(start, cfg.steps),
+        range(start, stop),
         initial=start,
-        total=cfg.steps,
+        total=stop,
         desc=f"{cfg.model}/{cfg.task}",
-        disable=not progress or start >= cfg.steps,
+        disable=not progress or start >= stop,
     )
     for step in bar:
         t0 = time.perf_counter()
@@ -309,7 +315,7 @@ def train(
         done = step + 1
         losses[done] = loss.item()
         bar.set_postfix(loss=f"{losses[done]:.3f}", s_per_step=f"{step_seconds[-1]:.2f}")
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        if done % cfg.save_every == 0 or done == stop:
             _save(
                 cfg.run_dir / f"step{done}.pt",
                 {

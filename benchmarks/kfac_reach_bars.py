@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks import _common as C
 from benchmarks import llm_bars
@@ -41,10 +42,27 @@ NAME = "kfac_reach_bars"
 CACHE = Path(__file__).resolve().parent / "cache" / NAME
 TASKS = ("fine_foods_mc", "tweet_sentiment_mc", "bbc_headlines_mc")
 SEEDS = (0, 1, 2)
-#: regime -> (the committed benchmark file of a task and seed, the status' source file)
+
+
+class Regime(NamedTuple):
+    """Where a regime's runs come from and which of their checkpoints are re-scored."""
+
+    pattern: str  #: the committed benchmark file of a task and seed
+    status_source: str  #: the status' source of the regime's bars before the KFAC change
+    tasks: tuple[str, ...]
+    steps: tuple[str, ...] | None = None  #: the checkpoints kept (``None``: all)
+
+
 REGIMES = {
-    "10epochs": ("llm_calibration_{task}_3seeds.json", "mc_default_draws_bars.json"),
-    "memorised": ("llm_memorised_{task}_seed{seed}.json", "prior_loo_mc_draws.json"),
+    "10epochs": Regime("llm_calibration_{task}_3seeds.json", "mc_default_draws_bars.json", TASKS),
+    "memorised": Regime("llm_memorised_{task}_seed{seed}.json", "prior_loo_mc_draws.json", TASKS),
+    # the held-out tasks' early checkpoint (32 of 960 steps): only those steps are re-trained
+    "heldout-early": Regime(
+        "llm_heldout_{task}_seed{seed}.json",
+        "llm_heldout_bars.json",
+        ("tweet_device_mc", "pet_species_mc"),
+        ("32",),
+    ),
 }
 
 
@@ -56,10 +74,14 @@ MEMORISED_CAVEAT = (
 )
 
 
-def cut(payload: dict, task: str, seed: int) -> dict:
-    """``payload`` reduced to one task and seed, scored with the default draws."""
+def cut(payload: dict, task: str, seed: int, steps: tuple[str, ...] | None = None) -> dict:
+    """``payload`` reduced to one task and seed (and ``steps``' checkpoints), scored with the
+    default draws."""
     out = dict(payload)
-    out["runs"] = {task: {str(seed): payload["runs"][task][str(seed)]}}
+    run = dict(payload["runs"][task][str(seed)])
+    if steps is not None:
+        run["checkpoints"] = {s: run["checkpoints"][s] for s in steps}
+    out["runs"] = {task: {str(seed): run}}
     out["args"] = dict(payload["args"], seeds=[seed], tasks=[task], n_samples=None)
     return out
 
@@ -69,12 +91,13 @@ def prepare(regimes: list[str]) -> list[Path]:
     CACHE.mkdir(parents=True, exist_ok=True)
     paths = []
     for regime in regimes:
-        pattern = REGIMES[regime][0]
-        for task in TASKS:
+        spec = REGIMES[regime]
+        for task in spec.tasks:
             for seed in SEEDS:
-                source = C.RESULTS_DIR / pattern.format(task=task, seed=seed)
+                source = C.RESULTS_DIR / spec.pattern.format(task=task, seed=seed)
                 path = CACHE / f"{regime}-{task}-seed{seed}.json"
-                path.write_text(json.dumps(cut(json.loads(source.read_text()), task, seed)))
+                payload = cut(json.loads(source.read_text()), task, seed, spec.steps)
+                path.write_text(json.dumps(payload))
                 paths.append(path)
     return paths
 
@@ -93,7 +116,9 @@ def merged(regime: str, task: str) -> dict | None:
 
 def committed_rows(regime: str) -> list[dict]:
     """The bars of ``regime`` as the status read them before the KFAC change."""
-    payload = json.loads((C.RESULTS_DIR / REGIMES[regime][1]).read_text())
+    payload = json.loads((C.RESULTS_DIR / REGIMES[regime].status_source).read_text())
+    if regime == "heldout-early":
+        return [r for r in payload["rows"] if r["regime"] == "early"]
     rows = default_draws_rows(payload) if regime == "10epochs" else memorised_rows(payload)
     return [{**r, "regime": _llm_bars_regime(r)} for r in rows]
 
@@ -132,10 +157,22 @@ def bar_rows(regime: str, runs: dict[str, dict]) -> list[dict]:
     before = {(r["task"], r["regime"], r["bar"]): r for r in committed_rows(regime)}
     rows = []
     for task, block in runs.items():
-        for row in llm_bars.check(block["summary"]):
+        for row in regime_bars(regime, block["summary"]):
             old = before.get((task, row["regime"], row["bar"]))
             rows.append({**row, "before": old and {k: old[k] for k in ("value", "met")}})
     return rows
+
+
+def regime_bars(regime: str, summary: dict) -> list[dict]:
+    """:func:`benchmarks.llm_bars.check`'s rows; a regime that keeps only early checkpoints
+    gets the early bars (``check`` reads a lone checkpoint as the overfit one)."""
+    if regime != "heldout-early":
+        return llm_bars.check(summary)
+    return [
+        {"task": task, "regime": "early", **bar}
+        for task, steps in summary.items()
+        for bar in llm_bars.early_bars(steps[REGIMES[regime].steps[0]]["test"])
+    ]
 
 
 def seed_rows(runs: dict[str, dict]) -> list[dict]:
@@ -204,7 +241,7 @@ def render(results: dict[str, dict]) -> str:
 def report() -> dict[str, dict]:
     results = {}
     for regime in REGIMES:
-        runs = {t: m for t in TASKS if (m := merged(regime, t)) is not None}
+        runs = {t: m for t in REGIMES[regime].tasks if (m := merged(regime, t)) is not None}
         if runs:
             results[regime] = {"bars": bar_rows(regime, runs), "seeds": seed_rows(runs)}
     C.write_results(NAME, results, render(results))

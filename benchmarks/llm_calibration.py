@@ -274,12 +274,14 @@ def cached_checkpoints(
     runs: dict, args: argparse.Namespace, skip: Callable[[dict], bool] = lambda ckpt: False
 ) -> Iterator[CachedCheckpoint]:
     """Every run and checkpoint of a result file's ``runs`` (``task -> seed -> run``) whose
-    entry ``skip`` does not reject, rebuilt from the cache (no fine-tuning if cached)."""
+    entry ``skip`` does not reject, rebuilt from the cache (no fine-tuning if cached; if not,
+    trained only as far as the run's last checkpoint kept in ``runs``)."""
     for task, per_seed in runs.items():
         for seed, run in per_seed.items():
             cfg = finetune_config(task, int(seed), args)
             data, shifted = load_splits(task, int(seed), args)
-            _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=False)
+            last = max(int(step) for step in run["checkpoints"])
+            _, (peft_model, tokenizer, wrapper) = train(cfg, data, progress=False, until=last)
             collate = make_collate(tokenizer, data.kind, cfg.seq_len)
             for step, ckpt in run["checkpoints"].items():
                 if skip(ckpt):

@@ -156,7 +156,7 @@ def test_batch_indices_full_batches_and_epoch_permutations():
 # --------------------------------------------------------------------------- tiny model
 
 
-def _tiny_llama_run(tmp_path, monkeypatch, steps):
+def _tiny_llama_run(tmp_path, monkeypatch, steps, until=None):
     pytest.importorskip("peft")
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -188,7 +188,7 @@ def _tiny_llama_run(tmp_path, monkeypatch, steps):
     cfg = ft.FinetuneConfig(
         model="smollm2", task="strategyqa", steps=steps, batch_size=4, save_every=2, lr=1e-2
     )
-    result, built = ft.train(cfg, data=data, base=base, progress=False)
+    result, built = ft.train(cfg, data=data, base=base, progress=False, until=until)
     return ft, cfg, data, result, built
 
 
@@ -210,6 +210,21 @@ def test_finetune_resume_is_exact(tmp_path, monkeypatch):
     assert labels.tolist() == batch["labels"].tolist()
     metrics = ft.classification_metrics(probs, labels)
     assert {"acc", "ece", "nll", "brier"} <= set(metrics)
+
+
+def test_finetune_until_stops_early_and_the_full_run_resumes_exactly(tmp_path, monkeypatch):
+    ft, cfg, _, full, _ = _tiny_llama_run(tmp_path / "full", monkeypatch, 3)
+    ft, cfg, _, early, _ = _tiny_llama_run(tmp_path / "split", monkeypatch, 3, until=1)
+    assert sorted(early.checkpoints) == [1] and sorted(early.losses) == [1]
+    *_, rest, _ = _tiny_llama_run(tmp_path / "split", monkeypatch, 3)
+    assert sorted(rest.losses) == [2, 3]  # resumed from the stop, on the 3-step schedule
+    for step in (2, 3):  # saved every 2 steps and at the end
+        a = torch.load(full.checkpoints[step], weights_only=False)["trainable"]
+        b = torch.load(rest.checkpoints[step], weights_only=False)["trainable"]
+        for k, v in a.items():
+            torch.testing.assert_close(b[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside the run's 1..3 steps"):
+        ft.train(cfg, data=None, until=4)
 
 
 def test_finetune_refuses_changed_config(tmp_path, monkeypatch):

@@ -429,6 +429,9 @@ def test_kfac_reach_bars_cuts_one_seed_with_the_default_draws():
     assert out["runs"] == {"t": {"1": {"checkpoints": {"80": {}}}}}
     assert out["args"] == {"seeds": [1], "tasks": ["t"], "n_samples": None, "steps": 80}
     assert payload["args"]["n_samples"] == 1000  # the committed payload is not changed
+    payload["runs"]["t"]["1"]["checkpoints"] = {"8": {"a": 1}, "80": {}}
+    assert cut(payload, "t", 1, ("8",))["runs"] == {"t": {"1": {"checkpoints": {"8": {"a": 1}}}}}
+    assert list(payload["runs"]["t"]["1"]["checkpoints"]) == ["8", "80"]
 
 
 def test_kfac_reach_bars_reads_the_status_bars_by_regime():
@@ -439,6 +442,21 @@ def test_kfac_reach_bars_reads_the_status_bars_by_regime():
     assert {r["regime"] for r in ten} == {"early", "overfit", "shift"}
     assert {r["regime"] for r in memorised} == {"overfit", "shift"}
     assert len(ten) == 19 and len(memorised) == 13  # the status' counts
+    early = committed_rows("heldout-early")
+    assert {r["regime"] for r in early} == {"early"} and len(early) == 4
+
+
+def test_kfac_reach_bars_gives_an_early_only_regime_the_early_bars():
+    from benchmarks.kfac_reach_bars import regime_bars
+
+    def metrics(ece: float, nll: float) -> dict:
+        return {"ece": (ece, 0.0, 3), "nll": (nll, 0.0, 3), "acc": (0.8, 0.0, 3)}
+
+    test = {"map": metrics(0.05, 0.50), "la": metrics(0.08, 0.52)}
+    rows = regime_bars("heldout-early", {"t": {"32": {"test": test}}})
+    assert [(r["regime"], r["met"]) for r in rows] == [("early", False), ("early", False)]
+    test["la"] = metrics(0.06, 0.50)
+    assert all(r["met"] for r in regime_bars("heldout-early", {"t": {"32": {"test": test}}}))
 
 
 @pytest.mark.parametrize(
