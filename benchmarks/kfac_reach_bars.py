@@ -163,15 +163,16 @@ def bar_rows(regime: str, runs: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def regime_bars(regime: str, summary: dict) -> list[dict]:
-    """:func:`benchmarks.llm_bars.check`'s rows; a regime that keeps only early checkpoints
-    gets the early bars (``check`` reads a lone checkpoint as the overfit one)."""
+def regime_bars(regime: str, summary: dict, method: str = llm_bars.METHOD) -> list[dict]:
+    """:func:`benchmarks.llm_bars.check`'s rows for ``method``; a regime that keeps only
+    early checkpoints gets the early bars (``check`` reads a lone checkpoint as the overfit
+    one)."""
     if regime != "heldout-early":
-        return llm_bars.check(summary)
+        return llm_bars.check(summary, method)
     return [
         {"task": task, "regime": "early", **bar}
         for task, steps in summary.items()
-        for bar in llm_bars.early_bars(steps[REGIMES[regime].steps[0]]["test"])
+        for bar in llm_bars.early_bars(steps[REGIMES[regime].steps[0]]["test"], method)
     ]
 
 

@@ -35,13 +35,14 @@ def overfit_bars(test: dict, method: str = METHOD) -> list[dict]:
         # two decimals: 3-seed means of 100-example accuracies move in thirds of a point,
         # and one decimal showed a bound met exactly as '≥ 39.7' beside 39.67
         _bar("ACC within 1 point of MAP", 100 * la["acc"], f"≥ {100 * m['acc'] - 1:.2f}",
-             la["acc"] >= m["acc"] - 0.01 - EPS),
+             la["acc"] >= m["acc"] - 0.01 - EPS, 100 * (la["acc"] - m["acc"] + 0.01)),
         _bar("ECE ≤ 0.6 × MAP", 100 * la["ece"], f"≤ {60 * m['ece']:.1f}",
-             la["ece"] <= 0.6 * m["ece"] + EPS),
+             la["ece"] <= 0.6 * m["ece"] + EPS, 100 * (0.6 * m["ece"] - la["ece"])),
         _bar("NLL ≤ 0.9 × MAP", la["nll"], f"≤ {0.9 * m['nll']:.3f}",
-             la["nll"] <= 0.9 * m["nll"] + EPS),
+             la["nll"] <= 0.9 * m["nll"] + EPS, 0.9 * m["nll"] - la["nll"]),
         _bar("conf within 5 points of ACC", 100 * la["conf"], f"{100 * la['acc']:.1f} ± 5",
-             abs(la["conf"] - la["acc"]) <= 0.05 + EPS),
+             abs(la["conf"] - la["acc"]) <= 0.05 + EPS,
+             100 * (0.05 - abs(la["conf"] - la["acc"]))),
     ]  # fmt: skip
 
 
@@ -50,19 +51,39 @@ def early_bars(test: dict, method: str = METHOD) -> list[dict]:
     m_ece, m_nll = _mean(test, "map", "ece"), _mean(test, "map", "nll")
     ece, nll = _mean(test, method, "ece"), _mean(test, method, "nll")
     return [
-        _bar("ECE ≤ MAP + 2", 100 * ece, f"≤ {100 * m_ece + 2:.1f}", ece <= m_ece + 0.02),
-        _bar("NLL ≤ 1.02 × MAP", nll, f"≤ {1.02 * m_nll:.3f}", nll <= 1.02 * m_nll),
+        _bar(
+            "ECE ≤ MAP + 2",
+            100 * ece,
+            f"≤ {100 * m_ece + 2:.1f}",
+            ece <= m_ece + 0.02,
+            100 * (m_ece + 0.02 - ece),
+        ),
+        _bar(
+            "NLL ≤ 1.02 × MAP",
+            nll,
+            f"≤ {1.02 * m_nll:.3f}",
+            nll <= 1.02 * m_nll,
+            1.02 * m_nll - nll,
+        ),
     ]
 
 
 def shift_bars(shift: dict, method: str = METHOD) -> list[dict]:
     """Under shift, the default's NLL against temperature scaling's."""
     nll, t_nll = _mean(shift, method, "nll"), _mean(shift, "temp", "nll")
-    return [_bar("NLL ≤ temperature's", nll, f"≤ {t_nll:.3f}", nll <= t_nll)]
+    return [_bar("NLL ≤ temperature's", nll, f"≤ {t_nll:.3f}", nll <= t_nll, t_nll - nll)]
 
 
-def _bar(name: str, value: float, target: str, met: bool) -> dict:
-    return {"bar": name, "value": round(value, 3), "target": target, "met": bool(met)}
+def _bar(name: str, value: float, target: str, met: bool, slack: float) -> dict:
+    """A bar's row; ``slack``: how far inside its bound ``value`` is (negative: outside), in
+    ``value``'s units (points for ACC, ECE and confidence)."""
+    return {
+        "bar": name,
+        "value": round(value, 3),
+        "target": target,
+        "met": bool(met),
+        "slack": round(slack, 6),
+    }
 
 
 def check(summary: dict, method: str = METHOD) -> list[dict]:

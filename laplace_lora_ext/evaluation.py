@@ -32,6 +32,7 @@ __all__ = [
     "evaluate",
     "classification_metrics",
     "calibration_bins",
+    "confidence_bin_index",
     "reliability_diagram",
     "choice_token_ids",
 ]
@@ -118,10 +119,8 @@ def calibration_bins(
     p, y = _check_probs(probs, labels)
     confidence, predicted = p.max(dim=-1)
     correct = (predicted == y).double()
-    # torchmetrics bins float32 confidences against float32 edges: same here, so that a
-    # confidence next to an edge lands in the same bin as in the ECE
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
-    index = torch.bucketize(confidence.float(), edges, right=True) - 1
+    index = confidence_bin_index(confidence, n_bins)
     count = torch.zeros(n_bins + 1, dtype=p.dtype).scatter_add_(0, index, torch.ones_like(p[:, 0]))
     conf = torch.zeros_like(count).scatter_add_(0, index, confidence)
     acc = torch.zeros_like(count).scatter_add_(0, index, correct)
@@ -132,6 +131,15 @@ def calibration_bins(
         "count": count,
         "prop": count / count.sum(),
     }
+
+
+def confidence_bin_index(confidence: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """The ECE bin of each top-class probability: ``(...,)`` -> ``(...,)`` int64 in
+    ``0..n_bins`` (``n_bins``: a confidence of exactly 1.0), as in :func:`calibration_bins`."""
+    # torchmetrics bins float32 confidences against float32 edges: same here, so that a
+    # confidence next to an edge lands in the same bin as in the ECE
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
+    return torch.bucketize(confidence.float(), edges, right=True) - 1
 
 
 def _expected_calibration_error(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:

@@ -164,6 +164,19 @@ def test_llm_bars_check_each_regime():
     assert not met[("overfit", "conf within 5 points of ACC")]  # 70 vs 80
     assert met[("shift", "NLL ≤ temperature's")]
     assert "6 of 7 bars met." in render(rows, {"t": 3})
+    # slack: how far inside the bound, in the value's units; negative exactly when missed
+    slack = {(r["regime"], r["bar"]): r["slack"] for r in rows}
+    expected = {
+        ("early", "ECE ≤ MAP + 2"): 1.0,  # 4 + 2 - 5 points
+        ("early", "NLL ≤ 1.02 × MAP"): 1.02 * 0.60 - 0.40,
+        ("overfit", "ACC within 1 point of MAP"): 1.0,
+        ("overfit", "ECE ≤ 0.6 × MAP"): 4.0,  # 9 - 5 points
+        ("overfit", "NLL ≤ 0.9 × MAP"): 0.14,
+        ("overfit", "conf within 5 points of ACC"): -5.0,  # |70 - 80| - 5 points outside
+        ("shift", "NLL ≤ temperature's"): 0.1,
+    }
+    assert slack == pytest.approx(expected, abs=1e-6)
+    assert all((r["slack"] >= -1e-6) == r["met"] for r in rows)
 
 
 def test_accuracy_bound_on_its_value_prints_as_met_and_equal():

@@ -1,0 +1,77 @@
+"""``benchmarks.bars_bootstrap``: resampled metrics against the library's metrics on the
+resampled examples, and the observed bars against ``llm_bars`` on the whole test sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import bars_bootstrap as B
+from benchmarks import llm_bars
+from laplace_lora_ext.evaluation import classification_metrics
+
+
+def _probs(seed: int, n: int, c: int, sharp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(sharp * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    probs[0] = torch.nn.functional.one_hot(torch.tensor(0), c).double()  # confidence 1.0
+    return probs, torch.randint(c, (n,), generator=g)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 40),
+    c=st.integers(2, 5),
+    sharp=st.floats(0.1, 8.0),
+)
+def test_resampled_metrics_are_the_metrics_of_the_resampled_examples(seed, n, c, sharp):
+    probs, labels = _probs(seed, n, c, sharp)
+    index = torch.randint(n, (4, n), generator=torch.Generator().manual_seed(seed + 1))
+    got = B.resampled_metrics(probs, labels, index)
+    for b in range(4):
+        want = classification_metrics(probs[index[b]], labels[index[b]])
+        for k in ("acc", "ece", "nll", "conf"):
+            assert float(got[k][b]) == pytest.approx(want[k], abs=1e-6), k
+
+
+def _checkpoint(seed: int) -> dict:
+    probs, labels = _probs(seed, 30, 3, 4.0)
+    la = torch.softmax(probs.log() / 3.0, -1)
+    return {
+        "_temperature": 2.0,
+        "test": {"_probs": {"map": probs.tolist(), "la": la.tolist()}, "_labels": labels.tolist()},
+    }
+
+
+def test_temperature_scaling_is_maps_probabilities_at_the_stored_temperature():
+    ckpt = _checkpoint(0)
+    probs, _ = B.checkpoint_probs(ckpt)
+    want = torch.softmax(torch.tensor(ckpt["test"]["_probs"]["map"]).log() / 2.0, -1)
+    torch.testing.assert_close(probs["temp"][1:], want[1:].double())
+    # a saturated row (MAP probability exactly 0) stays finite: log is floored at 1e-12
+    assert torch.isfinite(probs["temp"]).all() and float(probs["temp"][0, 0]) > 0.99
+
+
+def test_the_observed_bars_are_llm_bars_on_the_whole_test_sets(monkeypatch):
+    seeds = [{"checkpoints": {"80": _checkpoint(s)}} for s in range(3)]
+    monkeypatch.setattr(B, "regime_tasks", lambda regime: {"t": seeds})
+    rows = B.bar_rows("memorised", draws=50)
+
+    def mean(method: str, metric: str) -> tuple[float, float, int]:
+        values = []
+        for s in seeds:
+            probs, labels = B.checkpoint_probs(s["checkpoints"]["80"])
+            values.append(classification_metrics(probs[method], labels)[metric])
+        return (sum(values) / 3, 0.0, 3)
+
+    test = {m: {k: mean(m, k) for k in ("acc", "ece", "nll", "conf")} for m in B.METHODS}
+    want = llm_bars.check({"t": {"80": {"test": test}}})
+    assert [(r["bar"], r["met"]) for r in rows] == [(r["bar"], r["met"]) for r in want]
+    for got, ref in zip(rows, want, strict=True):
+        assert got["value"] == pytest.approx(ref["value"], abs=1e-3)
+        assert 0.0 <= got["p_met"] <= 1.0 and 0.0 <= got["temperature_p_met"] <= 1.0
+        lo, hi = got["slack_interval_90"]
+        assert lo <= hi
