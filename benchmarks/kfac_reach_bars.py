@@ -8,8 +8,10 @@ now reads its 10-epoch and memorised rows from the results):
 * ``prepare`` writes one small result file per task and seed
   (``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}.json``), cut from the
   committed benchmark files (``llm_calibration_<task>_3seeds.json`` for the 10-epoch
-  regime, ``llm_memorised_<task>_seed<s>.json`` for the memorised one), with the library's
-  default Monte Carlo draws (``n_samples=None``) as the status' sources use;
+  regime, ``llm_memorised_<task>_seed<s>.json`` for the memorised one,
+  ``llm_heldout_<task>_seed<s>.json``' step 32 of 960 for ``heldout-early``: only those 32
+  steps are re-trained, on the 960-step schedule), with the library's default Monte Carlo
+  draws (``n_samples=None``) as the status' sources use;
 * :mod:`benchmarks.llm_rescore_default` ``--method auto --refresh-map`` re-trains each run
   (the cache is not kept between sessions; fine-tuning is not bitwise reproducible across
   machines and thread counts), fits KFAC, runs ``optimize_prior_precision()`` (the

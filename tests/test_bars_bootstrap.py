@@ -3,6 +3,8 @@ resampled examples, and the observed bars against ``llm_bars`` on the whole test
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -57,8 +59,8 @@ def test_temperature_scaling_is_maps_probabilities_at_the_stored_temperature():
 
 def test_the_observed_bars_are_llm_bars_on_the_whole_test_sets(monkeypatch):
     seeds = [{"checkpoints": {"80": _checkpoint(s)}} for s in range(3)]
-    monkeypatch.setattr(B, "regime_tasks", lambda regime: {"t": seeds})
-    rows = B.bar_rows("memorised", draws=50)
+    monkeypatch.setattr(B, "benchmark_tasks", lambda benchmark: {"t": seeds})
+    rows = B.bar_rows("3 tasks, memorised", draws=50)
 
     def mean(method: str, metric: str) -> tuple[float, float, int]:
         values = []
@@ -75,3 +77,21 @@ def test_the_observed_bars_are_llm_bars_on_the_whole_test_sets(monkeypatch):
         assert 0.0 <= got["p_met"] <= 1.0 and 0.0 <= got["temperature_p_met"] <= 1.0
         lo, hi = got["slack_interval_90"]
         assert lo <= hi
+
+
+def test_the_benchmarks_are_the_status_rows():
+    from benchmarks import llm_status
+
+    assert list(B.BENCHMARKS) == [source.label for source in llm_status.SOURCES]
+
+
+def test_the_committed_report_is_its_json_rendered():
+    path = B.C.RESULTS_DIR / f"{B.NAME}.json"
+    if not path.exists():
+        pytest.skip("results not committed")
+    payload = json.loads(path.read_text())
+    md = path.with_suffix(".md").read_text()
+    assert B.render(payload["rows"], payload["draws"]).rstrip() == md.rstrip()
+    assert [r["p_met"] for r in payload["rows"] if not r["met"]] == pytest.approx(
+        [0.33, 0.36], abs=0.02
+    )

@@ -30,17 +30,14 @@ def _payloads() -> dict[str, dict]:
                 {"task": "a", "regime": "shift", **_bar("shift", False), **before},
             ]
         },
+        "heldout-early": {
+            "bars": [{"task": "h", "regime": "early", **_bar("ece", True), **before}]
+        },
     }
     heldout = {"rows": [{"task": "h", "regime": "overfit", **_bar("acc", True)}]}
-    early = {
-        "rows": [
-            {"task": "h", "regime": "early", **_bar("ece", True)},
-            {"task": "h", "regime": "overfit", **_bar("conf", False)},
-        ]
-    }
     files = [s.file for s in S.SOURCES]
-    assert files[0] == files[1]  # both 3-task regimes: one file
-    return dict(zip(files[1:], (ten, heldout, early), strict=True))
+    assert files[0] == files[1] == files[3]  # the regimes re-run with today's code: one file
+    return {files[0]: ten, files[2]: heldout}
 
 
 def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
@@ -61,8 +58,8 @@ def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
 
 def test_a_source_without_bars_is_an_error_not_a_perfect_score():
     payloads = _payloads()
-    payloads["llm_heldout_bars.json"] = {"rows": []}
-    with pytest.raises(ValueError, match="llm_heldout_bars.json has no bars"):
+    payloads["prior_loo_mc_draws_heldout_bars.json"] = {"rows": []}
+    with pytest.raises(ValueError, match="prior_loo_mc_draws_heldout_bars.json has no bars"):
         S.summarize(payloads)
 
 
