@@ -8,9 +8,11 @@ same joint MC predictive (``--n-samples`` of the file, generator seeded with the
 on the test split and, if the file has one, the shifted split (metrics and the entropy
 AUROC), and so are ``la_probit`` and ``la_last``, which use the default's prior too.
 The previous default's rows move to ``la_previous`` (and its prior to
-``_prior["la_previous"]``); ``la`` becomes the current default. The markdown table and the
-reliability plot are redrawn. Used for the memorised benchmark (:mod:`benchmarks.llm_memorised`)
-when its default moved from the function-space rule to the leave-one-out rule::
+``_prior["la_previous"]``); ``la`` becomes the current default. MAP's and the default's
+probabilities are stored on the shifted split as on test (``_probs``, ``_labels``). The
+markdown table and the reliability plot are redrawn. Used for the memorised benchmark
+(:mod:`benchmarks.llm_memorised`) when its default moved from the function-space rule to the
+leave-one-out rule::
 
     python -m benchmarks.llm_rescore_default benchmarks/results/llm_memorised_T_seedS.json
 
@@ -172,6 +174,8 @@ def rescore_checkpoint(
                 new |= map_and_temperature(cache, ckpt["_temperature"])
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
+        if split == "shift":  # as on test, for benchmarks.bars_bootstrap
+            keep_probs(rows, cache, probs[split])
     ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
     ckpt["_rescore_map_max_abs_diff"] = largest_map_diff(map_diffs)  # the file's model?
     ckpt["_prior"]["la_previous"] = (
@@ -183,6 +187,14 @@ def rescore_checkpoint(
         ckpt["shift_auroc"] = {
             m: calib.auroc(torch.tensor(ent_in[m]), torch.tensor(ent_out[m])) for m in ent_in
         }
+
+
+def keep_probs(rows: dict, cache: LogitJacobianCache, la_probs: torch.Tensor) -> None:
+    """Store MAP's (from ``cache``) and the default's probabilities ``(N, C)`` and the labels
+    in a split's ``rows`` (``_probs``, ``_labels``), as the benchmark does on test."""
+    map_probs = cache.logits.softmax(-1).float()
+    rows["_probs"] = {"map": map_probs.tolist(), "la": la_probs.tolist()}
+    rows["_labels"] = cache.labels.tolist()
 
 
 def map_and_temperature(cache: LogitJacobianCache, T: float) -> dict[str, torch.Tensor]:

@@ -93,5 +93,26 @@ def test_the_committed_report_is_its_json_rendered():
     md = path.with_suffix(".md").read_text()
     assert B.render(payload["rows"], payload["draws"]).rstrip() == md.rstrip()
     assert [r["p_met"] for r in payload["rows"] if not r["met"]] == pytest.approx(
-        [0.33, 0.36], abs=0.02
+        [0.0, 0.33, 0.36], abs=0.02
     )
+
+
+def test_the_shift_bar_is_read_where_the_shift_probabilities_are_stored(monkeypatch):
+    seeds = []
+    for s in range(3):
+        ckpt = _checkpoint(s)
+        ckpt["shift"] = _checkpoint(s + 10)["test"]
+        seeds.append({"checkpoints": {"80": ckpt}})
+    monkeypatch.setattr(B, "benchmark_tasks", lambda benchmark: {"t": seeds})
+    rows = B.bar_rows("3 tasks, 10 epochs", draws=50)
+    (shift,) = [r for r in rows if r["regime"] == "shift"]
+    shifted = [B.checkpoint_probs(s["checkpoints"]["80"], "shift") for s in seeds]
+    nll = {
+        m: sum(classification_metrics(probs[m], labels)["nll"] for probs, labels in shifted) / 3
+        for m in ("la", "temp")
+    }
+    assert shift["value"] == pytest.approx(nll["la"], abs=1e-3)
+    assert shift["met"] == (nll["la"] <= nll["temp"])
+    assert shift["temperature_met"] is None and shift["temperature_p_met"] is None
+    del seeds[1]["checkpoints"]["80"]["shift"]["_probs"]  # one seed without: no shift bar
+    assert all(r["regime"] != "shift" for r in B.bar_rows("3 tasks, 10 epochs", draws=5))

@@ -410,6 +410,22 @@ def test_rescore_refresh_map_scores_the_rebuilt_model_and_keeps_the_files_rows()
     assert rows["map_file"] == {"acc": 0.5}
 
 
+def test_rescore_keeps_the_shift_probabilities_like_the_tests():
+    from benchmarks.llm_rescore_default import keep_probs
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    cache = types.SimpleNamespace(logits=logits, labels=torch.tensor([0, 1]))
+    rows: dict = {"la": {"acc": 1.0}}
+    keep_probs(rows, cache, torch.tensor([[0.6, 0.4], [0.3, 0.7]]))
+    torch.testing.assert_close(
+        torch.tensor(rows["_probs"]["map"]).float(), logits.softmax(-1).float()
+    )
+    torch.testing.assert_close(
+        torch.tensor(rows["_probs"]["la"]), torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    )
+    assert rows["_labels"] == [0, 1] and rows["la"] == {"acc": 1.0}
+
+
 def test_metric_cell_formats_acc_ece_nll_confidence():
     from benchmarks._common import metric_cell
 
