@@ -3,7 +3,7 @@ re-scored on re-trained checkpoints (test; nothing is chosen here).
 
 The status' bars came from re-scores made before the KFAC change. This re-runs the default
 where those re-scores did, with the code of this checkout (:mod:`benchmarks.llm_status`
-now reads its 10-epoch and memorised rows from the results):
+now reads its 10-epoch, memorised and held-out early rows from the results):
 
 * ``prepare`` writes one small result file per task and seed
   (``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}.json``), cut from the
