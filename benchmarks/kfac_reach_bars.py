@@ -53,6 +53,7 @@ class Regime(NamedTuple):
     status_source: str  #: the status' source of the regime's bars before the KFAC change
     tasks: tuple[str, ...]
     steps: tuple[str, ...] | None = None  #: the checkpoints kept (``None``: all)
+    early_only: bool = False  #: read on the early bars (``steps``' only checkpoint)
 
 
 REGIMES = {
@@ -64,6 +65,7 @@ REGIMES = {
         "llm_heldout_bars.json",
         ("tweet_device_mc", "pet_species_mc"),
         ("32",),
+        early_only=True,
     ),
 }
 
@@ -119,7 +121,7 @@ def merged(regime: str, task: str) -> dict | None:
 def committed_rows(regime: str) -> list[dict]:
     """The bars of ``regime`` as the status read them before the KFAC change."""
     payload = json.loads((C.RESULTS_DIR / REGIMES[regime].status_source).read_text())
-    if regime == "heldout-early":
+    if REGIMES[regime].early_only:  # an llm_bars file: its early rows
         return [r for r in payload["rows"] if r["regime"] == "early"]
     rows = default_draws_rows(payload) if regime == "10epochs" else memorised_rows(payload)
     return [{**r, "regime": _llm_bars_regime(r)} for r in rows]
@@ -169,7 +171,7 @@ def regime_bars(regime: str, summary: dict, method: str = llm_bars.METHOD) -> li
     """:func:`benchmarks.llm_bars.check`'s rows for ``method``; a regime that keeps only
     early checkpoints gets the early bars (``check`` reads a lone checkpoint as the overfit
     one)."""
-    if regime != "heldout-early":
+    if not REGIMES[regime].early_only:
         return llm_bars.check(summary, method)
     return [
         {"task": task, "regime": "early", **bar}
