@@ -34,6 +34,7 @@ import torch
 
 from benchmarks import _common as C
 from benchmarks import kfac_reach_bars as R
+from benchmarks import llm_heldout
 from laplace_lora_ext.evaluation import confidence_bin_index
 
 NAME = "bars_bootstrap"
@@ -142,8 +143,7 @@ def benchmark_tasks(benchmark: str) -> dict[str, list[dict]]:
     seeds are left out."""
     if benchmark == HELDOUT_MEMORISED:
         return {
-            task: [_committed_run(task, seed) for seed in R.SEEDS]
-            for task in R.REGIMES["heldout-early"].tasks
+            task: [_committed_run(task, seed) for seed in R.SEEDS] for task in llm_heldout.TASKS
         }
     regime, out = BENCHMARKS[benchmark], {}
     for task in R.REGIMES[regime].tasks:

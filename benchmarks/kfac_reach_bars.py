@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from benchmarks import _common as C
-from benchmarks import llm_bars
+from benchmarks import llm_bars, llm_heldout
 from benchmarks.llm_calibration import summarize
 
 NAME = "kfac_reach_bars"
@@ -63,7 +63,7 @@ REGIMES = {
     "heldout-early": Regime(
         "llm_heldout_{task}_seed{seed}.json",
         "llm_heldout_bars.json",
-        ("tweet_device_mc", "pet_species_mc"),
+        llm_heldout.TASKS,
         ("32",),
         early_only=True,
     ),

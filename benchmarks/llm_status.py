@@ -71,9 +71,9 @@ MEMORISED_REGIME_NAMES = {"overfit": "memorised", "shift": "memorised shift"}
 
 def reach_rows(regime: str) -> Callable[[dict], list[dict]]:
     """The bars of ``regime`` (``"10epochs"``: early, overfit, shift; ``"memorised"``;
-    ``"heldout-early"``) of
-    today's code on the re-trained checkpoints (``kfac_reach_bars.json``), without the
-    committed values they are compared with there (``before``)."""
+    ``"heldout-early"``) of today's code on the re-trained checkpoints
+    (``kfac_reach_bars.json``), without the committed values they are compared with there
+    (``before``)."""
 
     def rows(payload: dict) -> list[dict]:
         out = []
