@@ -62,14 +62,14 @@ SPLITS = ("test", "shift")
 def checkpoint_probs(
     ckpt: dict, split: str = "test"
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``({method: (N, C) float64 probabilities}, (N,) labels)`` of a checkpoint's test
-    split; ``temp`` is ``softmax(log p_MAP / T)`` with the checkpoint's temperature."""
-    test = ckpt[split]
-    probs = {m: torch.tensor(test["_probs"][m], dtype=torch.float64) for m in ("map", "la")}
+    """``({method: (N, C) float64 probabilities}, (N,) labels)`` of a checkpoint's
+    ``split``; ``temp`` is ``softmax(log p_MAP / T)`` with the checkpoint's temperature."""
+    rows = ckpt[split]
+    probs = {m: torch.tensor(rows["_probs"][m], dtype=torch.float64) for m in ("map", "la")}
     probs = {m: p / p.sum(-1, keepdim=True) for m, p in probs.items()}
     log_map = probs["map"].clamp_min(1e-12).log()
     probs["temp"] = torch.softmax(log_map / ckpt["_temperature"], -1)
-    return probs, torch.tensor(test["_labels"])
+    return probs, torch.tensor(rows["_labels"])
 
 
 def resampled_metrics(probs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict:
