@@ -147,8 +147,9 @@ def benchmark_tasks(benchmark: str) -> dict[str, list[dict]]:
         }
     regime, out = BENCHMARKS[benchmark], {}
     for task in R.REGIMES[regime].tasks:
-        if (merged := R.merged(regime, task)) is not None:
-            out[task] = [merged["runs"][task][str(s)] for s in R.SEEDS]
+        if len(files := R.rescored(regime, task)) == len(R.SEEDS):
+            runs = R.merged(task, list(files.values()))["runs"][task]
+            out[task] = [runs[str(s)] for s in R.SEEDS]
     return out
 
 

@@ -10,15 +10,18 @@ now reads its 10-epoch, memorised and held-out early rows from the results):
   committed benchmark files (``llm_calibration_<task>_3seeds.json`` for the 10-epoch
   regime, ``llm_memorised_<task>_seed<s>.json`` for the memorised one,
   ``llm_heldout_<task>_seed<s>.json``' step 32 of 960 for ``heldout-early``: only those 32
-  steps are re-trained, on the 960-step schedule), with the library's default Monte Carlo
-  draws (``n_samples=None``) as the status' sources use;
+  steps are re-trained, on the 960-step schedule; ``prior_loo_mc_draws_heldout_<task>_seed<s>.json``,
+  the status' re-scores of the held-out tasks' step 960, for ``heldout-memorised``), with the
+  library's default Monte Carlo draws (``n_samples=None``) as the status' sources use;
 * :mod:`benchmarks.llm_rescore_default` ``--method auto --refresh-map`` re-trains each run
   (the cache is not kept between sessions; fine-tuning is not bitwise reproducible across
   machines and thread counts), fits KFAC, runs ``optimize_prior_precision()`` (the
   default, ``"auto"``) and scores it, the file's stored prior (``la_previous``, on today's
   fit and draws), MAP and temperature scaling (the file's temperature) on the rebuilt model;
 * ``report`` merges the seeds per task, checks the bars (:mod:`benchmarks.llm_bars`) and
-  sets them beside the status' committed bars for the same regime::
+  sets them beside the status' committed bars for the same regime; a task re-scored on only
+  some of its seeds gets its bars seed by seed (``seed_bars``), beside the committed file's
+  default on the same seed::
 
     python -m benchmarks.kfac_reach_bars prepare
     python -m benchmarks.llm_rescore_default benchmarks/cache/kfac_reach_bars/X.json \\
@@ -67,6 +70,13 @@ REGIMES = {
         ("32",),
         early_only=True,
     ),
+    # the held-out tasks' memorised checkpoint (960 steps): the status' per-seed re-scores
+    "heldout-memorised": Regime(
+        "prior_loo_mc_draws_heldout_{task}_seed{seed}.json",
+        "prior_loo_mc_draws_heldout_bars.json",
+        llm_heldout.TASKS,
+        ("960",),
+    ),
 }
 
 
@@ -106,12 +116,14 @@ def prepare(regimes: list[str]) -> list[Path]:
     return paths
 
 
-def merged(regime: str, task: str) -> dict | None:
-    """The re-scored seeds of ``task`` as one ``runs`` block with its summary, or ``None``
-    until every seed is re-scored."""
-    files = [CACHE / f"{regime}-{task}-seed{s}-rescored.json" for s in SEEDS]
-    if not all(f.exists() for f in files):
-        return None
+def rescored(regime: str, task: str) -> dict[int, Path]:
+    """The re-scored files of ``task`` in ``regime`` by seed (those written so far)."""
+    files = {s: CACHE / f"{regime}-{task}-seed{s}-rescored.json" for s in SEEDS}
+    return {s: f for s, f in files.items() if f.exists()}
+
+
+def merged(task: str, files: list[Path]) -> dict:
+    """The re-scored seeds of ``task`` (``files``) as one ``runs`` block with its summary."""
     runs: dict = {task: {}}
     for f in files:
         runs[task] |= json.loads(f.read_text())["runs"][task]
@@ -121,8 +133,9 @@ def merged(regime: str, task: str) -> dict | None:
 def committed_rows(regime: str) -> list[dict]:
     """The bars of ``regime`` as the status read them before the KFAC change."""
     payload = json.loads((C.RESULTS_DIR / REGIMES[regime].status_source).read_text())
-    if REGIMES[regime].early_only:  # an llm_bars file: its early rows
-        return [r for r in payload["rows"] if r["regime"] == "early"]
+    if "rows" in payload:  # an llm_bars file: the rows of the checkpoint re-run here
+        wanted = "early" if REGIMES[regime].early_only else "overfit"
+        return [r for r in payload["rows"] if r["regime"] == wanted]
     rows = default_draws_rows(payload) if regime == "10epochs" else memorised_rows(payload)
     return [{**r, "regime": _llm_bars_regime(r)} for r in rows]
 
@@ -200,6 +213,30 @@ def seed_rows(runs: dict[str, dict]) -> list[dict]:
     return out
 
 
+def seed_bars_section(rows: list[dict]) -> list[str]:
+    """Markdown lines: the bars seed by seed of the tasks not yet re-scored on every seed."""
+    n_met = sum(r["met"] for r in rows)
+    n_before = sum(r["before"]["met"] for r in rows)
+    seeds: dict[str, set[int]] = {}
+    for r in rows:
+        seeds.setdefault(r["task"], set()).add(r["seed"])
+    done = "; ".join(f"{t}: seed {', '.join(map(str, sorted(s)))}" for t, s in seeds.items())
+    head = ["task", "seed", "regime", "bar", "today", "target", "met", "before", "met before"]
+    table = [
+        [r["task"], str(r["seed"]), r["regime"], r["bar"], f"{r['value']:.4g}", r["target"],
+         "yes" if r["met"] else "**no**", f"{r['before']['value']:.4g}",
+         "yes" if r["before"]["met"] else "no"]
+        for r in rows
+    ]  # fmt: skip
+    return [
+        f"Tasks re-scored on some of their {len(SEEDS)} seeds so far ({done}): the bars on "
+        f"each seed alone, today's default {n_met} of {len(rows)} met (before: {n_before}; "
+        "*before*: the committed file's default on its own model, against that model's MAP).",
+        "",
+        C.md_table(head, table),
+    ]
+
+
 def render(results: dict[str, dict]) -> str:
     lines = [
         "# Issue 13's bars with today's code (KFAC over the positions that reach the logits)",
@@ -213,7 +250,8 @@ def render(results: dict[str, dict]) -> str:
         rows = res["bars"]
         n_met = sum(r["met"] for r in rows)
         n_before = sum(bool(r["before"] and r["before"]["met"]) for r in rows)
-        lines += ["", f"## {regime}: {n_met} of {len(rows)} met (before: {n_before})", ""]
+        verdict = f"{n_met} of {len(rows)} met (before: {n_before})"
+        lines += ["", f"## {regime}: {verdict if rows else 'no task re-scored on every seed'}", ""]
         if regime == "memorised":
             lines += [MEMORISED_CAVEAT, ""]
         head = ["task", "regime", "bar", "today", "target", "met", "before", "met before"]
@@ -224,8 +262,11 @@ def render(results: dict[str, dict]) -> str:
              ("yes" if r["before"]["met"] else "no") if r["before"] else "–"]
             for r in rows
         ]  # fmt: skip
-        lines.append(C.md_table(head, table))
-        lines += ["", "Per seed (ACC / ECE / NLL / confidence):", ""]
+        if rows:
+            lines += [C.md_table(head, table), ""]
+        if "seed_bars" in res:
+            lines += [*seed_bars_section(res["seed_bars"]), ""]
+        lines += ["Per seed (ACC / ECE / NLL / confidence):", ""]
         head = ["task", "seed", "step", "MAP", "temperature", "default", "file's prior", "MAP Δ"]
         table = [
             [s["task"], str(s["seed"]), str(s["step"])]
@@ -243,12 +284,44 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_bar_rows(regime: str, task: str, seed: int, path: Path) -> list[dict]:
+    """The regime's bars on one seed alone: today's default on the re-trained model
+    (``path``, re-scored) beside the committed file's default on its own model."""
+    spec = REGIMES[regime]
+    source = json.loads((C.RESULTS_DIR / spec.pattern.format(task=task, seed=seed)).read_text())
+    runs = cut(source, task, seed, spec.steps)["runs"]
+    before = {(r["regime"], r["bar"]): r for r in regime_bars(regime, summarize(runs))}
+    today = regime_bars(regime, summarize(json.loads(path.read_text())["runs"]))
+    keep = ("value", "met")
+    return [
+        {**r, "seed": seed, "before": {k: before[(r["regime"], r["bar"])][k] for k in keep}}
+        for r in today
+    ]
+
+
+def regime_results(regime: str) -> dict | None:
+    """``regime``'s bars over the tasks whose seeds are all re-scored, its per-seed rows,
+    and (``seed_bars``) the bars seed by seed for tasks re-scored only in part; ``None``
+    before any file is re-scored."""
+    done = {t: files for t in REGIMES[regime].tasks if (files := rescored(regime, t))}
+    if not done:
+        return None
+    runs = {t: merged(t, list(files.values())) for t, files in done.items()}
+    complete = {t: block for t, block in runs.items() if len(done[t]) == len(SEEDS)}
+    out = {"bars": bar_rows(regime, complete), "seeds": seed_rows(runs)}
+    partial = {t: files for t, files in done.items() if t not in complete}
+    if partial:
+        out["seed_bars"] = [
+            row
+            for task, files in partial.items()
+            for seed, path in files.items()
+            for row in seed_bar_rows(regime, task, seed, path)
+        ]
+    return out
+
+
 def report() -> dict[str, dict]:
-    results = {}
-    for regime in REGIMES:
-        runs = {t: m for t in REGIMES[regime].tasks if (m := merged(regime, t)) is not None}
-        if runs:
-            results[regime] = {"bars": bar_rows(regime, runs), "seeds": seed_rows(runs)}
+    results = {r: res for r in REGIMES if (res := regime_results(r)) is not None}
     C.write_results(NAME, results, render(results))
     print(render(results))
     return results

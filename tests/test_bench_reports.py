@@ -460,6 +460,8 @@ def test_kfac_reach_bars_reads_the_status_bars_by_regime():
     assert len(ten) == 19 and len(memorised) == 13  # the status' counts
     early = committed_rows("heldout-early")
     assert {r["regime"] for r in early} == {"early"} and len(early) == 4
+    heldout = committed_rows("heldout-memorised")
+    assert {r["regime"] for r in heldout} == {"overfit"} and len(heldout) == 8
 
 
 def test_kfac_reach_bars_gives_an_early_only_regime_the_early_bars():
@@ -473,6 +475,40 @@ def test_kfac_reach_bars_gives_an_early_only_regime_the_early_bars():
     assert [(r["regime"], r["met"]) for r in rows] == [("early", False), ("early", False)]
     test["la"] = metrics(0.06, 0.50)
     assert all(r["met"] for r in regime_bars("heldout-early", {"t": {"32": {"test": test}}}))
+
+
+def test_kfac_reach_bars_reads_a_partly_rescored_regime_seed_by_seed(tmp_path, monkeypatch):
+    from benchmarks import kfac_reach_bars as R
+    from benchmarks._common import RESULTS_DIR
+
+    spec = R.REGIMES["heldout-memorised"]
+    if not (RESULTS_DIR / spec.pattern.format(task=spec.tasks[0], seed=0)).exists():
+        pytest.skip("results not committed")
+    monkeypatch.setattr(R, "CACHE", tmp_path)
+
+    def rescore(task: str, seed: int) -> None:  # the committed file stands in for a re-score
+        source = RESULTS_DIR / spec.pattern.format(task=task, seed=seed)
+        payload = R.cut(json.loads(source.read_text()), task, seed, spec.steps)
+        (tmp_path / f"heldout-memorised-{task}-seed{seed}-rescored.json").write_text(
+            json.dumps(payload)
+        )
+
+    assert R.regime_results("heldout-memorised") is None
+    first, second = spec.tasks
+    rescore(first, 0)
+    res = R.regime_results("heldout-memorised")
+    assert res["bars"] == [] and [s["seed"] for s in res["seeds"]] == [0]
+    rows = res["seed_bars"]
+    assert len(rows) == 4 and {(r["task"], r["seed"]) for r in rows} == {(first, 0)}
+    assert all(r["before"] == {"value": r["value"], "met": r["met"]} for r in rows)
+    text = R.render({"heldout-memorised": res})
+    assert "no task re-scored on every seed" in text and f"({first}: seed 0)" in text
+    for seed in R.SEEDS:
+        rescore(second, seed)
+    res = R.regime_results("heldout-memorised")
+    assert {r["task"] for r in res["bars"]} == {second} and len(res["bars"]) == 4
+    assert {r["task"] for r in res["seed_bars"]} == {first}
+    assert all(r["before"]["met"] == r["met"] for r in res["bars"])  # the status' own bars
 
 
 @pytest.mark.parametrize(
