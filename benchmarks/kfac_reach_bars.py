@@ -10,8 +10,9 @@ now reads its 10-epoch, memorised and held-out early rows from the results):
   committed benchmark files (``llm_calibration_<task>_3seeds.json`` for the 10-epoch
   regime, ``llm_memorised_<task>_seed<s>.json`` for the memorised one,
   ``llm_heldout_<task>_seed<s>.json``' step 32 of 960 for ``heldout-early``: only those 32
-  steps are re-trained, on the 960-step schedule; ``prior_loo_mc_draws_heldout_<task>_seed<s>.json``,
-  the status' re-scores of the held-out tasks' step 960, for ``heldout-memorised``), with the
+  steps are re-trained, on the 960-step schedule;
+  ``prior_loo_mc_draws_heldout_<task>_seed<s>.json``, the status' re-scores of the held-out
+  tasks' step 960, for ``heldout-memorised``), with the
   library's default Monte Carlo draws (``n_samples=None``) as the status' sources use;
 * :mod:`benchmarks.llm_rescore_default` ``--method auto --refresh-map`` re-trains each run
   (the cache is not kept between sessions; fine-tuning is not bitwise reproducible across
