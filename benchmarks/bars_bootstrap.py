@@ -35,7 +35,7 @@ import torch
 from benchmarks import _common as C
 from benchmarks import kfac_reach_bars as R
 from benchmarks import llm_heldout
-from laplace_lora_ext.evaluation import confidence_bin_index
+from laplace_lora_ext.evaluation import NLL_FLOOR, confidence_bin_index
 
 NAME = "bars_bootstrap"
 DRAWS = 2000
@@ -43,7 +43,7 @@ METHODS = ("map", "temp", "la")
 HELDOUT_MEMORISED = "2 held-out tasks, memorised"
 #: The status' source of the held-out memorised bars (the default re-scored with its draws
 #: before the KFAC change; committed with its probabilities).
-HELDOUT_MEMORISED_FILE = "prior_loo_mc_draws_heldout_{task}_seed{seed}.json"
+HELDOUT_MEMORISED_FILE = R.REGIMES["heldout-memorised"].pattern
 #: The status' benchmarks (:mod:`benchmarks.llm_status`), each with the
 #: :mod:`benchmarks.kfac_reach_bars` regime whose bars it is read on.
 BENCHMARKS = {
@@ -67,7 +67,7 @@ def checkpoint_probs(
     rows = ckpt[split]
     probs = {m: torch.tensor(rows["_probs"][m], dtype=torch.float64) for m in ("map", "la")}
     probs = {m: p / p.sum(-1, keepdim=True) for m, p in probs.items()}
-    log_map = probs["map"].clamp_min(1e-12).log()
+    log_map = probs["map"].clamp_min(NLL_FLOOR).log()
     probs["temp"] = torch.softmax(log_map / ckpt["_temperature"], -1)
     return probs, torch.tensor(rows["_labels"])
 
@@ -85,7 +85,7 @@ def resampled_metrics(probs: torch.Tensor, labels: torch.Tensor, index: torch.Te
     """
     conf, pred = probs.max(-1)
     correct = (pred == labels).double()
-    nll = -probs.gather(1, labels[:, None])[:, 0].clamp_min(1e-12).log()
+    nll = -probs.gather(1, labels[:, None])[:, 0].clamp_min(NLL_FLOOR).log()
     bins = confidence_bin_index(conf)[index]  # (B, N)
     gap = torch.zeros(index.shape[0], int(bins.max()) + 1, dtype=torch.float64)
     gap.scatter_add_(1, bins, (correct - conf)[index])

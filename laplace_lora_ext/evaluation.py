@@ -40,7 +40,8 @@ __all__ = [
 METRICS = ("acc", "ece", "nll", "brier", "conf", "n")
 """Keys of every metrics dict (``n``: the number of examples)."""
 
-_NLL_FLOOR = 1e-12  # probabilities are clamped here before the log (a saturated softmax)
+#: Probabilities are clamped here before the log (a saturated softmax).
+NLL_FLOOR = 1e-12
 
 
 # --------------------------------------------------------------------------- metrics
@@ -176,7 +177,7 @@ def classification_metrics(
     return {
         "acc": float((p.argmax(-1) == y).double().mean()),
         "ece": _expected_calibration_error(p, y, n_bins),
-        "nll": float(-p.gather(1, y[:, None]).clamp_min(_NLL_FLOOR).log().mean()),
+        "nll": float(-p.gather(1, y[:, None]).clamp_min(NLL_FLOOR).log().mean()),
         "brier": float((p - onehot).square().sum(-1).mean()),
         "conf": float(p.max(-1).values.mean()),
         "n": len(y),
