@@ -214,6 +214,18 @@ def seed_rows(runs: dict[str, dict]) -> list[dict]:
     return out
 
 
+def bar_cells(row: dict) -> list[str]:
+    """A bar's table cells from its regime on: today's value and verdict beside *before*
+    (``–`` where the committed source has no such bar)."""
+    before = row["before"]
+    return [
+        row["regime"], row["bar"], f"{row['value']:.4g}", row["target"],
+        "yes" if row["met"] else "**no**",
+        f"{before['value']:.4g}" if before else "–",
+        ("yes" if before["met"] else "no") if before else "–",
+    ]  # fmt: skip
+
+
 def seed_bars_section(rows: list[dict]) -> list[str]:
     """Markdown lines: the bars seed by seed of the tasks not yet re-scored on every seed."""
     n_met = sum(r["met"] for r in rows)
@@ -223,12 +235,7 @@ def seed_bars_section(rows: list[dict]) -> list[str]:
         seeds.setdefault(r["task"], set()).add(r["seed"])
     done = "; ".join(f"{t}: seed {', '.join(map(str, sorted(s)))}" for t, s in seeds.items())
     head = ["task", "seed", "regime", "bar", "today", "target", "met", "before", "met before"]
-    table = [
-        [r["task"], str(r["seed"]), r["regime"], r["bar"], f"{r['value']:.4g}", r["target"],
-         "yes" if r["met"] else "**no**", f"{r['before']['value']:.4g}",
-         "yes" if r["before"]["met"] else "no"]
-        for r in rows
-    ]  # fmt: skip
+    table = [[r["task"], str(r["seed"]), *bar_cells(r)] for r in rows]
     return [
         f"Tasks re-scored on some of their {len(SEEDS)} seeds so far ({done}): the bars on "
         f"each seed alone, today's default {n_met} of {len(rows)} met (before: {n_before}; "
@@ -256,13 +263,7 @@ def render(results: dict[str, dict]) -> str:
         if regime == "memorised":
             lines += [MEMORISED_CAVEAT, ""]
         head = ["task", "regime", "bar", "today", "target", "met", "before", "met before"]
-        table = [
-            [r["task"], r["regime"], r["bar"], f"{r['value']:.4g}", r["target"],
-             "yes" if r["met"] else "**no**",
-             f"{r['before']['value']:.4g}" if r["before"] else "–",
-             ("yes" if r["before"]["met"] else "no") if r["before"] else "–"]
-            for r in rows
-        ]  # fmt: skip
+        table = [[r["task"], *bar_cells(r)] for r in rows]
         if rows:
             lines += [C.md_table(head, table), ""]
         if "seed_bars" in res:
@@ -285,14 +286,14 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def seed_bar_rows(regime: str, task: str, seed: int, path: Path) -> list[dict]:
+def seed_bar_rows(regime: str, task: str, seed: int, run: dict) -> list[dict]:
     """The regime's bars on one seed alone: today's default on the re-trained model
-    (``path``, re-scored) beside the committed file's default on its own model."""
+    (``run``, re-scored) beside the committed file's default on its own model."""
     spec = REGIMES[regime]
     source = json.loads((C.RESULTS_DIR / spec.pattern.format(task=task, seed=seed)).read_text())
     runs = cut(source, task, seed, spec.steps)["runs"]
     before = {(r["regime"], r["bar"]): r for r in regime_bars(regime, summarize(runs))}
-    today = regime_bars(regime, summarize(json.loads(path.read_text())["runs"]))
+    today = regime_bars(regime, summarize({task: {str(seed): run}}))
     keep = ("value", "met")
     return [
         {**r, "seed": seed, "before": {k: before[(r["regime"], r["bar"])][k] for k in keep}}
@@ -315,16 +316,17 @@ def regime_results(regime: str) -> dict | None:
         out["seed_bars"] = [
             row
             for task, files in partial.items()
-            for seed, path in files.items()
-            for row in seed_bar_rows(regime, task, seed, path)
+            for seed in files
+            for row in seed_bar_rows(regime, task, seed, runs[task]["runs"][task][str(seed)])
         ]
     return out
 
 
 def report() -> dict[str, dict]:
     results = {r: res for r in REGIMES if (res := regime_results(r)) is not None}
-    C.write_results(NAME, results, render(results))
-    print(render(results))
+    text = render(results)
+    C.write_results(NAME, results, text)
+    print(text)
     return results
 
 
