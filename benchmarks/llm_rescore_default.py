@@ -29,8 +29,11 @@ chosen on validation data and compared on test without confounds (used by
 
 ``--steps S ...`` keeps only those checkpoints (the file is written to ``--out``).
 ``--refresh-map`` (with ``--out``) also re-scores MAP and temperature scaling (the file's
-temperature) on the rebuilt model, keeping the file's rows as ``map_file`` / ``temp_file``:
-for checkpoints re-trained where the cache was lost (:mod:`benchmarks.kfac_reach_bars`).
+temperature) on the rebuilt model, keeping the file's rows as ``map_file`` / ``temp_file``,
+and stores the rebuilt model's MAP probabilities on test (since 2026-12-04; before, the
+file's were kept, which belong to another model where re-training is not bitwise:
+:func:`restore_map_probs` repairs such a file): for checkpoints re-trained where the cache
+was lost (:mod:`benchmarks.kfac_reach_bars`).
 
 Each checkpoint records ``_rescore_map_max_abs_diff``, the largest difference between the
 file's MAP metrics and the rebuilt model's: a cached checkpoint that is not the model of
@@ -174,9 +177,7 @@ def rescore_checkpoint(
                 new |= map_and_temperature(cache, ckpt["_temperature"])
         for name, p in new.items():
             score_rows(rows, name, p, cache.labels)
-        if split == "shift":  # as on test, for benchmarks.bars_bootstrap
-            keep_probs(rows, cache, probs[split])
-    ckpt["test"]["_probs"]["la"] = probs["test"].tolist()
+        store_probs(rows, split, cache, probs[split], refresh_map)
     ckpt["_rescore_map_max_abs_diff"] = largest_map_diff(map_diffs)  # the file's model?
     ckpt["_prior"]["la_previous"] = (
         previous.tolist() if method else ckpt["_prior"].get("la_previous", ckpt["_prior"]["la"])
@@ -187,6 +188,64 @@ def rescore_checkpoint(
         ckpt["shift_auroc"] = {
             m: calib.auroc(torch.tensor(ent_in[m]), torch.tensor(ent_out[m])) for m in ent_in
         }
+
+
+def store_probs(
+    rows: dict, split: str, cache: LogitJacobianCache, la_probs: torch.Tensor, refresh_map: bool
+) -> None:
+    """Store a split's per-example probabilities for :mod:`benchmarks.bars_bootstrap`: on
+    test the default's replace the file's; MAP's too when ``refresh_map`` re-scored MAP on a
+    rebuilt model (the file's would belong to another model where re-training was not
+    bitwise); on the shifted split both, as on test (the benchmark did not store them)."""
+    if split == "shift" or (split == "test" and refresh_map):
+        keep_probs(rows, cache, la_probs)
+    elif split == "test":
+        rows["_probs"]["la"] = la_probs.tolist()
+
+
+def map_probs_match(rows: dict, tol: float = 1e-6) -> bool:
+    """Whether a split's stored MAP probabilities (``rows["_probs"]["map"]``) give its
+    ``map`` row's metrics (to ``tol``): false where a re-score before :func:`store_probs`
+    refreshed the ``map`` row on a rebuilt model but kept the file's probabilities."""
+    probs = torch.tensor(rows["_probs"]["map"], dtype=torch.float64)
+    new = classification_metrics(probs / probs.sum(-1, keepdim=True), torch.tensor(rows["_labels"]))
+    return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS) <= tol
+
+
+def restore_map_probs(path: Path) -> list[tuple[str, int, str]]:
+    """Re-store MAP's test probabilities in a ``--refresh-map`` re-score (``path``) where
+    they are the file's rather than the rebuilt model's (:func:`map_probs_match`): each such
+    checkpoint is rebuilt from the cache and its MAP re-run on test; the result must give
+    the stored ``map`` row, or this raises. Returns the ``(task, seed, step)`` restored."""
+    payload = json.loads(path.read_text())
+    args = argparse.Namespace(**payload["args"])
+    torch.set_num_threads(args.threads or 1)
+    done = []
+    for c in calib.cached_checkpoints(
+        payload["runs"], args, skip=lambda k: map_probs_match(k["test"])
+    ):
+        rows = c.ckpt["test"]
+        logits, labels = map_logits(
+            c.wrapper, make_loader(c.data.test, c.collate, args.la_batch_size)
+        )
+        if not torch.equal(labels, torch.tensor(rows["_labels"])):
+            raise ValueError(f"{path}: {c.task} seed {c.seed}: test labels differ from the file's")
+        rows["_probs"]["map"] = logits.softmax(-1).float().tolist()
+        if not map_probs_match(rows):
+            raise ValueError(f"{path}: {c.task} seed {c.seed}: MAP re-run differs from its row")
+        done.append((c.task, c.seed, c.step))
+    if done:
+        path.write_text(json.dumps(payload, indent=1, default=str))
+    return done
+
+
+@torch.no_grad()
+def map_logits(wrapper, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((N, C) float64 logits, (N,) labels)`` of ``wrapper`` (eval mode) on ``loader``'s
+    dict batches."""
+    wrapper.eval()
+    out = [(wrapper(batch).double(), batch["labels"]) for batch in loader]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
 def keep_probs(rows: dict, cache: LogitJacobianCache, la_probs: torch.Tensor) -> None:

@@ -616,3 +616,31 @@ def test_kfac_reach_bars_report_is_the_committed_one():
     assert render(payload).rstrip() == md.rstrip()
     ten = payload["10epochs"]["bars"]
     assert len(ten) == 19 and all(r["before"] is not None for r in ten)
+
+
+def test_rescore_stores_the_rebuilt_models_map_probabilities_only_when_it_refreshed_map():
+    from benchmarks.llm_rescore_default import map_probs_match, store_probs
+    from laplace_lora_ext.evaluation import classification_metrics
+
+    gen = torch.Generator().manual_seed(1)
+    old, new = torch.randn(30, 2, generator=gen), torch.randn(30, 2, generator=gen)
+    labels = torch.arange(30) % 2
+    la = torch.full((30, 2), 0.5)
+
+    def rows() -> dict:  # the file's test rows, with MAP re-scored on the rebuilt model
+        metrics = classification_metrics(new.softmax(-1), labels)
+        return {
+            "map": {k: float(v) for k, v in metrics.items()},
+            "_probs": {"map": old.softmax(-1).tolist(), "la": []},
+            "_labels": labels.tolist(),
+        }
+
+    cache = types.SimpleNamespace(logits=new.double(), labels=labels)
+    stale = rows()
+    assert not map_probs_match(stale)  # the file's probabilities belong to another model
+    store_probs(stale, "test", cache, la, refresh_map=False)
+    assert stale["_probs"]["map"] == old.softmax(-1).tolist()  # MAP kept: not re-scored
+    assert stale["_probs"]["la"] == la.tolist()
+    fresh = rows()
+    store_probs(fresh, "test", cache, la, refresh_map=True)
+    assert map_probs_match(fresh) and fresh["_probs"]["la"] == la.tolist()
