@@ -13,8 +13,7 @@ Temperature scaling's P(met) on the same bars is read from the same resamples.
 Reads the status' sources (:mod:`benchmarks.llm_status`) with the per-example test
 probabilities that :mod:`benchmarks.llm_rescore_default` stores: the re-score files of
 :mod:`benchmarks.kfac_reach_bars` (its cache,
-``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}-rescored.json``) and the
-committed held-out memorised files (``prior_loo_mc_draws_heldout_{task}_seed{seed}.json``).
+``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}-rescored.json``).
 Temperature scaling is MAP's probabilities at the stored temperature, which reproduces the
 stored metrics exactly. The shift bar is read where the re-score stored the shifted split's
 probabilities too (:mod:`benchmarks.llm_rescore_default` does since 2026-12-04; the
@@ -28,28 +27,22 @@ Writes ``results/bars_bootstrap.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from benchmarks import _common as C
 from benchmarks import kfac_reach_bars as R
-from benchmarks import llm_heldout
 from laplace_lora_ext.evaluation import NLL_FLOOR, confidence_bin_index
 
 NAME = "bars_bootstrap"
 DRAWS = 2000
 METHODS = ("map", "temp", "la")
-HELDOUT_MEMORISED = "2 held-out tasks, memorised"
-#: The status' source of the held-out memorised bars (the default re-scored with its draws
-#: before the KFAC change; committed with its probabilities).
-HELDOUT_MEMORISED_FILE = R.REGIMES["heldout-memorised"].pattern
 #: The status' benchmarks (:mod:`benchmarks.llm_status`), each with the
 #: :mod:`benchmarks.kfac_reach_bars` regime whose bars it is read on.
 BENCHMARKS = {
     "3 tasks, 10 epochs": "10epochs",
     "3 tasks, memorised": "memorised",
-    HELDOUT_MEMORISED: "memorised",
+    "2 held-out tasks, memorised": "heldout-memorised",
     "2 held-out tasks, early": "heldout-early",
 }
 #: Whose bars are read on each resample: the default's, and temperature scaling's on the
@@ -141,21 +134,12 @@ def stored_splits(seeds: list[dict], step: str) -> list[str]:
 def benchmark_tasks(benchmark: str) -> dict[str, list[dict]]:
     """Each task's seeds (runs with their checkpoints) of ``benchmark``; tasks without all
     seeds are left out."""
-    if benchmark == HELDOUT_MEMORISED:
-        return {
-            task: [_committed_run(task, seed) for seed in R.SEEDS] for task in llm_heldout.TASKS
-        }
     regime, out = BENCHMARKS[benchmark], {}
     for task in R.REGIMES[regime].tasks:
         if len(files := R.rescored(regime, task)) == len(R.SEEDS):
             runs = R.merged(task, list(files.values()))["runs"][task]
             out[task] = [runs[str(s)] for s in R.SEEDS]
     return out
-
-
-def _committed_run(task: str, seed: int) -> dict:
-    path = C.RESULTS_DIR / HELDOUT_MEMORISED_FILE.format(task=task, seed=seed)
-    return json.loads(path.read_text())["runs"][task][str(seed)]
 
 
 def bar_rows(benchmark: str, draws: int = DRAWS, seed: int = 0) -> list[dict]:

@@ -13,7 +13,9 @@ source below is the latest committed re-score of the current default on its chec
   ``"memorised"``: the checkpoints of the ``llm_memorised`` files re-trained and the default
   (the leave-one-out rule there) re-run with today's code, as for 10 epochs;
 * **held-out tasks, memorised** (chosen after the rules were fixed):
-  ``prior_loo_mc_draws_heldout_bars.json``;
+  ``kfac_reach_bars.json``, regime ``"heldout-memorised"``: the memorised checkpoints of
+  the ``prior_loo_mc_draws_heldout`` re-scores (960 steps) re-trained and the default (the
+  leave-one-out rule there) re-run with today's code, as for 10 epochs;
 * **held-out tasks, early**: ``kfac_reach_bars.json``, regime ``"heldout-early"``: the
   early checkpoints of the ``llm_heldout`` files (32 of 960 steps) re-trained and the
   default (the evidence there) re-run with today's code and draws, as for 10 epochs.
@@ -23,8 +25,8 @@ source below is the latest committed re-score of the current default on its chec
     python -m benchmarks.llm_status
 
 The issue reads its bars on means over seeds. :func:`per_seed_bars` also reads the four
-overfit bars on each memorised checkpoint alone (the three tasks' re-trained models and the
-held-out re-score), for the default and for temperature scaling.
+overfit bars on each memorised checkpoint alone (the re-trained models of both memorised
+regimes), for the default and for temperature scaling.
 
 Writes ``results/llm_status.{json,md}``, the bars table between ``<!-- status:start/end -->``
 and the per-seed one between ``<!-- status-seeds:start/end -->`` in README.md and
@@ -64,6 +66,8 @@ class Source:
     rows: Callable[[dict], list[dict]]
 
 
+#: The status' one source file: every regime re-run with today's code.
+REACH_FILE = "kfac_reach_bars.json"
 #: How the status names the checkpoints of ``kfac_reach_bars.json``' memorised regime
 #: (:mod:`benchmarks.llm_bars` calls them ``overfit``, and their shift bar ``shift``).
 MEMORISED_REGIME_NAMES = {"overfit": "memorised", "shift": "memorised shift"}
@@ -71,7 +75,7 @@ MEMORISED_REGIME_NAMES = {"overfit": "memorised", "shift": "memorised shift"}
 
 def reach_rows(regime: str) -> Callable[[dict], list[dict]]:
     """The bars of ``regime`` (``"10epochs"``: early, overfit, shift; ``"memorised"``;
-    ``"heldout-early"``) of today's code on the re-trained checkpoints
+    ``"heldout-early"``; ``"heldout-memorised"``) of today's code on the re-trained checkpoints
     (``kfac_reach_bars.json``), without the committed values they are compared with there
     (``before``)."""
 
@@ -87,31 +91,16 @@ def reach_rows(regime: str) -> Callable[[dict], list[dict]]:
     return rows
 
 
-def regime_rows(regime: str) -> Callable[[dict], list[dict]]:
-    """The rows of one regime from a ``{"rows": [...]}`` bars file."""
-    return lambda payload: [row for row in payload["rows"] if row["regime"] == regime]
-
-
 SOURCES = (
-    Source(
-        "3 tasks, 10 epochs",
-        "early, overfit, shift",
-        "kfac_reach_bars.json",
-        reach_rows("10epochs"),
-    ),
-    Source(
-        "3 tasks, memorised",
-        "30 epochs, shift",
-        "kfac_reach_bars.json",
-        reach_rows("memorised"),
-    ),
+    Source("3 tasks, 10 epochs", "early, overfit, shift", REACH_FILE, reach_rows("10epochs")),
+    Source("3 tasks, memorised", "30 epochs, shift", REACH_FILE, reach_rows("memorised")),
     Source(
         "2 held-out tasks, memorised",
         "30 epochs",
-        "prior_loo_mc_draws_heldout_bars.json",
-        regime_rows("overfit"),
+        REACH_FILE,
+        reach_rows("heldout-memorised"),
     ),
-    Source("2 held-out tasks, early", "early", "kfac_reach_bars.json", reach_rows("heldout-early")),
+    Source("2 held-out tasks, early", "early", REACH_FILE, reach_rows("heldout-early")),
 )
 
 
@@ -206,13 +195,10 @@ def render_memorised(means: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _memorised_per_seed() -> dict[str, list[dict]]:
-    """Each memorised task's seeds (``kfac_reach_bars.json``), as ``{"test": {method:
-    metrics}}`` for :data:`MEMORISED_METHODS`; empty lists where not committed."""
-    path = RESULTS / "kfac_reach_bars.json"
-    seeds = (
-        json.loads(path.read_text()).get("memorised", {}).get("seeds", []) if path.exists() else []
-    )
+def _memorised_per_seed(reach: dict) -> dict[str, list[dict]]:
+    """Each memorised task's seeds (``reach``: ``kfac_reach_bars.json``), as ``{"test":
+    {method: metrics}}`` for :data:`MEMORISED_METHODS`; empty lists where not committed."""
+    seeds = reach.get("memorised", {}).get("seeds", [])
     return {
         task: [
             {"test": {m: row[m] for m in MEMORISED_METHODS}}
@@ -233,21 +219,24 @@ def _as_summary(metrics: dict[str, dict], names: dict[str, str]) -> dict:
     }
 
 
-def seed_tests(memorised_per_seed: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Each memorised checkpoint's test metrics, one entry per task and seed, for the
-    memorised benchmark (the re-trained models; ``memorised_per_seed``, as
-    :func:`_memorised_per_seed` reads them) and the held-out tasks (the re-score)."""
-    memorised = [
-        _as_summary(p["test"], {"map": "map", "temp": "temp", "la": "default"})
-        for payloads in memorised_per_seed.values()
-        for p in payloads
-    ]
-    heldout = []
-    for path in sorted(RESULTS.glob("prior_loo_mc_draws_heldout_*_seed[0-9].json")):
-        for steps in json.loads(path.read_text())["summary"].values():
-            test = steps[max(steps, key=int)]["test"]
-            heldout.append(_as_summary(test, {"map": "map", "temp": "temp", "la": "default"}))
-    return {"3 tasks, memorised": memorised, "2 held-out tasks, memorised": heldout}
+def seed_tests(reach: dict) -> dict[str, list[dict]]:
+    """Each memorised checkpoint's test metrics, one entry per task and seed, for both
+    memorised regimes of ``reach`` (``kfac_reach_bars.json``: the re-trained models)."""
+    names = {"map": "map", "temp": "temp", "la": "default"}
+    return {
+        label: [
+            _as_summary(row, names)
+            for row in sorted(reach.get(regime, {}).get("seeds", []), key=_by_task_and_seed)
+        ]
+        for label, regime in (
+            ("3 tasks, memorised", "memorised"),
+            ("2 held-out tasks, memorised", "heldout-memorised"),
+        )
+    }
+
+
+def _by_task_and_seed(row: dict) -> tuple[str, int]:
+    return row["task"], row["seed"]
 
 
 def per_seed_bars(tests: dict[str, list[dict]]) -> list[dict]:
@@ -283,11 +272,10 @@ def render_per_seed(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    payloads = {s.file: json.loads((RESULTS / s.file).read_text()) for s in SOURCES}
-    summary = summarize(payloads)
-    memorised_per_seed = _memorised_per_seed()
-    means = memorised_means(memorised_per_seed)
-    seeds = per_seed_bars(seed_tests(memorised_per_seed))
+    reach = json.loads((RESULTS / REACH_FILE).read_text())
+    summary = summarize({REACH_FILE: reach})
+    means = memorised_means(_memorised_per_seed(reach))
+    seeds = per_seed_bars(seed_tests(reach))
     table, memorised, per_seed = render(summary), render_memorised(means), render_per_seed(seeds)
     extra = {"memorised_now": means, "per_seed": seeds}
     (RESULTS / f"{NAME}.json").write_text(json.dumps(summary | extra, indent=1))

@@ -30,14 +30,16 @@ def _payloads() -> dict[str, dict]:
                 {"task": "a", "regime": "shift", **_bar("shift", False), **before},
             ]
         },
+        "heldout-memorised": {
+            "bars": [{"task": "h", "regime": "overfit", **_bar("acc", True), **before}]
+        },
         "heldout-early": {
             "bars": [{"task": "h", "regime": "early", **_bar("ece", True), **before}]
         },
     }
-    heldout = {"rows": [{"task": "h", "regime": "overfit", **_bar("acc", True)}]}
-    files = [s.file for s in S.SOURCES]
-    assert files[0] == files[1] == files[3]  # the regimes re-run with today's code: one file
-    return {files[0]: ten, files[2]: heldout}
+    # every regime re-run with today's code: one file
+    assert {s.file for s in S.SOURCES} == {S.REACH_FILE}
+    return {S.REACH_FILE: ten}
 
 
 def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
@@ -58,16 +60,20 @@ def test_summary_reads_each_sources_own_rows_and_counts_the_misses():
 
 def test_a_source_without_bars_is_an_error_not_a_perfect_score():
     payloads = _payloads()
-    payloads["prior_loo_mc_draws_heldout_bars.json"] = {"rows": []}
-    with pytest.raises(ValueError, match="prior_loo_mc_draws_heldout_bars.json has no bars"):
+    payloads[S.REACH_FILE]["heldout-memorised"]["bars"] = []
+    with pytest.raises(ValueError, match="kfac_reach_bars.json has no bars for '2 held-out"):
         S.summarize(payloads)
 
 
-def _committed_summary() -> dict:
-    paths = [S.RESULTS / s.file for s in S.SOURCES]
-    if not all(p.exists() for p in paths):
+def _committed_reach() -> dict:
+    path = S.RESULTS / S.REACH_FILE
+    if not path.exists():
         pytest.skip("results not committed")
-    return S.summarize({p.name: json.loads(p.read_text()) for p in paths})
+    return json.loads(path.read_text())
+
+
+def _committed_summary() -> dict:
+    return S.summarize({S.REACH_FILE: _committed_reach()})
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
@@ -95,7 +101,7 @@ def test_memorised_means_average_seeds_in_points_but_nll():
 
 
 def test_readme_quotes_the_committed_memorised_means():
-    per_seed = S._memorised_per_seed()
+    per_seed = S._memorised_per_seed(_committed_reach())
     if not all(per_seed.values()):
         pytest.skip("results not committed")
     text = (S.ROOT / "README.md").read_text()
@@ -131,7 +137,7 @@ def test_as_summary_keeps_lists_and_wraps_scalars():
 
 @pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
 def test_the_pages_quote_the_committed_per_seed_bars(page):
-    tests = S.seed_tests(S._memorised_per_seed())
+    tests = S.seed_tests(_committed_reach())
     if not all(tests.values()):
         pytest.skip("results not committed")
     text = (S.ROOT / page).read_text()
@@ -139,16 +145,31 @@ def test_the_pages_quote_the_committed_per_seed_bars(page):
     assert block is not None and block.group(1) == S.render_per_seed(S.per_seed_bars(tests))
 
 
-def test_memorised_per_seed_reads_the_reach_bars_seeds_by_task_in_seed_order(tmp_path, monkeypatch):
-    def row(task: str, seed: int) -> dict:
-        return {"task": task, "seed": seed, "step": 240, "la_previous": {}} | {
-            m: {"acc": seed / 10} for m in S.MEMORISED_METHODS
-        }
+def _reach_seed(task: str, seed: int) -> dict:
+    return {"task": task, "seed": seed, "step": 240, "la_previous": {}} | {
+        m: {"acc": seed / 10} for m in S.MEMORISED_METHODS
+    }
 
-    seeds = [row("bbc_headlines_mc", 1), row("fine_foods_mc", 0), row("bbc_headlines_mc", 0)]
-    (tmp_path / "kfac_reach_bars.json").write_text(json.dumps({"memorised": {"seeds": seeds}}))
-    monkeypatch.setattr(S, "RESULTS", tmp_path)
-    out = S._memorised_per_seed()
+
+def test_memorised_per_seed_reads_the_reach_bars_seeds_by_task_in_seed_order():
+    seeds = [
+        _reach_seed("bbc_headlines_mc", 1),
+        _reach_seed("fine_foods_mc", 0),
+        _reach_seed("bbc_headlines_mc", 0),
+    ]
+    out = S._memorised_per_seed({"memorised": {"seeds": seeds}})
     assert [len(out[t]) for t in S.MEMORISED_TASKS] == [1, 0, 2]
     assert [p["test"]["la"]["acc"] for p in out["bbc_headlines_mc"]] == [0.0, 0.1]
     assert set(out["fine_foods_mc"][0]["test"]) == set(S.MEMORISED_METHODS)
+
+
+def test_seed_tests_read_both_memorised_regimes_as_one_seed_summaries():
+    reach = {
+        "memorised": {"seeds": [_reach_seed("a", 1), _reach_seed("a", 0)]},
+        "heldout-memorised": {"seeds": [_reach_seed("h", 2)]},
+    }
+    tests = S.seed_tests(reach)
+    assert list(tests) == ["3 tasks, memorised", "2 held-out tasks, memorised"]
+    memorised, heldout = tests.values()
+    assert [t["default"]["acc"] for t in memorised] == [[0.0], [0.1]]  # by task, then seed
+    assert heldout == [{"map": {"acc": [0.2]}, "temp": {"acc": [0.2]}, "default": {"acc": [0.2]}}]
