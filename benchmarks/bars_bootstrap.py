@@ -13,7 +13,10 @@ Temperature scaling's P(met) on the same bars is read from the same resamples.
 Reads the status' sources (:mod:`benchmarks.llm_status`) with the per-example test
 probabilities that :mod:`benchmarks.llm_rescore_default` stores: the re-score files of
 :mod:`benchmarks.kfac_reach_bars` (its cache,
-``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}-rescored.json``).
+``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}-rescored.json``). A re-score
+whose stored MAP probabilities do not give its MAP row is refused (re-scores made before
+``--refresh-map`` stored the rebuilt model's: ``python -m benchmarks.kfac_reach_bars
+restore-map-probs`` repairs them).
 Temperature scaling is MAP's probabilities at the stored temperature, which reproduces the
 stored metrics exactly. The shift bar is read where the re-score stored the shifted split's
 probabilities too (:mod:`benchmarks.llm_rescore_default` does since 2026-12-04; the
@@ -32,6 +35,7 @@ import torch
 
 from benchmarks import _common as C
 from benchmarks import kfac_reach_bars as R
+from benchmarks.llm_rescore_default import map_probs_match
 from laplace_lora_ext.evaluation import NLL_FLOOR, confidence_bin_index
 
 NAME = "bars_bootstrap"
@@ -138,8 +142,21 @@ def benchmark_tasks(benchmark: str) -> dict[str, list[dict]]:
     for task in R.REGIMES[regime].tasks:
         if len(files := R.rescored(regime, task)) == len(R.SEEDS):
             runs = R.merged(task, list(files.values()))["runs"][task]
-            out[task] = [runs[str(s)] for s in R.SEEDS]
+            out[task] = [check_map_probs(runs[str(s)], task, s) for s in R.SEEDS]
     return out
+
+
+def check_map_probs(run: dict, task: str, seed: int) -> dict:
+    """``run``, once every checkpoint's stored MAP test probabilities give its MAP row (else
+    the bars would pair today's default with another model's MAP)."""
+    for step, ckpt in run["checkpoints"].items():
+        if not map_probs_match(ckpt["test"]):
+            raise ValueError(
+                f"{task} seed {seed} step {step}: the stored MAP probabilities are not the "
+                "re-scored model's; run `python -m benchmarks.kfac_reach_bars "
+                "restore-map-probs` first."
+            )
+    return run
 
 
 def bar_rows(benchmark: str, draws: int = DRAWS, seed: int = 0) -> list[dict]:

@@ -206,7 +206,9 @@ def store_probs(
 def map_probs_match(rows: dict, tol: float = 1e-6) -> bool:
     """Whether a split's stored MAP probabilities (``rows["_probs"]["map"]``) give its
     ``map`` row's metrics (to ``tol``): false where a re-score before :func:`store_probs`
-    refreshed the ``map`` row on a rebuilt model but kept the file's probabilities."""
+    refreshed the ``map`` row on a rebuilt model but kept the file's probabilities, and
+    that model is not the file's. Re-trains that reproduce the file's MAP differ by float
+    noise (up to ~1e-6 here); one prediction of 240 moves accuracy by 4e-3."""
     probs = torch.tensor(rows["_probs"]["map"], dtype=torch.float64)
     new = classification_metrics(probs / probs.sum(-1, keepdim=True), torch.tensor(rows["_labels"]))
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS) <= tol
@@ -214,9 +216,10 @@ def map_probs_match(rows: dict, tol: float = 1e-6) -> bool:
 
 def restore_map_probs(path: Path) -> list[tuple[str, int, str]]:
     """Re-store MAP's test probabilities in a ``--refresh-map`` re-score (``path``) where
-    they are the file's rather than the rebuilt model's (:func:`map_probs_match`): each such
-    checkpoint is rebuilt from the cache and its MAP re-run on test; the result must give
-    the stored ``map`` row, or this raises. Returns the ``(task, seed, step)`` restored."""
+    they do not give its ``map`` row (:func:`map_probs_match`: the file's, on a rebuilt model
+    that is not the file's): each such checkpoint is rebuilt from the cache and its MAP
+    re-run on test; the result must give the stored ``map`` row, or this raises. Returns
+    the ``(task, seed, step)`` restored."""
     payload = json.loads(path.read_text())
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
@@ -244,7 +247,11 @@ def map_logits(wrapper, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """``((N, C) float64 logits, (N,) labels)`` of ``wrapper`` (eval mode) on ``loader``'s
     dict batches."""
     wrapper.eval()
-    out = [(wrapper(batch).double(), batch["labels"]) for batch in loader]
+    device = next(wrapper.parameters()).device
+    out = [
+        (wrapper({k: v.to(device) for k, v in b.items()}).double().cpu(), b["labels"])
+        for b in loader
+    ]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 

@@ -210,33 +210,23 @@ def _memorised_per_seed(reach: dict) -> dict[str, list[dict]]:
 
 
 def _as_summary(metrics: dict[str, dict], names: dict[str, str]) -> dict:
-    """Per-seed metrics ``{method: {metric: value}}`` (or ``[value, ...]``, as a one-seed
-    ``llm_calibration`` summary has them) in :mod:`benchmarks.llm_bars`' form
-    (``{name: {metric: [value, ...]}}``), methods renamed by ``names``."""
-    return {
-        new: {k: v if isinstance(v, list) else [v] for k, v in metrics[old].items()}
-        for old, new in names.items()
-    }
+    """One seed's metrics ``{method: {metric: value}}`` in :mod:`benchmarks.llm_bars`' form
+    (``{name: {metric: [value]}}``), methods renamed by ``names``."""
+    return {new: {k: [v] for k, v in metrics[old].items()} for old, new in names.items()}
 
 
 def seed_tests(reach: dict) -> dict[str, list[dict]]:
     """Each memorised checkpoint's test metrics, one entry per task and seed, for both
-    memorised regimes of ``reach`` (``kfac_reach_bars.json``: the re-trained models)."""
+    memorised regimes of ``reach`` (``kfac_reach_bars.json``: the re-trained models), in
+    the file's order."""
     names = {"map": "map", "temp": "temp", "la": "default"}
     return {
-        label: [
-            _as_summary(row, names)
-            for row in sorted(reach.get(regime, {}).get("seeds", []), key=_by_task_and_seed)
-        ]
+        label: [_as_summary(row, names) for row in reach.get(regime, {}).get("seeds", [])]
         for label, regime in (
             ("3 tasks, memorised", "memorised"),
             ("2 held-out tasks, memorised", "heldout-memorised"),
         )
     }
-
-
-def _by_task_and_seed(row: dict) -> tuple[str, int]:
-    return row["task"], row["seed"]
 
 
 def per_seed_bars(tests: dict[str, list[dict]]) -> list[dict]:

@@ -116,3 +116,39 @@ def test_the_shift_bar_is_read_where_the_shift_probabilities_are_stored(monkeypa
     assert shift["temperature_met"] is None and shift["temperature_p_met"] is None
     del seeds[1]["checkpoints"]["80"]["shift"]["_probs"]  # one seed without: no shift bar
     assert all(r["regime"] != "shift" for r in B.bar_rows("3 tasks, 10 epochs", draws=5))
+
+
+def test_a_rescore_whose_map_probabilities_are_another_models_is_refused():
+    ckpt = _checkpoint(0)
+    test = ckpt["test"]
+    probs = torch.tensor(test["_probs"]["map"], dtype=torch.float64)
+    metrics = classification_metrics(probs, torch.tensor(test["_labels"]))
+    test["map"] = {k: float(v) for k, v in metrics.items()}
+    run = {"checkpoints": {"960": ckpt}}
+    assert B.check_map_probs(run, "t", 0) is run
+    test["map"]["acc"] += 1 / 30  # MAP re-scored on a rebuilt model that differs
+    with pytest.raises(ValueError, match="t seed 0 step 960.*restore-map-probs"):
+        B.check_map_probs(run, "t", 0)
+
+
+def test_the_committed_bootstrap_reads_the_status_bars():
+    """Every observed bar of the bootstrap is the status' bar (value, bound, verdict): the
+    two read the same re-scores."""
+    boot, reach = (B.C.RESULTS_DIR / f"{n}.json" for n in (B.NAME, "kfac_reach_bars"))
+    if not (boot.exists() and reach.exists()):
+        pytest.skip("results not committed")
+    reach_bars = json.loads(reach.read_text())
+    want = {
+        (label, r["task"], r["bar"], r["regime"]): (r["value"], r["target"], r["met"])
+        for label, regime in B.BENCHMARKS.items()
+        for r in reach_bars[regime]["bars"]
+    }
+    rows = json.loads(boot.read_text())["rows"]
+    got = {
+        (r["benchmark"], r["task"], r["bar"], r["regime"]): (r["value"], r["target"], r["met"])
+        for r in rows
+    }
+    missing = set(want) - set(got)
+    assert all(key[3] == "shift" for key in missing)  # the memorised shift bar, left out
+    for key, (value, target, met) in got.items():
+        assert want[key][1:] == (target, met) and value == pytest.approx(want[key][0], abs=1e-3)

@@ -130,9 +130,9 @@ def test_per_seed_bars_count_each_seed_and_name_the_defaults_misses():
     )
 
 
-def test_as_summary_keeps_lists_and_wraps_scalars():
-    out = S._as_summary({"la": {"acc": [0.5, 0.0, 1], "nll": 0.7}}, {"la": "default"})
-    assert out == {"default": {"acc": [0.5, 0.0, 1], "nll": [0.7]}}
+def test_as_summary_wraps_one_seeds_metrics_and_renames_the_methods():
+    out = S._as_summary({"la": {"acc": 0.5, "nll": 0.7}, "x": {}}, {"la": "default"})
+    assert out == {"default": {"acc": [0.5], "nll": [0.7]}}
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
@@ -171,5 +171,5 @@ def test_seed_tests_read_both_memorised_regimes_as_one_seed_summaries():
     tests = S.seed_tests(reach)
     assert list(tests) == ["3 tasks, memorised", "2 held-out tasks, memorised"]
     memorised, heldout = tests.values()
-    assert [t["default"]["acc"] for t in memorised] == [[0.0], [0.1]]  # by task, then seed
+    assert [t["default"]["acc"] for t in memorised] == [[0.1], [0.0]]  # the file's order
     assert heldout == [{"map": {"acc": [0.2]}, "temp": {"acc": [0.2]}, "default": {"acc": [0.2]}}]
