@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import _common as C
 from benchmarks import kfac_reach_bars as R
-from benchmarks.llm_rescore_default import map_probs_match
+from benchmarks.llm_rescore_default import stale_map_probs
 from laplace_lora_ext.evaluation import NLL_FLOOR, confidence_bin_index
 
 NAME = "bars_bootstrap"
@@ -141,22 +141,23 @@ def benchmark_tasks(benchmark: str) -> dict[str, list[dict]]:
     regime, out = BENCHMARKS[benchmark], {}
     for task in R.REGIMES[regime].tasks:
         if len(files := R.rescored(regime, task)) == len(R.SEEDS):
-            runs = R.merged(task, list(files.values()))["runs"][task]
-            out[task] = [check_map_probs(runs[str(s)], task, s) for s in R.SEEDS]
+            runs = check_map_probs(R.merged(task, list(files.values()))["runs"])[task]
+            out[task] = [runs[str(s)] for s in R.SEEDS]
     return out
 
 
-def check_map_probs(run: dict, task: str, seed: int) -> dict:
-    """``run``, once every checkpoint's stored MAP test probabilities give its MAP row (else
-    the bars would pair today's default with another model's MAP)."""
-    for step, ckpt in run["checkpoints"].items():
-        if not map_probs_match(ckpt["test"]):
-            raise ValueError(
-                f"{task} seed {seed} step {step}: the stored MAP probabilities are not the "
-                "re-scored model's; run `python -m benchmarks.kfac_reach_bars "
-                "restore-map-probs` first."
-            )
-    return run
+def check_map_probs(runs: dict) -> dict:
+    """``runs`` (``task -> seed -> run``), once every checkpoint's stored MAP test
+    probabilities give its MAP row (else the bars would pair today's default with another
+    model's MAP)."""
+    if stale := stale_map_probs(runs):
+        task, seed, step = stale[0]
+        raise ValueError(
+            f"{task} seed {seed} step {step}: the stored MAP probabilities are not the "
+            "re-scored model's; run `python -m benchmarks.kfac_reach_bars "
+            "restore-map-probs` first."
+        )
+    return runs
 
 
 def bar_rows(benchmark: str, draws: int = DRAWS, seed: int = 0) -> list[dict]:

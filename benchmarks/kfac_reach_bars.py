@@ -95,8 +95,8 @@ CAVEATS = {
     "heldout-memorised": (
         "Pet species' 960-step fine-tunes do not re-train bitwise (step 32 matches to 1e-6; "
         "at step 960, 10-29 of 240 predictions and accuracy by 2-3 differ, *MAP Δ*), so there "
-        "*before* is scored "
-        "on a slightly different model; tweet device's re-train reproduces its MAP."
+        "*before* is scored on a slightly different model; tweet device's re-train reproduces "
+        "its MAP."
     ),
 }
 
@@ -348,18 +348,13 @@ def restore_map_probs(regimes: list[str]) -> list[str]:
     another model where re-training was not bitwise); the others are left untouched."""
     from benchmarks import llm_rescore_default as rescore  # torch, only for this command
 
-    out = []
-    for regime in regimes:
-        for task in REGIMES[regime].tasks:
-            for path in rescored(regime, task).values():
-                runs = json.loads(path.read_text())["runs"][task].values()
-                ckpts = [c["test"] for run in runs for c in run["checkpoints"].values()]
-                if not all(rescore.map_probs_match(c) for c in ckpts):
-                    out += [
-                        f"{path.name}: {t} seed {s} step {k}"
-                        for t, s, k in rescore.restore_map_probs(path)
-                    ]
-    return out
+    return [
+        f"{path.name}: {t} seed {s} step {k}"
+        for regime in regimes
+        for task in REGIMES[regime].tasks
+        for path in rescored(regime, task).values()
+        for t, s, k in rescore.restore_map_probs(path)
+    ]
 
 
 def main() -> None:

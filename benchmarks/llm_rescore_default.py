@@ -53,6 +53,7 @@ from laplace import Laplace
 
 import laplace_lora_ext  # noqa: F401
 from benchmarks import llm_calibration as calib
+from benchmarks.finetune import predict_probs
 from benchmarks.tasks import make_loader
 from laplace_lora_ext import eigenbasis, loo_prior
 from laplace_lora_ext.evaluation import classification_metrics
@@ -214,45 +215,43 @@ def map_probs_match(rows: dict, tol: float = 1e-6) -> bool:
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS) <= tol
 
 
-def restore_map_probs(path: Path) -> list[tuple[str, int, str]]:
+def stale_map_probs(runs: dict) -> list[tuple[str, str, str]]:
+    """``(task, seed, step)`` of every checkpoint in ``runs`` (``task -> seed -> run``)
+    whose stored MAP test probabilities do not give its ``map`` row
+    (:func:`map_probs_match`)."""
+    return [
+        (task, seed, step)
+        for task, per_seed in runs.items()
+        for seed, run in per_seed.items()
+        for step, ckpt in run["checkpoints"].items()
+        if not map_probs_match(ckpt["test"])
+    ]
+
+
+def restore_map_probs(path: Path) -> list[tuple[str, str, str]]:
     """Re-store MAP's test probabilities in a ``--refresh-map`` re-score (``path``) where
-    they do not give its ``map`` row (:func:`map_probs_match`: the file's, on a rebuilt model
+    they do not give its ``map`` row (:func:`stale_map_probs`: the file's, on a rebuilt model
     that is not the file's): each such checkpoint is rebuilt from the cache and its MAP
     re-run on test; the result must give the stored ``map`` row, or this raises. Returns
-    the ``(task, seed, step)`` restored."""
+    the ``(task, seed, step)`` restored; a file without any is neither rebuilt nor written."""
     payload = json.loads(path.read_text())
+    stale = stale_map_probs(payload["runs"])
+    if not stale:
+        return []
     args = argparse.Namespace(**payload["args"])
     torch.set_num_threads(args.threads or 1)
-    done = []
     for c in calib.cached_checkpoints(
         payload["runs"], args, skip=lambda k: map_probs_match(k["test"])
     ):
         rows = c.ckpt["test"]
-        logits, labels = map_logits(
-            c.wrapper, make_loader(c.data.test, c.collate, args.la_batch_size)
-        )
+        probs, labels = predict_probs(c.wrapper, c.data.test, c.collate, args.la_batch_size)
         if not torch.equal(labels, torch.tensor(rows["_labels"])):
             raise ValueError(f"{path}: {c.task} seed {c.seed}: test labels differ from the file's")
-        rows["_probs"]["map"] = logits.softmax(-1).float().tolist()
+        rows["_probs"]["map"] = probs.tolist()
         if not map_probs_match(rows):
             raise ValueError(f"{path}: {c.task} seed {c.seed}: MAP re-run differs from its row")
-        done.append((c.task, c.seed, c.step))
-    if done:
-        path.write_text(json.dumps(payload, indent=1, default=str))
-    return done
-
-
-@torch.no_grad()
-def map_logits(wrapper, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """``((N, C) float64 logits, (N,) labels)`` of ``wrapper`` (eval mode) on ``loader``'s
-    dict batches."""
-    wrapper.eval()
-    device = next(wrapper.parameters()).device
-    out = [
-        (wrapper({k: v.to(device) for k, v in b.items()}).double().cpu(), b["labels"])
-        for b in loader
-    ]
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    return stale
 
 
 def keep_probs(rows: dict, cache: LogitJacobianCache, la_probs: torch.Tensor) -> None:

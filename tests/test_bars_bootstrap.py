@@ -124,11 +124,11 @@ def test_a_rescore_whose_map_probabilities_are_another_models_is_refused():
     probs = torch.tensor(test["_probs"]["map"], dtype=torch.float64)
     metrics = classification_metrics(probs, torch.tensor(test["_labels"]))
     test["map"] = {k: float(v) for k, v in metrics.items()}
-    run = {"checkpoints": {"960": ckpt}}
-    assert B.check_map_probs(run, "t", 0) is run
+    runs = {"t": {"0": {"checkpoints": {"960": ckpt}}}}
+    assert B.check_map_probs(runs) is runs
     test["map"]["acc"] += 1 / 30  # MAP re-scored on a rebuilt model that differs
     with pytest.raises(ValueError, match="t seed 0 step 960.*restore-map-probs"):
-        B.check_map_probs(run, "t", 0)
+        B.check_map_probs(runs)
 
 
 def test_the_committed_bootstrap_reads_the_status_bars():
