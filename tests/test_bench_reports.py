@@ -644,3 +644,51 @@ def test_rescore_stores_the_rebuilt_models_map_probabilities_only_when_it_refres
     fresh = rows()
     store_probs(fresh, "test", cache, la, refresh_map=True)
     assert map_probs_match(fresh) and fresh["_probs"]["la"] == la.tolist()
+
+
+def test_restore_map_probs_rewrites_only_the_stale_checkpoints_and_checks_them(
+    tmp_path, monkeypatch
+):
+    """The restore's control flow with the rebuild and MAP's re-run stubbed: the stale
+    checkpoint gets the re-run's probabilities, the matching one is not rebuilt, a re-run
+    that does not give the ``map`` row raises, and a file with nothing stale is not written."""
+    from benchmarks import llm_rescore_default as R
+    from laplace_lora_ext.evaluation import classification_metrics
+
+    gen = torch.Generator().manual_seed(2)
+    old, new = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
+    labels = torch.arange(20) % 3
+
+    def ckpt(rebuilt: torch.Tensor, stored: torch.Tensor) -> dict:
+        metrics = classification_metrics(rebuilt.softmax(-1), labels)
+        test = {"map": {k: float(v) for k, v in metrics.items()}, "_labels": labels.tolist()}
+        return {"test": test | {"_probs": {"map": stored.softmax(-1).tolist(), "la": []}}}
+
+    runs = {"t": {"0": {"checkpoints": {"8": ckpt(new, old), "16": ckpt(old, old)}}}}
+    path = tmp_path / "rescored.json"
+    path.write_text(json.dumps({"args": {"threads": 1, "la_batch_size": 4}, "runs": runs}))
+    rebuilt = []
+
+    def cached(runs, args, skip):  # the rebuild, as calib.cached_checkpoints yields it
+        for step, c in runs["t"]["0"]["checkpoints"].items():
+            if not skip(c):
+                rebuilt.append(step)
+                data = types.SimpleNamespace(test=None)
+                yield types.SimpleNamespace(
+                    task="t", seed=0, ckpt=c, wrapper=None, data=data, collate=None
+                )
+
+    rerun = {"probs": new}
+    monkeypatch.setattr(R.calib, "cached_checkpoints", cached)
+    monkeypatch.setattr(R, "predict_probs", lambda *a: (rerun["probs"].softmax(-1), labels))
+    assert R.restore_map_probs(path) == [("t", "0", "8")] and rebuilt == ["8"]
+    restored = json.loads(path.read_text())["runs"]["t"]["0"]["checkpoints"]
+    assert restored["8"]["test"]["_probs"]["map"] == new.softmax(-1).tolist()
+    assert restored["16"]["test"]["_probs"]["map"] == old.softmax(-1).tolist()
+    before = path.read_text()
+    assert R.restore_map_probs(path) == [] and path.read_text() == before  # a no-op now
+    runs["t"]["0"]["checkpoints"]["8"] = ckpt(new, old)
+    path.write_text(json.dumps({"args": {"threads": 1, "la_batch_size": 4}, "runs": runs}))
+    rerun["probs"] = old  # a re-run that is not the row's model
+    with pytest.raises(ValueError, match="MAP re-run differs from its row"):
+        R.restore_map_probs(path)
