@@ -18,9 +18,10 @@ whose stored MAP probabilities do not give its MAP row is refused (re-scores mad
 ``--refresh-map`` stored the rebuilt model's: ``python -m benchmarks.kfac_reach_bars
 restore-map-probs`` repairs them).
 Temperature scaling is MAP's probabilities at the stored temperature, which reproduces the
-stored metrics exactly. The shift bar is read where the re-score stored the shifted split's
-probabilities too (:mod:`benchmarks.llm_rescore_default` does since 2026-12-04; the
-memorised regime's re-scores predate that). ::
+stored metrics exactly. The shift bars are read where the re-score stored the shifted split's
+probabilities too (:mod:`benchmarks.llm_rescore_default` does since 2026-12-04): both are
+(the memorised fine foods re-scores were re-run for it, identical but for the added
+probabilities). ::
 
     python -m benchmarks.bars_bootstrap [--draws 2000]
 
@@ -162,8 +163,8 @@ def check_map_probs(runs: dict) -> dict:
 
 def bar_rows(benchmark: str, draws: int = DRAWS, seed: int = 0) -> list[dict]:
     """Per task and bar: the observed value and verdict, P(met) over ``draws`` resampled
-    test sets for the default and for temperature scaling (not for the shift bar, which
-    compares the two), and the 90 % interval of the default's slack. The shift bar is read
+    test sets for the default and for temperature scaling (not for the shift bars, which
+    compare the two), and the 90 % interval of the default's slack. A shift bar is read
     where the shifted split's probabilities are stored (resampled with its own generator,
     so the test draws do not depend on it)."""
     generators = {split: torch.Generator().manual_seed(seed + i) for i, split in enumerate(SPLITS)}
@@ -224,7 +225,7 @@ def render(rows: list[dict], draws: int) -> str:
         for r in rows
     ]  # fmt: skip
     near = [r for r in rows if 0.1 <= r["p_met"] <= 0.9]
-    own = [r for r in rows if r["temperature_met"] is not None]  # all but the shift bar
+    own = [r for r in rows if r["temperature_met"] is not None]  # all but the shift bars
     expected = [
         f"{name}: default {sum(r['p_met'] for r in rs):.1f}, temperature scaling "
         f"{sum(r['temperature_p_met'] for r in rs):.1f} of {len(rs)}"
@@ -242,20 +243,20 @@ def render(rows: list[dict], draws: int) -> str:
             "nats for NLL), observed and its 5th to 95th percentile over the resamples; "
             "*P(met)*: the share of resampled test sets on which the bar is met. The "
             "resampled ECE runs higher than the observed one (a resample repeats examples, "
-            "and ECE grows with noise), for MAP too. The shift bar (the default's NLL against "
-            "temperature scaling's on the shifted split, resampled the same way) is read "
+            "and ECE grows with noise), for MAP too. The shift bars (the default's NLL against "
+            "temperature scaling's on the shifted split, resampled the same way) are read "
             "where the re-score stored the shifted split's probabilities.",
             "",
             C.md_table(head, table),
             "",
             f"{sum(r['met'] for r in rows)} of {len(rows)} bars met on the observed test sets "
             f"(temperature scaling: {sum(r['temperature_met'] for r in own)} of {len(own)}, "
-            "the shift bar left out); "
+            "the shift bars left out); "
             f"{len(near)} with P(met) between 0.1 and 0.9 (a new test set of the same size "
             "could flip them).",
             "",
-            "Bars met on average over the resamples (the sum of P(met), the shift bar left "
-            "out): "
+            "Bars met on average over the resamples (the sum of P(met), the shift bars "
+            "left out): "
             + "; ".join(expected)
             + ". Temperature scaling keeps MAP's argmax, so it meets the accuracy bar on "
             "every resample by construction.",
