@@ -14,8 +14,8 @@ Reads the status' sources (:mod:`benchmarks.llm_status`) with the per-example te
 probabilities that :mod:`benchmarks.llm_rescore_default` stores: the re-score files of
 :mod:`benchmarks.kfac_reach_bars` (its cache,
 ``benchmarks/cache/kfac_reach_bars/{regime}-{task}-seed{seed}-rescored.json``). A re-score
-whose stored MAP probabilities do not give its MAP row is refused (re-scores made before
-``--refresh-map`` stored the rebuilt model's: ``python -m benchmarks.kfac_reach_bars
+whose stored MAP probabilities are not its MAP row's model's is refused (re-scores made
+before ``--refresh-map`` stored the rebuilt model's: ``python -m benchmarks.kfac_reach_bars
 restore-map-probs`` repairs them).
 Temperature scaling is MAP's probabilities at the stored temperature, which reproduces the
 stored metrics exactly. The shift bars are read where the re-score stored the shifted split's
@@ -149,8 +149,8 @@ def benchmark_tasks(benchmark: str) -> dict[str, list[dict]]:
 
 def check_map_probs(runs: dict) -> dict:
     """``runs`` (``task -> seed -> run``), once every checkpoint's stored MAP test
-    probabilities give its MAP row (else the bars would pair today's default with another
-    model's MAP)."""
+    probabilities are its MAP row's model's (else the bars would pair today's default with
+    another model's MAP)."""
     if stale := stale_map_probs(runs):
         task, seed, step = stale[0]
         raise ValueError(

@@ -30,10 +30,10 @@ chosen on validation data and compared on test without confounds (used by
 ``--steps S ...`` keeps only those checkpoints (the file is written to ``--out``).
 ``--refresh-map`` (with ``--out``) also re-scores MAP and temperature scaling (the file's
 temperature) on the rebuilt model, keeping the file's rows as ``map_file`` / ``temp_file``,
-and stores the rebuilt model's MAP probabilities on test (since 2026-12-04; before, the
-file's were kept, which belong to another model where re-training is not bitwise:
-:func:`restore_map_probs` repairs such a file): for checkpoints re-trained where the cache
-was lost (:mod:`benchmarks.kfac_reach_bars`).
+and stores the rebuilt model's MAP probabilities on test, marked :data:`MAP_PROBS_REBUILT`
+(since 2026-12-04; before, the file's were kept, which belong to another model where
+re-training is not bitwise: :func:`restore_map_probs` repairs such a file): for checkpoints
+re-trained where the cache was lost (:mod:`benchmarks.kfac_reach_bars`).
 
 Each checkpoint records ``_rescore_map_max_abs_diff``, the largest difference between the
 file's MAP metrics and the rebuilt model's: a cached checkpoint that is not the model of
@@ -204,12 +204,20 @@ def store_probs(
         rows["_probs"]["la"] = la_probs.tolist()
 
 
+#: Set on a split whose stored MAP probabilities were computed on the model this re-score
+#: rebuilt (:func:`keep_probs`, :func:`restore_map_probs`), which is the model of its
+#: ``map`` row whenever ``--refresh-map`` re-scored that row.
+MAP_PROBS_REBUILT = "_map_probs_rebuilt"
+
+
 def map_probs_match(rows: dict, tol: float = 1e-6) -> bool:
-    """Whether a split's stored MAP probabilities (``rows["_probs"]["map"]``) give its
-    ``map`` row's metrics (to ``tol``): false where a re-score before :func:`store_probs`
-    refreshed the ``map`` row on a rebuilt model but kept the file's probabilities, and
-    that model is not the file's. Re-trains that reproduce the file's MAP differ by float
-    noise (up to ~1e-6 here); one prediction of 240 moves accuracy by 4e-3."""
+    """Whether a split's stored MAP probabilities (``rows["_probs"]["map"]``) are its
+    ``map`` row's model's: computed on the rebuilt model where ``--refresh-map`` re-scored the
+    row on it (:data:`MAP_PROBS_REBUILT`; a re-score before :func:`store_probs` kept the
+    file's, another model where re-training is not bitwise), and in any case giving the
+    row's metrics to ``tol`` (a check: one prediction of 240 moves accuracy by 4e-3)."""
+    if "map_file" in rows and not rows.get(MAP_PROBS_REBUILT):
+        return False
     probs = torch.tensor(rows["_probs"]["map"], dtype=torch.float64)
     new = classification_metrics(probs / probs.sum(-1, keepdim=True), torch.tensor(rows["_labels"]))
     return max(abs(float(new[k]) - float(rows["map"][k])) for k in calib.METRICS) <= tol
@@ -217,7 +225,7 @@ def map_probs_match(rows: dict, tol: float = 1e-6) -> bool:
 
 def stale_map_probs(runs: dict) -> list[tuple[str, str, str]]:
     """``(task, seed, step)`` of every checkpoint in ``runs`` (``task -> seed -> run``)
-    whose stored MAP test probabilities do not give its ``map`` row
+    whose stored MAP test probabilities are not its ``map`` row's model's
     (:func:`map_probs_match`)."""
     return [
         (task, seed, step)
@@ -230,9 +238,9 @@ def stale_map_probs(runs: dict) -> list[tuple[str, str, str]]:
 
 def restore_map_probs(path: Path) -> list[tuple[str, str, str]]:
     """Re-store MAP's test probabilities in a ``--refresh-map`` re-score (``path``) where
-    they do not give its ``map`` row (:func:`stale_map_probs`: the file's, on a rebuilt model
-    that is not the file's): each such checkpoint is rebuilt from the cache and its MAP
-    re-run on test; the result must give the stored ``map`` row, or this raises. Returns
+    they are not its ``map`` row's model's (:func:`stale_map_probs`: the file's, kept by a
+    re-score before :func:`store_probs`): each such checkpoint is rebuilt from the cache and
+    its MAP re-run on test; the result must give the stored ``map`` row, or this raises. Returns
     the ``(task, seed, step)`` restored; a file without any is neither rebuilt nor written."""
     payload = json.loads(path.read_text())
     stale = stale_map_probs(payload["runs"])
@@ -248,6 +256,7 @@ def restore_map_probs(path: Path) -> list[tuple[str, str, str]]:
         if not torch.equal(labels, torch.tensor(rows["_labels"])):
             raise ValueError(f"{path}: {c.task} seed {c.seed}: test labels differ from the file's")
         rows["_probs"]["map"] = probs.tolist()
+        rows[MAP_PROBS_REBUILT] = True
         if not map_probs_match(rows):
             raise ValueError(f"{path}: {c.task} seed {c.seed}: MAP re-run differs from its row")
     path.write_text(json.dumps(payload, indent=1, default=str))
@@ -260,6 +269,7 @@ def keep_probs(rows: dict, cache: LogitJacobianCache, la_probs: torch.Tensor) ->
     map_probs = cache.logits.softmax(-1).float()
     rows["_probs"] = {"map": map_probs.tolist(), "la": la_probs.tolist()}
     rows["_labels"] = cache.labels.tolist()
+    rows[MAP_PROBS_REBUILT] = True
 
 
 def map_and_temperature(cache: LogitJacobianCache, T: float) -> dict[str, torch.Tensor]:

@@ -644,6 +644,12 @@ def test_rescore_stores_the_rebuilt_models_map_probabilities_only_when_it_refres
     fresh = rows()
     store_probs(fresh, "test", cache, la, refresh_map=True)
     assert map_probs_match(fresh) and fresh["_probs"]["la"] == la.tolist()
+    # a refreshed map row (map_file kept) needs the rebuilt model's probabilities, not
+    # merely ones that give its metrics: the file's model may differ by float noise only
+    kept = rows() | {"map_file": {}, "_probs": {"map": new.softmax(-1).tolist(), "la": []}}
+    assert not map_probs_match(kept)
+    store_probs(kept, "test", cache, la, refresh_map=True)
+    assert map_probs_match(kept)
 
 
 def test_restore_map_probs_rewrites_only_the_stale_checkpoints_and_checks_them(
@@ -662,9 +668,12 @@ def test_restore_map_probs_rewrites_only_the_stale_checkpoints_and_checks_them(
     def ckpt(rebuilt: torch.Tensor, stored: torch.Tensor) -> dict:
         metrics = classification_metrics(rebuilt.softmax(-1), labels)
         test = {"map": {k: float(v) for k, v in metrics.items()}, "_labels": labels.tolist()}
+        test["map_file"] = test["map"]  # a --refresh-map re-score (the file's row kept)
         return {"test": test | {"_probs": {"map": stored.softmax(-1).tolist(), "la": []}}}
 
-    runs = {"t": {"0": {"checkpoints": {"8": ckpt(new, old), "16": ckpt(old, old)}}}}
+    stored = ckpt(old, old)  # its MAP probabilities stored from the rebuilt model
+    stored["test"][R.MAP_PROBS_REBUILT] = True
+    runs = {"t": {"0": {"checkpoints": {"8": ckpt(new, old), "16": stored}}}}
     path = tmp_path / "rescored.json"
     path.write_text(json.dumps({"args": {"threads": 1, "la_batch_size": 4}, "runs": runs}))
     rebuilt = []
@@ -684,6 +693,7 @@ def test_restore_map_probs_rewrites_only_the_stale_checkpoints_and_checks_them(
     assert R.restore_map_probs(path) == [("t", "0", "8")] and rebuilt == ["8"]
     restored = json.loads(path.read_text())["runs"]["t"]["0"]["checkpoints"]
     assert restored["8"]["test"]["_probs"]["map"] == new.softmax(-1).tolist()
+    assert restored["8"]["test"][R.MAP_PROBS_REBUILT]
     assert restored["16"]["test"]["_probs"]["map"] == old.softmax(-1).tolist()
     before = path.read_text()
     assert R.restore_map_probs(path) == [] and path.read_text() == before  # a no-op now
