@@ -30,8 +30,8 @@ now reads all its rows from the results):
     python -m benchmarks.kfac_reach_bars report
 
 ``restore-map-probs`` re-runs MAP on test for the cached checkpoints whose stored MAP
-probabilities are not the rebuilt model's (re-scores made before ``--refresh-map`` stored
-them, marked; :mod:`benchmarks.bars_bootstrap` reads them).
+probabilities are not marked as the rebuilt model's (re-scores made before ``--refresh-map``
+stored and marked them; :mod:`benchmarks.bars_bootstrap` reads them).
 
 Writes ``results/kfac_reach_bars.{json,md}`` (bars, per-seed test rows, the largest
 difference between the re-trained and the committed MAP metrics).
