@@ -158,15 +158,34 @@ _POSITION_TABLES = ("wpe", "position_embeddings")
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` or a ``transformers.PreTrainedModel``, also
-    inside ``DataParallel`` / ``DistributedDataParallel`` (an ``isinstance`` check, not a
-    guess from attributes or signatures)."""
+    """Whether ``model`` is a ``transformers.PreTrainedModel``, or a ``peft.PeftModel`` around
+    one, also inside ``DataParallel`` / ``DistributedDataParallel`` (an ``isinstance`` check,
+    not a guess from attributes or signatures). A ``PeftModel`` around a custom module (what
+    laplace-torch's documented LoRA recipe builds: ``get_peft_model(MyGPT2(...), config)``)
+    is not: it forwards its arguments to that module, which takes the dict batch."""
     from peft import PeftModel
     from transformers import PreTrainedModel
 
+    model = _unwrap_parallel(model)
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return isinstance(model, PreTrainedModel)
+
+
+def _unwrap_parallel(model: nn.Module) -> nn.Module:
+    """``model.module`` for ``DataParallel`` / ``DistributedDataParallel``, else ``model``."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return isinstance(model, (PeftModel, PreTrainedModel))
+        return model.module
+    return model
+
+
+def _forward_owner(model: nn.Module) -> nn.Module:
+    """The module whose ``forward`` receives ``model``'s arguments: the base model of a
+    ``PeftModel`` (which passes ``*args, **kwargs`` on), else ``model`` itself."""
+    from peft import PeftModel
+
+    inner = _unwrap_parallel(model)
+    return inner.get_base_model() if isinstance(inner, PeftModel) else model
 
 
 def call_model(
@@ -178,13 +197,14 @@ def call_model(
     """Call ``model`` on a batch the way laplace-torch does, with one convenience.
 
     * tensor ``x``: ``model(x, **model_kwargs)``;
-    * dict ``x`` and a ``PeftModel`` / HF ``PreTrainedModel``: ``model(**inputs,
-      **model_kwargs)`` with the labels (``dict_key_y``) removed;
+    * dict ``x`` and an HF ``PreTrainedModel`` (or a ``PeftModel`` around one):
+      ``model(**inputs, **model_kwargs)`` with the labels (``dict_key_y``) removed;
     * dict ``x`` and the package's own wrappers (``LastTokenChoiceLM``,
       ``SequenceClassifier``): ``model(inputs, **model_kwargs)``, labels removed;
-    * dict ``x`` and any other module: ``model(x, **model_kwargs)``, the whole batch,
-      labels included, exactly as laplace-torch calls it (its documented HF wrapper has
-      ``def forward(self, data)`` and reads ``data["input_ids"]``).
+    * dict ``x`` and any other module, a ``PeftModel`` around one included:
+      ``model(x, **model_kwargs)``, the whole batch, labels included, exactly as
+      laplace-torch calls it (its documented HF wrapper has ``def forward(self, data)`` and
+      reads ``data["input_ids"]``; its LoRA recipe wraps that module in ``get_peft_model``).
     """
     kwargs = dict(model_kwargs or {})
     if not isinstance(x, Mapping):
@@ -195,7 +215,7 @@ def call_model(
 
     if isinstance(model, _DictModule):
         return model(model_inputs(x, dict_key_y), **kwargs)
-    _check_takes_batch(model, x, kwargs)
+    _check_takes_batch(_forward_owner(model), x, kwargs)
     return model(x, **kwargs)
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from laplace_lora_ext import compat
 from laplace_lora_ext.inputs import forward_logits, is_hf_model
 from laplace_lora_ext.testing import kfac_reference
 from tests.cases import make_case
-from tests.models import TARGET_IDS, loader, lora_laplace, tiny_llama
+from tests.models import TARGET_IDS, loader, lora_laplace, random_batch, tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -92,6 +95,59 @@ def test_hf_models_are_detected_by_type():
     assert is_hf_model(peft_model) and is_hf_model(peft_model.get_base_model())
     assert is_hf_model(torch.nn.DataParallel(peft_model))
     assert not is_hf_model(case.model) and not is_hf_model(DocWrapper(peft_model))
+    around_custom = PeftModel(DocWrapper(tiny_gpt2_base()), _recipe_lora())
+    assert not is_hf_model(around_custom) and not is_hf_model(nn.DataParallel(around_custom))
+
+
+def tiny_gpt2_base() -> torch.nn.Module:
+    """A bare tiny GPT-2 sequence classifier (no LoRA), float64."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=40, n_embd=8, n_layer=2, n_head=2, n_positions=32, num_labels=3,
+        pad_token_id=0, attn_implementation="eager", initializer_range=0.5,
+    )  # fmt: skip
+    return GPT2ForSequenceClassification(config).double()
+
+
+def _recipe_lora() -> LoraConfig:
+    """laplace-torch's LoRA recipe: no ``task_type``, so PEFT builds a plain ``PeftModel``."""
+    return LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_laplace_torch_lora_recipe_peft_around_custom_module(structure):
+    """laplace-torch's HF example applies ``get_peft_model`` to its ``forward(self, data)``
+    wrapper; the resulting ``PeftModel`` passes the dict batch on to that wrapper, so it must
+    be called as ``model(batch)`` (it crashed with ``unexpected keyword 'input_ids'``). The
+    posterior must equal the one on the wrapper itself (the same modules, LoRA included)."""
+    recipe = get_peft_model(DocWrapper(tiny_gpt2_base()), _recipe_lora())
+    for name, p in recipe.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(generator=torch.Generator().manual_seed(1))
+    batch = random_batch(7, 6, 3, "right", pad_id=0)
+    results = []
+    for model in (recipe, recipe.get_base_model()):
+        la = lora_laplace(model, structure)
+        la.fit(loader(batch, 4))
+        results.append((la.log_marginal_likelihood(torch.tensor(0.7)), la(batch)))
+    assert results[0][0].item() == pytest.approx(results[1][0].item(), rel=1e-10)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+    assert "labels" in recipe.get_base_model().seen_keys  # the whole batch, as laplace-torch
+
+
+def test_peft_around_custom_module_with_tensor_forward_gets_a_clear_error():
+    class TakesIds(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf_model = hf
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    model = get_peft_model(TakesIds(tiny_gpt2_base()), _recipe_lora())
+    la = lora_laplace(model, "kron")
+    with pytest.raises(TypeError, match="cannot be called as model\\(batch\\)"):
+        la.fit(loader(random_batch(4, 6, 3, "right", pad_id=0), 2))
 
 
 def test_keyword_only_forward_gets_a_clear_error():
