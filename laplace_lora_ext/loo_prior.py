@@ -65,8 +65,8 @@ from .jacobian_cache import LogitJacobianCache
 from .prior import (
     RuleNotApplicableError,
     UnchangedLogitsError,
-    adapters_disabled,
     lora_a_mask,
+    lora_b_zeroed,
     spread_matched_precision,
 )
 
@@ -102,30 +102,6 @@ REDRAW_SEED = 0
 #: A Monte Carlo mean, not the exact expectation over the draw: that is the kernel of the
 #: full ``out × in`` weight matrices, whose per-example Jacobians do not fit at LLM sizes.
 KERNEL_DRAWS = 8
-
-
-def _is_lora_b(name: str) -> bool:
-    return ".lora_B." in name or ".lora_embedding_B." in name or name.startswith("lora_B.")
-
-
-@contextmanager
-def lora_b_zeroed(la: Any) -> Iterator[None]:
-    """Every ``lora_B`` tensor of ``la.params`` set to zero, then restored exactly (also
-    when the body raises): the adapter before fine-tuning, with ``lora_A`` as trained."""
-    saved = [
-        (p, p.detach().clone())
-        for p, name in zip(la.params, la.lora_param_names, strict=True)
-        if _is_lora_b(name)
-    ]
-    try:
-        with torch.no_grad():
-            for p, _ in saved:
-                p.zero_()
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in saved:
-                p.copy_(value)
 
 
 @contextmanager
@@ -359,7 +335,7 @@ def _kernel_and_base(
             size += nbytes
             if used and size > LOO_JACOBIAN_BYTES:
                 break
-            with torch.no_grad(), adapters_disabled(la.model):
+            with torch.no_grad(), lora_b_zeroed(la):
                 bases.append(forward_logits(la.model, X, la.dict_key_y).double())
             for held, J_d in zip(rows, J, strict=True):
                 held.append(J_d)

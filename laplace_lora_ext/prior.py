@@ -68,6 +68,8 @@ __all__ = [
     "fit_prior_precision",
     "PriorFit",
     "adapters_disabled",
+    "is_lora_b",
+    "lora_b_zeroed",
     "function_space_sums",
     "function_space_precision",
     "UnchangedLogitsError",
@@ -318,6 +320,31 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
             m.enable_adapters(not off)
 
 
+def is_lora_b(name: str) -> bool:
+    """Whether a parameter name is a PEFT ``lora_B`` (or ``lora_embedding_B``) tensor's."""
+    return ".lora_B." in name or ".lora_embedding_B." in name or name.startswith("lora_B.")
+
+
+@contextmanager
+def lora_b_zeroed(la: Any) -> Iterator[None]:
+    """Every ``lora_B`` tensor of ``la.params`` set to zero, then restored exactly (also
+    when the body raises): the adapter before fine-tuning, with ``lora_A`` as trained."""
+    saved = [
+        (p, p.detach().clone())
+        for p, name in zip(la.params, la.lora_param_names, strict=True)
+        if is_lora_b(name)
+    ]
+    try:
+        with torch.no_grad():
+            for p, _ in saved:
+                p.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
 def _centre(x: Tensor, dim: int) -> Tensor:
     return x - x.mean(dim=dim, keepdim=True)
 
@@ -326,16 +353,18 @@ def function_space_sums(la: Any, loader: Iterable[Any], free: Tensor) -> tuple[T
     """``(Σ_n ‖P J_n‖²_F, Σ_n ‖P Δf_n‖²)`` over ``loader``'s examples.
 
     ``J_n`` stacks the logit Jacobian blocks of the tensors marked by ``free`` ``(L,)``,
-    ``Δf_n = f(x_n) - f_base(x_n)`` is the change of the logits ``(C,)`` that the adapter
-    makes (adapters disabled for ``f_base``), and ``P = I - 11ᵀ/C`` centres over classes
-    (a shift of every logit changes no probability). Model in eval mode; no gradients kept.
+    ``Δf_n = f(x_n) - f_base(x_n)`` is the change of the logits ``(C,)`` that the
+    posterior's ``lora_B`` tensors make (:func:`lora_b_zeroed` for ``f_base``: adapters
+    outside ``la.params``, e.g. with ``lora_modules``, stay as trained), and
+    ``P = I - 11ᵀ/C`` centres over classes (a shift of every logit changes no probability).
+    Model in eval mode; no gradients kept.
     """
     jac, change = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     with guards.eval_mode(la.model):
         for batch in loader:
             X, _ = split_batch(batch, la.dict_key_y, la._device)
             f_mu, blocks = logit_jacobian_blocks(la.backend, X)
-            with torch.no_grad(), adapters_disabled(la.model):
+            with torch.no_grad(), lora_b_zeroed(la):
                 f_base = forward_logits(la.model, X, la.dict_key_y).to(f_mu.dtype)
             change += _centre(f_mu - f_base, -1).double().square().sum().cpu()
             for keep, W in zip(free.tolist(), blocks, strict=True):

@@ -133,12 +133,12 @@ def random_batch(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def zero_lora_B(model: torch.nn.Module) -> torch.nn.Module:
-    """Set every ``lora_B`` weight of ``model`` to zero (in place; an untrained adapter, or a
-    brute-force ``B = 0`` copy) and return the model."""
+def zero_lora_B(model: torch.nn.Module, covered: str = "") -> torch.nn.Module:
+    """Set every ``lora_B`` weight of ``model`` whose name contains ``covered`` to zero (in
+    place; an untrained adapter, or a brute-force ``B = 0`` copy) and return the model."""
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n and covered in n:
                 p.zero_()
     return model
 

@@ -14,16 +14,20 @@ from laplace_lora_ext.prior import adapters_disabled, lora_a_mask, spread_matche
 from tests.models import loader, lora_laplace, random_batch, tiny_llama, tiny_roberta, zero_lora_B
 
 
-def brute_force_delta_b(model: torch.nn.Module, batch: dict, hf: bool = False) -> float:
-    """``hf``: a bare PEFT/HF model, called as ``model(**inputs).logits``."""
-    params = [p for n, p in model.named_parameters() if "lora_B" in n]
+def brute_force_delta_b(
+    model: torch.nn.Module, batch: dict, hf: bool = False, covered: str = ""
+) -> float:
+    """``hf``: a bare PEFT/HF model, called as ``model(**inputs).logits``; ``covered``: only
+    the ``lora_B`` tensors whose names contain it are in the posterior (zeroed for the base
+    logits, in the Jacobian); the other adapters stay as trained."""
+    params = [p for n, p in model.named_parameters() if "lora_B" in n and covered in n]
     X = {k: v for k, v in batch.items() if k != "labels"}
 
     def logits_of(m: torch.nn.Module) -> torch.Tensor:
         return m(**X).logits if hf else m(X)
 
     logits = logits_of(model)
-    zeroed = zero_lora_B(copy.deepcopy(model))
+    zeroed = zero_lora_B(copy.deepcopy(model), covered)
     with torch.no_grad():
         base = logits_of(zeroed)
     centred = logits - logits.mean(-1, keepdim=True)
@@ -61,6 +65,21 @@ def test_function_space_prior_on_a_bare_peft_model():
     la.optimize_prior_precision(method="function_space")
     is_a = lora_a_mask(la.lora_param_names)
     want_b = brute_force_delta_b(model, batch, hf=True)
+    got = la.prior_precision[~is_a]
+    torch.testing.assert_close(got, torch.full_like(got, want_b), rtol=1e-8, atol=0)
+
+
+def test_function_space_counts_only_the_posteriors_adapters():
+    """With ``lora_modules`` the other adapters stay trained in the base logits: ``Δf`` is
+    what the covered ``lora_B`` did (it took every adapter's change, a prior 5x too wide)."""
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=5, n_classes=3, seed=4)
+    la = lora_laplace(model, lora_modules=r"layers\.1\.")
+    la.fit(loader(batch, 2))
+    la.optimize_prior_precision(method="function_space")
+    is_a = lora_a_mask(la.lora_param_names)
+    want_b = brute_force_delta_b(model, batch, covered="layers.1.")
+    assert want_b != pytest.approx(brute_force_delta_b(model, batch), rel=0.1)
     got = la.prior_precision[~is_a]
     torch.testing.assert_close(got, torch.full_like(got, want_b), rtol=1e-8, atol=0)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from laplace_lora_ext import loo_prior
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
-from laplace_lora_ext.prior import lora_a_mask, spread_matched_precision
+from laplace_lora_ext.prior import UnchangedLogitsError, lora_a_mask, spread_matched_precision
 from tests.models import loader, lora_laplace, random_batch, tiny_llama, zero_lora_B
 
 
@@ -73,16 +73,19 @@ def test_lora_a_redrawn_restores_the_weights_even_on_error():
         assert torch.equal(p, before[n]), n
 
 
-def explicit_centred_jacobian(model: torch.nn.Module, X: dict, lora_a: dict | None):
+def explicit_centred_jacobian(
+    model: torch.nn.Module, X: dict, lora_a: dict | None, covered: str = ""
+):
     """``(J, base)``: the centred-basis Jacobian ``(N(C-1), P_B)`` of the logits with respect
-    to every ``lora_B`` at ``B = 0``, row by row with autograd (``lora_A`` replaced by
-    ``lora_a``, name to value, if given), and the base logits ``(N, C)``."""
-    zeroed = zero_lora_B(copy.deepcopy(model))
+    to every ``lora_B`` whose name contains ``covered``, at those ``B = 0`` (the others as
+    trained), row by row with autograd (``lora_A`` replaced by ``lora_a``, name to value, if
+    given), and the base logits ``(N, C)``."""
+    zeroed = zero_lora_B(copy.deepcopy(model), covered)
     with torch.no_grad():
         for n, p in zeroed.named_parameters():
             if lora_a and n in lora_a:
                 p.copy_(lora_a[n])
-    params = [p for n, p in zeroed.named_parameters() if "lora_B" in n]
+    params = [p for n, p in zeroed.named_parameters() if "lora_B" in n and covered in n]
     base = zeroed(X)
     Q = loo_prior.centred_basis(base.shape[-1])
     rows = []
@@ -94,16 +97,19 @@ def explicit_centred_jacobian(model: torch.nn.Module, X: dict, lora_a: dict | No
 
 
 def brute_force_loo_logits(
-    model: torch.nn.Module, batch: dict, lora_a: dict | list[dict] | None = None
+    model: torch.nn.Module,
+    batch: dict,
+    lora_a: dict | list[dict] | None = None,
+    covered: str = "",
 ) -> torch.Tensor:
     """Leave-one-out logits ``(N, C)`` from explicit Jacobians at ``B = 0``, ``lora_A``
     replaced by ``lora_a`` in the kernel's copy of the model if given (a list: the kernel is
-    the mean of one kernel per entry)."""
+    the mean of one kernel per entry); ``covered`` as in :func:`explicit_centred_jacobian`."""
     X = {k: v for k, v in batch.items() if k != "labels"}
     draws = lora_a if isinstance(lora_a, list) else [lora_a]
     kernels = []
     for draw in draws:
-        J, base = explicit_centred_jacobian(model, X, draw)
+        J, base = explicit_centred_jacobian(model, X, draw, covered)
         kernels.append(J @ J.T)
     Q = loo_prior.centred_basis(base.shape[-1])
     f_map = model(X).detach()
@@ -158,6 +164,29 @@ def test_loo_logits_match_brute_force_and_the_prior_minimises_their_nll(structur
     for n, p in model.named_parameters():  # lora_B restored after the B = 0 pass
         if "lora_B" in n:
             assert p.abs().sum() > 0
+
+
+def test_loo_logits_with_lora_modules_keep_the_other_adapters_trained():
+    """Only the posterior's ``lora_B`` are zeroed for the base logits (all adapters were
+    switched off, so ``y`` held changes the kernel cannot explain)."""
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    la = lora_laplace(model, lora_modules=r"layers\.1\.")
+    la.fit(loader(batch, 2))
+    cache = loo_prior.loo_cache(la, loader(batch, 2))
+    want = brute_force_loo_logits(model, batch, default_draws(la), covered="layers.1.")
+    torch.testing.assert_close(cache.logits, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["leave_one_out", "function_space"])
+def test_training_data_rules_refuse_an_untrained_covered_adapter_beside_trained_ones(method):
+    model = zero_lora_B(tiny_llama(seed=3), covered="layers.1.")  # layer 0 stays trained
+    la = lora_laplace(model, lora_modules=r"layers\.1\.")
+    la.fit(loader(random_batch(n=6, n_classes=3, seed=4), 2))
+    before = la.prior_precision.clone()
+    with pytest.raises(UnchangedLogitsError, match="does not change the logits"):
+        la.optimize_prior_precision(method=method)
+    torch.testing.assert_close(la.prior_precision, before)
 
 
 def test_leave_one_out_refuses_untrained_adapters_and_missing_data():
