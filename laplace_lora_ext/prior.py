@@ -73,6 +73,7 @@ __all__ = [
     "function_space_sums",
     "function_space_precision",
     "UnchangedLogitsError",
+    "TrainingDataSpentError",
 ]
 
 
@@ -381,6 +382,11 @@ class RuleNotApplicableError(ValueError):
 
 class UnchangedLogitsError(RuleNotApplicableError):
     """The adapter does not change the logits (``B = 0``): no function-space prior."""
+
+
+class TrainingDataSpentError(RuleNotApplicableError):
+    """``fit``'s loaders yield no batches on a second pass (e.g. a ``DataLoader`` over a
+    single-pass ``IterableDataset``): no training-data prior."""
 
 
 def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:

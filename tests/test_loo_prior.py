@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from laplace_lora_ext import loo_prior
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
-from laplace_lora_ext.prior import UnchangedLogitsError, lora_a_mask, spread_matched_precision
+from laplace_lora_ext.prior import (
+    TrainingDataSpentError,
+    UnchangedLogitsError,
+    lora_a_mask,
+    spread_matched_precision,
+)
 from tests.models import loader, lora_laplace, random_batch, tiny_llama, zero_lora_B
 
 
@@ -207,6 +212,36 @@ def test_leave_one_out_refuses_untrained_adapters_and_missing_data():
     la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data
     with pytest.warns(RuntimeWarning, match="does not change the logits"):
         la.optimize_prior_precision()
+
+
+class _SinglePass(torch.utils.data.IterableDataset):
+    """Examples that can be iterated once: a ``DataLoader`` over it is empty after ``fit``."""
+
+    def __init__(self, batch: dict):
+        n = len(batch["labels"])
+        self.examples = iter([{k: v[i] for k, v in batch.items()} for i in range(n)])
+
+    def __iter__(self):
+        return self.examples
+
+
+def test_a_loader_that_fit_emptied_gets_a_clear_error_and_the_default_falls_back():
+    model = tiny_llama(seed=3)
+    batch = random_batch(n=6, n_classes=3, seed=4)
+    las = []
+    for data in (torch.utils.data.DataLoader(_SinglePass(batch), batch_size=3), loader(batch, 3)):
+        la = lora_laplace(model)
+        la.fit(data)
+        la.loss = 0.5 * SATURATED_TRAIN_NLL * la.n_data  # memorised: the default is the rule
+        las.append(la)
+    spent, kept = las
+    for method in ("leave_one_out", "function_space"):
+        with pytest.raises(TrainingDataSpentError, match="yield no batches on a second pass"):
+            spent.optimize_prior_precision(method=method)
+    with pytest.warns(RuntimeWarning, match="yield no batches.*Using method='lora_marglik'"):
+        spent.optimize_prior_precision()
+    kept.optimize_prior_precision(method="lora_marglik")
+    torch.testing.assert_close(spent.prior_precision, kept.prior_precision)
 
 
 def test_only_the_examples_within_the_jacobian_budget_are_used(monkeypatch):
@@ -436,6 +471,8 @@ def test_gridsearch_progress_bar_covers_the_validation_pass(capsys):
     [
         ({"pred_type": "nn"}, "pred_type='nn' is not supported here"),
         ({"method": "gridsearch", "pred_type": "nn"}, "Leave pred_type='glm'"),
+        ({"method": "marglik", "pred_type": "nn"}, "marglik ignores pred_type"),
+        ({"method": "marglik", "pred_type": "bogus"}, "pred_type='bogus' is not supported"),
         ({"link_approx": "probit"}, "link_approx='probit' is used only by method='gridsearch'"),
         ({"method": "leave_one_out", "link_approx": "bridge"}, "Leave link_approx='mc'"),
         ({"val_loader": True}, "val_loader is used only by method='gridsearch'"),

@@ -115,11 +115,16 @@ def refuse_ignored_options(
             "prior without validation data. Pass method='gridsearch' to tune on it, or "
             "drop val_loader."
         )
-    if pred_type != "glm" and method != "marglik":
+    if pred_type != "glm":
+        scores = (
+            "maximises the evidence, which uses no predictive (laplace-torch's marglik "
+            "ignores pred_type)"
+            if method == "marglik"
+            else "scores the linearised (GLM) predictive, the one la(x) uses by default"
+        )
         raise ValueError(
-            f"optimize_prior_precision(method={method!r}) scores the linearised (GLM) "
-            f"predictive, the one la(x) uses by default; pred_type={pred_type!r} is not "
-            "supported here. Leave pred_type='glm'."
+            f"optimize_prior_precision(method={method!r}) {scores}; pred_type={pred_type!r} "
+            "is not supported here. Leave pred_type='glm'."
         )
     if method not in PREDICTIVE_METHODS and (link_approx != "mc" or n_samples is not None):
         given = "link_approx" if link_approx != "mc" else "n_samples"

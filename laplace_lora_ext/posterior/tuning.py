@@ -152,8 +152,8 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
                 ``log_prior_prec_*``) without ``"gridsearch"``, ``lr`` or
                 ``init_prior_prec`` with ``"gridsearch"`` or ``"linearised"``, ``n_steps``
                 with ``"gridsearch"``, a
-                ``pred_type`` other than ``"glm"`` (except with
-                ``"marglik"``, which passes it to laplace-torch), a ``link_approx`` other
+                ``pred_type`` other than ``"glm"`` (laplace-torch's ``"marglik"``
+                ignores it too), a ``link_approx`` other
                 than ``"mc"`` except with ``"gridsearch"``, or ``n_samples`` with a method
                 that scores no predictive (the evidence and function-space methods).
         """
@@ -257,9 +257,24 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
 
     def _fit_batches(self, loaders: list[DataLoader]) -> Iterator[Any]:
         """The batches ``fit`` counted: each rank's shard without a DistributedSampler's
-        padded duplicates (:class:`~laplace_lora_ext.distributed.FitShard`)."""
+        padded duplicates (:class:`~laplace_lora_ext.distributed.FitShard`).
+
+        Raises:
+            TrainingDataSpentError: once exhausted, if the loaders gave no batch (a loader
+                that ``fit`` emptied, which the default then replaces by the evidence).
+        """
+        n_batches = 0
         for loader in loaders:
-            yield from distributed.FitShard(loader, self.dict_key_y).batches()
+            for batch in distributed.FitShard(loader, self.dict_key_y).batches():
+                n_batches += 1
+                yield batch
+        if not n_batches:
+            raise priors.TrainingDataSpentError(
+                "The training loaders given to fit() yield no batches on a second pass (a "
+                "DataLoader over a single-pass IterableDataset?), so the training-data prior "
+                "cannot read them; pass fit() a re-iterable loader (a DataLoader over a "
+                "map-style dataset, or a list of batches)."
+            )
 
     def _optimize_from_training_data(
         self,
