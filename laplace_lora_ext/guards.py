@@ -128,6 +128,18 @@ def check_positive(name: str, value: Any) -> None:
         )
 
 
+def check_autograd_available(call: str) -> None:
+    """Raise a ``RuntimeError`` naming ``call`` inside ``torch.inference_mode()``: the
+    curvature, the GLM predictive and the prior searches take gradients, which inference
+    mode switches off for good (``torch.no_grad()`` is fine: they turn gradients on)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{call} takes gradients with respect to the LoRA weights (or the prior), which "
+            "torch.inference_mode() switches off. Call it outside inference_mode; "
+            "torch.no_grad() is fine (gradients are turned on where they are needed)."
+        )
+
+
 def check_n_samples(n_samples: Any) -> int:
     """Return ``n_samples`` if it is an int ``>= 1`` (``bool`` refused)."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:

@@ -12,6 +12,7 @@ from torch import nn
 
 __all__ = [
     "split_batch",
+    "to_device",
     "model_inputs",
     "forward_logits",
     "call_model",
@@ -35,18 +36,31 @@ def split_batch(
                 f"Dict batch has no labels under key {dict_key_y!r} (keys: {sorted(batch)}); "
                 "pass dict_key_y=... to Laplace or add the labels to the batch."
             )
-        x = {k: (v.to(device) if torch.is_tensor(v) and device else v) for k, v in batch.items()}
+        x = to_device(batch, device)
         return x, x[dict_key_y]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         x, y = batch
-        if device is not None:
-            x = x.to(device) if torch.is_tensor(x) else x
-            y = y.to(device) if torch.is_tensor(y) else y
-        return x, y
+        return to_device(x, device), to_device(y, device)
     raise TypeError(
         f"Unsupported batch type {type(batch).__name__}: the loader must yield dict batches "
         "(with labels) or (X, y) pairs."
     )
+
+
+def to_device(x: Any, device: torch.device | str | None) -> Any:
+    """``x`` on ``device``: a tensor moved, a dict batch (an ``(X, y)`` pair's ``X`` too)
+    with its tensor values moved; anything else, ``device=None``, or a batch already there,
+    returned as it is (the same object)."""
+    if device is None:
+        return x
+    device = torch.device(device)
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, Mapping) and any(
+        torch.is_tensor(v) and v.device != device for v in x.values()
+    ):
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in x.items()}
+    return x
 
 
 def model_inputs(x: Batch, dict_key_y: str = "labels") -> Batch:

@@ -150,6 +150,46 @@ def test_peft_around_custom_module_with_tensor_forward_gets_a_clear_error():
         la.fit(loader(random_batch(4, 6, 3, "right", pad_id=0), 2))
 
 
+def test_batches_move_to_the_models_device_in_both_forms():
+    """A dict batch and an ``(X, y)`` pair with a dict ``X`` move alike ('meta' stands in for
+    an accelerator); on the right device the batch is passed on as it is."""
+    from laplace_lora_ext.inputs import split_batch, to_device
+
+    ids, y = torch.ones(2, 3, dtype=torch.long), torch.tensor([0, 1])
+    meta = torch.device("meta")
+    batch = {"input_ids": ids, "attention_mask": ids, "labels": y}
+    x1, y1 = split_batch(batch, "labels", meta)
+    x2, y2 = split_batch(({"input_ids": ids, "attention_mask": ids}, y), "labels", meta)
+    for x, label in ((x1, y1), (x2, y2)):
+        assert {v.device for v in x.values()} == {meta} and label.device == meta
+    assert to_device(batch, "cpu") is batch and to_device(batch, None) is batch
+    assert to_device("text", meta) == "text"
+
+
+@pytest.mark.parametrize("pred_type", ["glm", "nn"])
+def test_prediction_moves_its_input_to_the_models_device(monkeypatch, pred_type):
+    """``la(x)`` moves ``x`` as ``fit`` moves its batches (it reached the model on the
+    caller's device, a deep HF device-mismatch error on an accelerator)."""
+    from laplace_lora_ext.posterior import mixin, weight_sampling
+
+    case = make_case("llama")
+    la = lora_laplace(case.model)
+    la.fit(loader(case.batch, 4))
+    seen = []
+
+    def spy(backend_or_model, x, *args, **kwargs):
+        seen.append({v.device for v in x.values() if torch.is_tensor(v)})
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(mixin, "logit_jacobian_blocks", spy)
+    monkeypatch.setattr(weight_sampling, "forward_logits", spy)
+    monkeypatch.setattr(la, "sample", lambda n, generator=None: la.mean.expand(n, -1))
+    monkeypatch.setattr(type(la), "_device", property(lambda self: torch.device("meta")))
+    with pytest.raises(RuntimeError, match="stop"):
+        la(case.batch, pred_type=pred_type, link_approx="mc", n_samples=2)
+    assert seen == [{torch.device("meta")}]
+
+
 def test_keyword_only_forward_gets_a_clear_error():
     class KwargsOnly(torch.nn.Module):
         def __init__(self, hf):
@@ -510,3 +550,39 @@ def test_pyproject_bounds_laplace_torch_like_compat():
     deps = pyproject["project"]["dependencies"]
     assert f"laplace-torch{','.join(compat.SUPPORTED_VERSIONS)}" in deps
     assert compat._version_supported(importlib.metadata.version("laplace-torch"))
+
+
+# ------------------------------------------------------------------ autograd contexts
+
+
+@pytest.mark.parametrize("method", ["lora_marglik", "marglik"])
+def test_evidence_searches_run_under_a_callers_no_grad(method):
+    """The evidence steps need autograd; under ``torch.no_grad()`` they crashed inside
+    ``backward`` ("element 0 of tensors does not require grad")."""
+    case = make_case("llama")
+    priors = []
+    for context in (torch.enable_grad, torch.no_grad):
+        la = lora_laplace(case.model)
+        la.fit(loader(case.batch, 4))
+        with context():
+            la.optimize_prior_precision(method=method, n_steps=300)
+        priors.append(la.prior_precision)
+    torch.testing.assert_close(priors[0], priors[1], rtol=0, atol=0)
+
+
+def test_inference_mode_gets_a_clear_error_naming_the_call():
+    case = make_case("llama")
+    la = lora_laplace(case.model)
+    la.fit(loader(case.batch, 4))
+    prior = la.prior_precision.clone()
+    calls = {
+        "fit": lambda: la.fit(loader(case.batch, 4)),
+        r"predictive \(la\(x\), predictive_moments\)": lambda: la(case.batch, link_approx="mc"),
+        "optimize_prior_precision": la.optimize_prior_precision,
+    }
+    for name, call in calls.items():
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=f"{name} takes gradients"):
+            call()
+    torch.testing.assert_close(la.prior_precision, prior)
+    with torch.inference_mode():  # the nn predictive takes no gradients
+        assert la(case.batch, pred_type="nn", link_approx="mc", n_samples=2).shape == (7, 3)

@@ -23,7 +23,7 @@ from .. import distributed, guards  # issue 8
 from ..compat import Likelihood
 from ..curvature import LoraCurvature
 from ..curvature.stock import StockKfacCurvature, resolve_stock_backend
-from ..inputs import split_batch
+from ..inputs import split_batch, to_device
 from ..links import LINK_APPROXIMATIONS, apply_link
 from ..lowrank.auto import FactorRank, any_low_rank, resolve_factor_rank
 from ..lowrank.factor import compute_dtype
@@ -263,6 +263,7 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
             NonFiniteError: NaN or inf in a batch's logits, layer inputs, output gradients,
                 loss or curvature (the message names the batch).
         """
+        guards.check_autograd_available("fit")
         with guards.restore_on_error(self, FIT_STATE), guards.eval_mode(self.model):
             self._fit(train_loader, override, progress_bar)
         # kept (a reference, no copy) for optimize_prior_precision(method="function_space");
@@ -380,7 +381,8 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         contracts them with its covariance in ``_functional_variance_blocks``.
 
         Args:
-            x: a dict batch (labels are ignored) or an input tensor.
+            x: a dict batch (labels are ignored) or an input tensor; moved to the model's
+                device (``la._device``), as ``fit`` moves its batches.
 
         Returns:
             ``f_mu`` ``(B, C)`` and ``f_var`` ``(B, C, C)``, in the posterior's dtype
@@ -390,8 +392,9 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
             AttributeError: if the posterior has not been fitted (call ``fit`` first).
         """
         self._check_H_init()
+        guards.check_autograd_available("The GLM predictive (la(x), predictive_moments)")
         with guards.eval_mode(self.model):  # dropout off; the caller's modes come back
-            f_mu, blocks = logit_jacobian_blocks(self.backend, x)
+            f_mu, blocks = logit_jacobian_blocks(self.backend, to_device(x, self._device))
         self._check_n_outputs(f_mu.shape[-1])
         with torch.no_grad():  # detached also when the prior carries a graph (a user's loop)
             return f_mu.detach(), self._functional_variance_blocks(blocks)

@@ -181,7 +181,10 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
         self._check_marglik_prior_structure(method, prior_structure, init_prior_prec)
         if n_samples is not None:
             guards.check_n_samples(n_samples)
-        with _prior_restored_on_error(self):  # a failed search leaves the prior as it was
+        guards.check_autograd_available("optimize_prior_precision")
+        # a failed search leaves the prior as it was; the evidence steps need autograd also
+        # under a caller's torch.no_grad()
+        with _prior_restored_on_error(self), torch.enable_grad():
             if default:
                 method = self._default_method()
             if method in ("function_space", "leave_one_out"):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import guards
-from ..inputs import forward_logits
+from ..inputs import forward_logits, to_device
 from ..links import psd_sqrt
 
 __all__ = ["NN_SAMPLES", "WeightSamplingMixin"]
@@ -95,6 +95,7 @@ class WeightSamplingMixin:
         samples = self.sample(n_samples, generator=generator)
         logits = []
         keep = _callers_weights(self.params, self.mean)
+        X = to_device(X, self._device)  # as fit moves its batches
         with torch.no_grad(), guards.eval_mode(self.model), keep:
             for sample in samples:
                 _write_params(sample, self.params)
