@@ -71,14 +71,18 @@ def laplace_bridge(
 ) -> torch.Tensor:
     """Mean of the Dirichlet given by the Laplace bridge of ``N(f_mu, f_var)``.
 
-    The Gaussian is first projected onto zero-sum logits (softmax is invariant to a common
-    shift). With ``normalize=True`` the logits are rescaled so that the mean of the
+    The Gaussian is first conditioned on zero-sum logits (``Σ_k f_k = 0``; softmax is
+    invariant to a common shift): mean ``μ - Σ1 (1ᵀμ) / 1ᵀΣ1``, covariance
+    ``Σ - Σ11ᵀΣ / 1ᵀΣ1``. That is not the orthogonal projection, so variance shared by every
+    logit still changes the answer, as it does laplace-torch's, which skips this step and
+    reads the raw diagonal (the two differ by up to 0.5 in probability on a tiny model).
+    With ``normalize=True`` the logits are rescaled so that the mean of the
     diagonal variance is ``sqrt(C / 2)`` times smaller (the "bridge_norm" variant).
 
-    The Dirichlet's ``α_k = n_k / v_k`` (``v``: projected variances) is undefined where a
+    The Dirichlet's ``α_k = n_k / v_k`` (``v``: conditioned variances) is undefined where a
     ``v_k`` is zero (a logit that does not depend on the adapters, or a covariance that is
     only a common shift; laplace-torch returns NaN there). Such rows, with every ``v_k`` at
-    or below :func:`_zero_variance` (round-off of the projection), get the bridge's limit as
+    or below :func:`_zero_variance` (round-off of the conditioning), get the bridge's limit as
     those variances go to zero: the mean ``n_k`` normalised over the zero-variance classes
     (all ``C`` of them: the isotropic limit, the same as at ``f_var = ε I``; with
     ``normalize`` the rescaled logits grow without bound there and the limit is one-hot on
@@ -114,8 +118,8 @@ def laplace_bridge(
 
 
 def _zero_variance(f_var: torch.Tensor) -> torch.Tensor:
-    """``(B, 1)`` threshold below which a projected variance counts as zero: the round-off
-    of the projection, ``C`` machine epsilons times the largest diagonal entry."""
+    """``(B, 1)`` threshold below which a conditioned variance counts as zero: the round-off
+    of the conditioning, ``C`` machine epsilons times the largest diagonal entry."""
     diag = f_var.diagonal(dim1=-2, dim2=-1)
     eps = torch.finfo(f_var.dtype).eps
     return f_var.shape[-1] * eps * diag.abs().amax(dim=-1, keepdim=True)

@@ -586,3 +586,13 @@ def test_inference_mode_gets_a_clear_error_naming_the_call():
     torch.testing.assert_close(la.prior_precision, prior)
     with torch.inference_mode():  # the nn predictive takes no gradients
         assert la(case.batch, pred_type="nn", link_approx="mc", n_samples=2).shape == (7, 3)
+
+
+def test_a_diverging_evidence_search_names_lr_and_keeps_the_prior():
+    case = make_case("llama")
+    la = lora_laplace(case.model)
+    la.fit(loader(case.batch, 4))
+    prior = la.prior_precision.clone()
+    with pytest.raises(FloatingPointError, match="lr=1000000.0 took a prior precision to 0"):
+        la.optimize_prior_precision(method="lora_marglik", lr=1e6)
+    torch.testing.assert_close(la.prior_precision, prior)

@@ -125,6 +125,7 @@ class EvidenceSearchMixin:
                 optimizer.zero_grad()
                 (-self.log_marginal_likelihood(prior_precision=precision())).backward()
                 optimizer.step()
+                _check_search_finite(log_free, lr)
             done += n_steps
             self.prior_precision = precision().detach()
             gradient = self._marglik_gradient(~fixed)
@@ -238,3 +239,14 @@ def _warn_if_at_upper_bound(deltas: torch.Tensor, n_tensors: int) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def _check_search_finite(log_free: torch.Tensor, lr: float) -> None:
+    """Raise a ``FloatingPointError`` naming ``lr`` once an Adam step leaves a precision
+    that is not a finite number ``> 0`` (``exp`` of ``log_free`` overflows or underflows)."""
+    precision = log_free.detach().exp()
+    if not bool(torch.isfinite(precision).all() and (precision > 0).all()):
+        raise FloatingPointError(
+            f"The evidence search diverged: an Adam step with lr={lr} took a prior precision "
+            "to 0 or inf. Use a smaller lr (the default is 0.1); the prior is left as it was."
+        )
