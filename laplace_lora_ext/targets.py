@@ -70,13 +70,11 @@ def _lora_layer_cls() -> type:
 
 
 def _active_adapters(layer: nn.Module, adapter_name: str | None) -> list[str]:
+    """The adapters of ``layer`` the posterior covers: ``adapter_name`` where the layer has
+    it (an adapter may cover only some layers; :func:`collect_targets` raises if none has
+    it), else the layer's active adapters."""
     if adapter_name is not None:
-        if adapter_name not in layer.lora_A:
-            raise ValueError(
-                f"Adapter {adapter_name!r} not found in LoRA layer; available: "
-                f"{sorted(layer.lora_A.keys())}."
-            )
-        return [adapter_name]
+        return [adapter_name] if adapter_name in layer.lora_A else []
     active = layer.active_adapters
     return [a for a in active if a in layer.lora_A]
 
@@ -106,12 +104,20 @@ def collect_targets(
     """
     lora_layer_cls = _lora_layer_cls()
     targets: list[LoraTarget] = []
+    adapters_seen: set[str] = set()
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
         if lora_modules is not None and re.search(lora_modules, name) is None:
             continue
+        adapters_seen.update(module.lora_A.keys())
         targets += _layer_targets(name, module, adapter_name)
+        _check_batch_first(model, name)
+    if not targets and adapter_name is not None and adapters_seen:
+        raise ValueError(
+            f"No LoRA layer{' matching lora_modules' if lora_modules else ''} holds adapter "
+            f"{adapter_name!r}; the adapters there are {sorted(adapters_seen)}."
+        )
     if not targets and lora_modules is not None:
         raise ValueError(f"No LoRA layer name matches lora_modules={lora_modules!r}.")
     if not targets:
@@ -151,6 +157,34 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
             "target linear layers only."
         )
     return targets
+
+
+def _check_batch_first(model: nn.Module, name: str) -> None:
+    """Refuse a LoRA layer ``name`` inside a module with ``batch_first=False`` (torch's
+    ``TransformerEncoderLayer``, ``MultiheadAttention``, ...): its inputs are
+    ``(T, B, d)``, and the curvature reads dimension 0 as the example (where ``T == B`` no
+    shape check could tell)."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        outer = model.get_submodule(".".join(parts[:depth]))
+        if _sequence_first(outer):
+            where = ".".join(parts[:depth]) or "the model"
+            raise ValueError(
+                f"LoRA layer {name!r} sits in {where!r} ({type(outer).__name__}) with "
+                "batch_first=False, so its inputs are (sequence, batch, features); "
+                "laplace_lora_ext needs the batch first. Build it with batch_first=True, or "
+                "leave it out of the posterior (lora_modules=...)."
+            )
+
+
+def _sequence_first(module: nn.Module) -> bool:
+    """Whether ``module`` says its inputs are ``(T, B, d)``: ``batch_first=False`` on the
+    module, or on the self-attention of torch's transformer layers (which keep no flag of
+    their own)."""
+    if getattr(module, "batch_first", None) is False:
+        return True
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return isinstance(module, layers) and module.self_attn.batch_first is False
 
 
 def _extra_targets(model: nn.Module, exclude: set[int]) -> list[LoraTarget]:

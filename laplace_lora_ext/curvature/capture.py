@@ -86,6 +86,8 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
     missing = [t for t, a in zip(targets, inputs, strict=True) if a is None]
     if missing:
         raise RuntimeError(_not_called_message(missing))
+    if torch.is_tensor(logits):
+        _check_batch_dimension(logits.shape[0], targets, inputs, outputs)  # type: ignore[arg-type]
     named = [
         (f"The inputs of LoRA layer {t.name}", a) for t, a in zip(targets, inputs, strict=True)
     ]
@@ -93,6 +95,26 @@ def capture_forward(forward: Callable[[], torch.Tensor], targets: list[LoraTarge
         named.insert(0, ("The model's logits", logits.detach()))
     check_all_finite(named)  # type: ignore[arg-type]
     return Captured(logits, inputs, outputs)  # type: ignore[arg-type]
+
+
+def _check_batch_dimension(
+    B: int, targets: list[LoraTarget], inputs: list[torch.Tensor], outputs: list[torch.Tensor]
+) -> None:
+    """Raise a ``ValueError`` for a target whose input or output does not lead with the
+    batch's ``B`` examples: the curvature and the predictive read dimension 0 as the
+    example. Mixture-of-experts blocks flatten tokens to ``(B·T, d)`` and route subsets of
+    them to each expert; a sequence-first layer gives ``(T, B, d)``."""
+    for t, a, out in zip(targets, inputs, outputs, strict=True):
+        if a.shape[0] != B or not torch.is_tensor(out) or out.shape[0] != B:
+            got = (a.shape[0], out.shape[0] if torch.is_tensor(out) else type(out).__name__)
+            raise ValueError(
+                f"LoRA layer {t.name} sees {got[0]} rows in (output: {got[1]}) for a batch "
+                f"of {B} examples: its module flattens or reorders the batch (a mixture-of-"
+                "experts block, which flattens tokens and routes subsets of them, or a "
+                "sequence-first layer). laplace_lora_ext needs each LoRA layer's inputs as "
+                "(batch, ..., features); leave this module out of target_modules, or out "
+                "of the posterior with lora_modules=..."
+            )
 
 
 def _not_called_message(missing: list[LoraTarget]) -> str:
