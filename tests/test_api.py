@@ -148,8 +148,17 @@ def test_state_dict_rejects_other_adapter_layout():
     la = make(case.model)
     la.fit(loader(case.batch, 4))
     other = make(tiny_llama(lm_head=True))
-    with pytest.raises(ValueError, match="different"):
+    with pytest.raises(ValueError, match="different.*first difference.*same LoraConfig"):
         other.load_state_dict(la.state_dict())
+
+
+def test_state_dict_under_another_wrapper_names_the_prefix():
+    case = make_case("roberta")  # SequenceClassifier around the PeftModel
+    la = make(case.model, include_extra_params=case.include_extra_params)
+    la.fit(loader(case.batch, 4))
+    bare = make(case.model.model, include_extra_params=case.include_extra_params)
+    with pytest.raises(ValueError, match="Only the name prefix differs.*another wrapper"):
+        bare.load_state_dict(la.state_dict())
 
 
 def test_posterior_precision_to_matrix_is_symmetric_positive_definite():

@@ -163,9 +163,12 @@ def test_empirical_fisher_equals_reference():
 def test_mc_fisher_equals_reference_with_the_same_labels():
     case = make_case("llama")
     S = 5
-    a = fit(case, "full", fisher_type="mc", mc_samples=S, seed=1, batch_size=7).H
+    la = fit(case, "full", fisher_type="mc", mc_samples=S, seed=1, batch_size=7)
+    a = la.H.clone()
     b = fit(case, "full", fisher_type="mc", mc_samples=S, seed=1, batch_size=7).H
     assert torch.equal(a, b)
+    la.fit(loader(case.batch, 7))  # a fresh fit of the same posterior starts from the seed
+    assert torch.equal(la.H, a)
     logits, J = explicit_jacobians(case.model, case.batch, fit(case, "full").params)
     p = torch.softmax(logits, -1)
     draws = torch.multinomial(p, S, replacement=True, generator=torch.Generator().manual_seed(1))

@@ -102,6 +102,11 @@ class LoraCurvature(CurvatureInterface):
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         return self._generator
 
+    def reset_generator(self) -> None:
+        """Start the MC label draws again from ``seed`` (each fresh ``fit``; a fit with
+        ``override=False`` continues the stream)."""
+        self._generator = None
+
     def capture(self, x: torch.Tensor | MutableMapping[str, Any]) -> Captured:
         """Forward ``x`` recording every target's input and output."""
         return capture_forward(lambda: forward_logits(self.model, x, self.dict_key_y), self.targets)

@@ -288,6 +288,9 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         previous = None if override or self.H is None else (self.H, self.loss)
         if previous is None:
             self.n_data = 0
+            reset = getattr(self.backend, "reset_generator", None)
+            if reset is not None:  # a fresh fit draws the same MC labels for the same seed
+                reset()
         self._init_H()
         self.loss = 0.0
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)

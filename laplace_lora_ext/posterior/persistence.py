@@ -103,11 +103,7 @@ class PosteriorPersistenceMixin:
                     "the same other options) before load_state_dict."
                 )
         if config["param_names"] != self.lora_param_names:
-            raise ValueError(
-                "The saved posterior covers different LoRA parameters than this model "
-                f"({len(config['param_names'])} vs {len(self.lora_param_names)} tensors); "
-                "rebuild the model with the same LoraConfig and adapter."
-            )
+            raise ValueError(_param_names_message(config["param_names"], self.lora_param_names))
         shapes = [tuple(p.shape) for p in self.params]
         saved = [tuple(s) for s in config.get("param_shapes", shapes)]
         if saved != shapes:
@@ -138,3 +134,28 @@ def _factor(F: Any) -> Any:
     if isinstance(F, dict) and _LOW_RANK_KEY in F:
         return LowRankFactor.from_state(F[_LOW_RANK_KEY])
     return F
+
+
+def _param_names_message(saved: list[str], here: list[str]) -> str:
+    """Why a saved posterior's parameter names differ from this object's: the first pair
+    that differs, and whether only a wrapper's name prefix does (every saved name ends
+    with this object's, or the other way round)."""
+    n = min(len(saved), len(here))
+    first = next(
+        ((a, b) for a, b in zip(saved, here, strict=False) if a != b),
+        (saved[n] if len(saved) > n else None, here[n] if len(here) > n else None),
+    )
+    msg = (
+        f"The saved posterior covers different LoRA parameters than this model "
+        f"({len(saved)} vs {len(here)} tensors; first difference: saved {first[0]!r}, "
+        f"here {first[1]!r}). "
+    )
+    if len(saved) == len(here) and all(
+        a.endswith(b) or b.endswith(a) for a, b in zip(saved, here, strict=True)
+    ):  # the same names under another wrapper's prefix
+        return msg + (
+            "Only the name prefix differs: was the posterior saved on the model in another "
+            "wrapper (e.g. the PeftModel itself vs SequenceClassifier / LastTokenChoiceLM)? "
+            "Build the Laplace object on the model wrapped as when it was saved."
+        )
+    return msg + "Rebuild the model with the same LoraConfig, adapter and lora_modules."
