@@ -13,6 +13,7 @@ needed on top of everything that existed before it (model, data, fitted posterio
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -481,3 +482,10 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def no_options(doc: str | None) -> None:
+    """The command line of a script that takes no options: ``--help`` prints the first
+    paragraph of ``doc`` and exits before anything is run or written; any argument is
+    refused (argparse's usage error)."""
+    argparse.ArgumentParser(description=(doc or "").split("\n\n")[0]).parse_args()

@@ -137,7 +137,7 @@ def markdown(agg: dict, args: argparse.Namespace, wall_s: float) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     known, rest = p.parse_known_args(argv)
     args = cal.parse(rest)

@@ -265,7 +265,7 @@ def render(rows: list[dict], draws: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--draws", type=int, default=DRAWS)
     a = p.parse_args(argv)
     rows = [row for benchmark in BENCHMARKS for row in bar_rows(benchmark, a.draws)]

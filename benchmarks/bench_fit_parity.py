@@ -111,7 +111,7 @@ def render(r: dict, repeats: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -74,7 +74,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     torch.set_num_threads(1)
     rows = [timed(B, n_classes) for B, n_classes in SHAPES]
     C.write_results("bench_mc_draws", {"environment": C.environment(), "rows": rows}, render(rows))

@@ -748,7 +748,7 @@ def plot(res: dict[str, Any], path: str) -> bool:
 def main() -> None:
     if C.worker_main(WORKERS):
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=RANKS_DEFAULT)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--n-test", type=int, default=32)

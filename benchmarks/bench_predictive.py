@@ -303,7 +303,7 @@ def analyse(runs: dict[str, Any], tmp: str, args: argparse.Namespace) -> tuple[d
 def main() -> None:
     if C.worker_main(WORKERS):
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=SHAPE["hidden"])
     p.add_argument("--layers", type=int, default=SHAPE["layers"])
     p.add_argument("--lora-r", type=int, default=8)

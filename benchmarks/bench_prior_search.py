@@ -204,7 +204,7 @@ def render(r: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--low-rank", action="store_true", help="a random low-rank-factor model")
     p.add_argument("--shape", choices=sorted(LOW_RANK_SHAPES), default="small", help="--low-rank")
     p.add_argument("--stock-batch-size", type=int, default=1, help="stock's validation batch")

@@ -900,7 +900,7 @@ def plot(res: dict[str, Any], path: str) -> bool:
 def main() -> None:
     if C.worker_main(WORKERS):
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--layers",
         type=int,

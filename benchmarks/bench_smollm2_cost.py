@@ -97,7 +97,7 @@ def render(r: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     args = calib.parse(argv, p)  # the demo's run (sizes, steps, cache name)
     torch.set_num_threads(args.threads or 1)

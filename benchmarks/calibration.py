@@ -343,7 +343,7 @@ def plots(all_runs: dict, agg: dict, out: Path) -> list[Path]:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
     p.add_argument(
         "--task",

@@ -190,7 +190,7 @@ def render(rows: list[dict], structure: str, classes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--structure", default="kron", choices=["kron", "diag", "full"])
     p.add_argument("--classes", type=int, default=2, choices=[2, 3, 4])
     args = p.parse_args(argv)

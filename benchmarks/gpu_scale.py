@@ -417,7 +417,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     p.add_argument("--bases", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
     p.add_argument("--batch", type=int, default=4)

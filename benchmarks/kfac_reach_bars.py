@@ -358,7 +358,7 @@ def restore_map_probs(regimes: list[str]) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("prepare", "report", "restore-map-probs"))
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     a = p.parse_args()

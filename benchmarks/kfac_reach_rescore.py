@@ -126,7 +126,7 @@ def render(records: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("pairs", nargs="+", help="OLD.json NEW.json [OLD.json NEW.json ...]")
     args = p.parse_args()
     if len(args.pairs) % 2:

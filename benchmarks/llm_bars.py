@@ -164,7 +164,7 @@ def compact_table(summaries: dict[str, dict], regime: str = "overfit", split: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="llm_calibration JSON files")
     p.add_argument("--method", default=METHOD)
     p.add_argument("--out", default="benchmarks/results/llm_calibration_bars")

@@ -173,7 +173,7 @@ def merge(main: dict, extra: dict) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--members", type=int, default=3, help="deep-ensemble size")
     p.add_argument("--blob-eps", type=float, default=0.05)
     p.add_argument("--merge", default=None, help="llm_calibration JSON to add these methods to")

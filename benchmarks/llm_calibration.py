@@ -416,7 +416,7 @@ def parse(
     argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
 ) -> argparse.Namespace:
     """Command-line options; ``parser`` may bring a caller's own options first."""
-    p = parser or argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="fine_foods_mc", help="comma-separated causal tasks")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n-train", type=int, default=64)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._common import no_options
 from benchmarks.llm_calibration import RESULTS
 
 METHODS = ("map", "temp", "la")
@@ -191,4 +192,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

@@ -159,7 +159,7 @@ def report() -> str:
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="means over the per-seed files")
     a = parser.parse_args()

@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks import _common as C
 from benchmarks import llm_bars
 from benchmarks import llm_calibration as calib
+from benchmarks._common import no_options
 from benchmarks.llm_summary import RESULTS, TASKS
 from laplace_lora_ext.posterior.tuning import SATURATED_TRAIN_NLL
 
@@ -136,4 +137,5 @@ def main(
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

@@ -338,7 +338,7 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="an llm_calibration / llm_memorised result JSON")
     parser.add_argument("--method", default=None, help="a candidate prior method")
     parser.add_argument("--out", default=None, help="output base path (default: rewrite)")

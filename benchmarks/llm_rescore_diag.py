@@ -113,7 +113,7 @@ def main(path: str, out_path: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="an llm_calibration result JSON")
     parser.add_argument("--out", help="write here (a name without suffix), not over path")
     cli = parser.parse_args()

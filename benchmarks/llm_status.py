@@ -45,6 +45,7 @@ from pathlib import Path
 from statistics import mean
 
 from benchmarks import llm_bars
+from benchmarks._common import no_options
 from benchmarks.llm_summary import _replace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,4 +286,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

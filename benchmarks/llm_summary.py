@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks import llm_bars
 from benchmarks import llm_calibration as calib
+from benchmarks._common import no_options
 from benchmarks.llm_baselines import merge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,4 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

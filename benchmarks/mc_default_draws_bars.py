@@ -24,6 +24,7 @@ import torch
 
 from benchmarks import _common as C
 from benchmarks import llm_bars
+from benchmarks._common import no_options
 from benchmarks.llm_calibration import METRICS
 from benchmarks.mc_draws_check import REFERENCE_DRAWS, _reference
 from benchmarks.mc_exchangeable_check import MOMENTS, TASKS
@@ -111,4 +112,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

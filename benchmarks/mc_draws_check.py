@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import _common as C
+from benchmarks._common import no_options
 from benchmarks.mc_exchangeable_check import MOMENTS, TASKS
 from laplace_lora_ext.links import mc_joint
 
@@ -105,4 +106,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

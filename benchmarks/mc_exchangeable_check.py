@@ -234,7 +234,7 @@ def report() -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--collect", action="store_true", help="store the moments first")
     parser.add_argument("--source", choices=tuple(SOURCES), help="which checkpoints to collect")
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="tasks to collect")

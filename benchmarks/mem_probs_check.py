@@ -81,7 +81,7 @@ def render(r: dict[str, list[float]]) -> str:
 
 
 def main() -> None:
-    args = argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    args = argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     torch.set_num_threads(1)
     result = measure()
     C.publish(NAME, args, result, {}, render(result))

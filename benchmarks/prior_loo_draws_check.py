@@ -37,6 +37,7 @@ and writes ``prior_loo_draws.{json,md}``::
 
 from __future__ import annotations
 
+from benchmarks._common import no_options
 from benchmarks.prior_loo_everywhere_check import (
     load_rows,
     render_report,
@@ -71,4 +72,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

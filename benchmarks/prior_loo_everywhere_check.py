@@ -36,6 +36,7 @@ import statistics
 from collections.abc import Callable
 
 from benchmarks import _common as C
+from benchmarks._common import no_options
 from benchmarks.llm_summary import RESULTS, TASKS
 
 PREFIX = "prior_loo_everywhere"
@@ -177,4 +178,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

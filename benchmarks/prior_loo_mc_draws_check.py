@@ -192,7 +192,7 @@ def report() -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", nargs="?", choices=TASKS)
     parser.add_argument("seed", nargs="?", type=int)
     parser.add_argument("--report", action="store_true")

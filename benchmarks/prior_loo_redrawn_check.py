@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import statistics
 
+from benchmarks._common import no_options
 from benchmarks.llm_summary import TASKS
 from benchmarks.prior_loo_everywhere_check import (
     load_rows,
@@ -100,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

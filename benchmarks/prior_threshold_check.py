@@ -161,7 +161,7 @@ def run(task: str, seed: int) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", nargs="?", choices=TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="pool the tasks and decide")

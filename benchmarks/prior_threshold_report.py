@@ -11,6 +11,7 @@ import json
 from statistics import mean
 
 from benchmarks import _common as C
+from benchmarks._common import no_options
 from benchmarks.llm_bars import overfit_bars
 from benchmarks.prior_threshold_check import CURRENT, RESULTS, TASKS, THRESHOLDS
 
@@ -190,4 +191,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_options(__doc__)
     main()

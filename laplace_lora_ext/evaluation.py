@@ -75,7 +75,13 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         )
     if N == 0 or len(labels) != N:
         raise ValueError(f"Need N > 0 examples and one label each; got {N} rows, {len(labels)}.")
-    if labels.is_floating_point() or int(labels.min()) < 0 or int(labels.max()) >= C:
+    if (
+        labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+        or int(labels.min()) < 0
+        or int(labels.max()) >= C
+    ):
         raise ValueError(f"labels must be integer class indices in 0..{C - 1}.")
     p = probs.detach().cpu().double()
     if not torch.isfinite(p).all() or (p < 0).any():
@@ -306,17 +312,33 @@ def evaluate(
     Raises:
         TypeError: if ``la`` is not a ``lora`` Laplace object.
         ValueError: for an unknown link, an ``n_samples`` or ``n_bins`` that is not an int
-            ``>= 1``, or an empty loader.
+            ``>= 1``, ``n_samples`` or ``generator`` with no sampling link (``"mc"``,
+            ``"mc_indep"``), or an empty loader.
         AttributeError: if ``la`` has not been fitted.
     """
     if n_samples is not None:
         guards.check_n_samples(n_samples)
     check_int("n_bins", n_bins, minimum=1)  # before the model runs over the whole loader
+    _refuse_unused_sampling(link_approx, n_samples, generator)
     probs, labels = _predict_probs(
         la, loader, link_approx, n_samples, generator, include_map, progress_bar
     )
     metrics = {m: classification_metrics(p, labels, n_bins) for m, p in probs.items()}
     return (metrics, probs, labels) if return_probs else metrics
+
+
+def _refuse_unused_sampling(
+    link_approx: str | Sequence[str], n_samples: int | None, generator: Any
+) -> None:
+    """Refuse ``n_samples`` / ``generator`` when no link in ``link_approx`` draws samples
+    (only ``"mc"`` and ``"mc_indep"`` do); they would be ignored."""
+    links = (link_approx,) if isinstance(link_approx, str) else tuple(link_approx)
+    given = [k for k, v in (("n_samples", n_samples), ("generator", generator)) if v is not None]
+    if given and not any(str(link).startswith("mc") for link in links):
+        raise ValueError(
+            f"evaluate(link_approx={link_approx!r}) draws no samples, so {given} would be "
+            "ignored; drop them, or add 'mc' (or 'mc_indep') to link_approx."
+        )
 
 
 # --------------------------------------------------------------------------- plots

@@ -113,6 +113,8 @@ def test_metrics_reject_logits_and_bad_labels():
         classification_metrics(PROBS, LABELS[:3])
     with pytest.raises(ValueError, match="0..2"):
         classification_metrics(PROBS, LABELS + 2)
+    with pytest.raises(ValueError, match="integer class indices"):  # as fit and evaluate
+        classification_metrics(PROBS[:2, :2], torch.tensor([True, False]))
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -195,6 +197,11 @@ def test_evaluate_errors(fitted):
             evaluate(la, [object()], n_bins=bad, progress_bar=False)
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         evaluate(la, data, link_approx=(), include_map=False, progress_bar=False)
+    gen = torch.Generator().manual_seed(0)
+    for kwargs in ({"n_samples": 5}, {"generator": gen}):
+        with pytest.raises(ValueError, match="draws no samples.*would be ignored"):
+            evaluate(la, [object()], link_approx=("probit", "bridge"), **kwargs)
+    evaluate(la, data, link_approx=("probit", "mc_indep"), n_samples=5, progress_bar=False)
 
 
 def test_predictive_moments_is_the_glm_predictive(fitted):
