@@ -76,6 +76,7 @@ __all__ = [
     "mark_sharded",
     "data_size",
     "FitShard",
+    "shard_batches",
     "DistributedFitError",
     "agree",
     "fingerprint",
@@ -162,6 +163,18 @@ def _local_length(loader: DataLoader) -> int:
     if dataset is None:
         raise TypeError("fit needs a DataLoader with a .dataset (its length is N).")
     return len(dataset)
+
+
+def shard_batches(loader: Any, dict_key_y: str = "labels", group: Any = None) -> Any:
+    """``loader``'s batches for a sum over ranks: in a data-parallel run, a loader over this
+    rank's shard (a ``DistributedSampler``, or :func:`mark_sharded`) gives a list of its
+    batches without the sampler's padded duplicates (:class:`FitShard`); any other loader
+    (one process, or the same data on every rank) is returned as it is."""
+    if not is_distributed(group):
+        return loader
+    if _find_distributed_sampler(loader) is None and not getattr(loader, _SHARDED_ATTR, False):
+        return loader
+    return list(FitShard(loader, dict_key_y, group).batches())
 
 
 class FitShard:

@@ -202,6 +202,29 @@ def _forward_owner(model: nn.Module) -> nn.Module:
     return inner.get_base_model() if isinstance(inner, PeftModel) else model
 
 
+def _peft_around_keyword_module(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``PeftModel`` around a custom module whose ``forward`` takes
+    the inputs as keywords (``forward(self, input_ids, attention_mask=None)``, or only
+    keywords): PEFT passes ``model(**inputs)`` on to it, as for an HF model. A ``forward``
+    whose first argument is anything else (laplace-torch's ``forward(self, data)``) gets the
+    whole batch."""
+    from peft import PeftModel
+
+    inner = _unwrap_parallel(model)
+    if not isinstance(inner, PeftModel):
+        return False
+    try:
+        signature = inspect.signature(inner.get_base_model().forward)
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return not positional or positional[0].name in _TENSOR_ARGUMENTS
+
+
 def call_model(
     model: nn.Module,
     x: Batch,
@@ -211,11 +234,13 @@ def call_model(
     """Call ``model`` on a batch the way laplace-torch does, with one convenience.
 
     * tensor ``x``: ``model(x, **model_kwargs)``;
-    * dict ``x`` and an HF ``PreTrainedModel`` (or a ``PeftModel`` around one):
+    * dict ``x`` and an HF ``PreTrainedModel``, or a ``PeftModel`` around one or around a
+      custom module whose ``forward`` takes keywords (first argument ``input_ids``, ...):
       ``model(**inputs, **model_kwargs)`` with the labels (``dict_key_y``) removed;
     * dict ``x`` and the package's own wrappers (``LastTokenChoiceLM``,
       ``SequenceClassifier``): ``model(inputs, **model_kwargs)``, labels removed;
-    * dict ``x`` and any other module, a ``PeftModel`` around one included:
+    * dict ``x`` and any other module, a ``PeftModel`` around one that takes the batch
+      (``forward(self, data)``) included:
       ``model(x, **model_kwargs)``, the whole batch, labels included, exactly as
       laplace-torch calls it (its documented HF wrapper has ``def forward(self, data)`` and
       reads ``data["input_ids"]``; its LoRA recipe wraps that module in ``get_peft_model``).
@@ -223,7 +248,7 @@ def call_model(
     kwargs = dict(model_kwargs or {})
     if not isinstance(x, Mapping):
         return model(x, **kwargs)
-    if is_hf_model(model):
+    if is_hf_model(model) or _peft_around_keyword_module(model):
         return model(**model_inputs(x, dict_key_y), **kwargs)
     from .wrappers import _DictModule
 

@@ -65,6 +65,7 @@ from .jacobian_cache import LogitJacobianCache
 from .prior import (
     RuleNotApplicableError,
     UnchangedLogitsError,
+    agree_on_rule,
     lora_a_mask,
     lora_b_zeroed,
     spread_matched_precision,
@@ -448,7 +449,12 @@ def loo_precision(
     Raises:
         UnchangedLogitsError, ValueError: as :func:`loo_cache`.
     """
-    cache = loo_cache(la, batches, kernel_lora_a, kernel_draws, progress=progress)
+    error, cache = None, None
+    try:
+        cache = loo_cache(la, batches, kernel_lora_a, kernel_draws, progress=progress)
+    except Exception as e:  # this rank's shard; raised on every rank before the grid
+        error = e
+    agree_on_rule(error, "building the leave-one-out kernel")
     return best_loo_precision(la, [cache], n_samples, progress=progress)
 
 

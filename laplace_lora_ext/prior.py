@@ -74,6 +74,7 @@ __all__ = [
     "function_space_precision",
     "UnchangedLogitsError",
     "TrainingDataSpentError",
+    "agree_on_rule",
 ]
 
 
@@ -389,6 +390,37 @@ class TrainingDataSpentError(RuleNotApplicableError):
     single-pass ``IterableDataset``): no training-data prior."""
 
 
+def agree_on_rule(error: BaseException | None, stage: str) -> None:
+    """Make a training-data rule's local failure every rank's before its collectives.
+
+    In a data-parallel fit each rank reads its own shard first (a rank with one example, a
+    spent loader, ...); a rank that raised alone would leave the others waiting in the
+    rule's all-reduce. The ranks exchange their status: if any failed, every rank raises,
+    a :class:`RuleNotApplicableError` when every failure was one (so the default falls back
+    to the evidence on every rank), else a ``DistributedFitError``. One process: ``error``
+    is raised as it is.
+    """
+    if not distributed.is_distributed():
+        if error is not None:
+            raise error
+        return
+    mine = None
+    if error is not None:
+        mine = (isinstance(error, RuleNotApplicableError), f"{type(error).__name__}: {error}")
+    statuses = distributed.agree(None, stage, payload=mine)
+    failed = [(rank, status) for rank, status in enumerate(statuses) if status is not None]
+    if not failed:
+        return
+    text = "; ".join(f"rank {rank}: {message}" for rank, (_, message) in failed)
+    if all(not_applicable for _, (not_applicable, _) in failed):
+        raise RuleNotApplicableError(
+            f"On {len(failed)} of {len(statuses)} ranks the rule does not apply ({text})."
+        ) from error
+    raise distributed.DistributedFitError(
+        f"Distributed prior search stopped {stage} on all {len(statuses)} ranks: {text}"
+    ) from error
+
+
 def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
     """``(L,)``: the default prior. ``lora_A`` at :func:`spread_matched_precision`; one
     precision ``δ_B`` for every other tensor such that the prior explains the size of the
@@ -409,7 +441,12 @@ def function_space_precision(la: Any, loader: Iterable[Any]) -> Tensor:
     """
     is_a = lora_a_mask(la.lora_param_names)
     delta = spread_matched_precision(la).to(la._dtype)
-    jac, change = function_space_sums(la, loader, ~is_a)
+    error, jac, change = None, None, None
+    try:
+        jac, change = function_space_sums(la, loader, ~is_a)
+    except Exception as e:  # this rank's shard; raised on every rank below
+        error = e
+    agree_on_rule(error, "reading the training data")
     if distributed.is_distributed():
         both = torch.stack([jac, change]).to(la._device)
         torch.distributed.all_reduce(both)

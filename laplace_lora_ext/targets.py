@@ -111,8 +111,10 @@ def collect_targets(
         if lora_modules is not None and re.search(lora_modules, name) is None:
             continue
         adapters_seen.update(module.lora_A.keys())
-        targets += _layer_targets(name, module, adapter_name)
-        _check_batch_first(model, name)
+        layer_targets = _layer_targets(name, module, adapter_name)
+        if layer_targets:  # only layers the posterior covers must read the batch first
+            _check_batch_first(model, name)
+        targets += layer_targets
     if not targets and adapter_name is not None and adapters_seen:
         raise ValueError(
             f"No LoRA layer{' matching lora_modules' if lora_modules else ''} holds adapter "

@@ -106,3 +106,24 @@ def test_adapter_name_may_cover_only_some_layers():
     assert rel(explicit.H, exact_ggn(model, batch, explicit.params)) < 1e-12
     with pytest.raises(ValueError, match=r"No LoRA layer holds adapter 'c'.*\['a', 'b'\]"):
         lora_laplace(model, adapter_name="c")
+
+
+class EncoderAndHead(TinyEncoder):
+    """A sequence-first encoder layer and a head: adapter ``a`` on the encoder's linear
+    layers, adapter ``b`` on the head only."""
+
+
+def test_an_uncovered_sequence_first_layer_is_not_refused():
+    model = get_peft_model(
+        EncoderAndHead(batch_first=False).double(),
+        LoraConfig(r=2, target_modules=["linear1", "linear2"]),
+        adapter_name="a",
+    )
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["head"]))
+    la = lora_laplace(model, "diag", adapter_name="b")
+    assert [n.split(".")[-3:] for n in la.lora_param_names] == [
+        ["lora_A", "b", "weight"],
+        ["lora_B", "b", "weight"],
+    ]
+    with pytest.raises(ValueError, match="batch_first=False"):
+        lora_laplace(model, "diag", adapter_name="a")

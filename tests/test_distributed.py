@@ -27,6 +27,8 @@ WORLD = 2
 N = 7  # odd: the DistributedSampler pads rank 1's shard with a repeated example
 N_SECOND = 5
 SHARDS = (range(0, 4), range(4, N))  # the "sharded" scenario's examples per rank
+LONE = (range(0, N - 1), range(N - 1, N))  # "lone": rank 1 holds one example
+N_VAL = 5
 TOL = 1e-10
 PRIOR = 0.5
 
@@ -97,6 +99,25 @@ def _scenarios(model: torch.nn.Module, make_loader) -> dict[str, dict[str, torch
         shards = [DataLoader(Subset(_dataset(N, seed=1), r), batch_size=3) for r in SHARDS]
         loo_prior.best_loo_precision(la, [loo_prior.loo_cache(la, s) for s in shards])
     out["sharded/leave_one_out"] = {**_summary(la), "prior": la.prior_precision.clone()}
+    # the default on memorised data where one rank holds a single example: leave-one-out
+    # does not apply there, so every rank falls back to the evidence (it hung in the grid)
+    la = _laplace(model, "kron")
+    la.fit(make_loader("lone"))
+    la.loss = 1e-3 * la.n_data  # memorised: the default would use leave-one-out
+    if distributed.is_distributed():
+        with pytest.warns(RuntimeWarning, match="On 1 of 2 ranks the rule does not apply"):
+            la.optimize_prior_precision()
+    else:
+        la.optimize_prior_precision(method="lora_marglik")
+    out["lone/default"] = {**_summary(la), "prior": la.prior_precision.clone()}
+    # the validation grid sums its NLL over every rank's validation shard (each rank chose
+    # from its own shard); probit, so that the draws do not depend on the sharding
+    la = _laplace(model, "kron")
+    la.fit(make_loader("padded"))
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=make_loader("val"), link_approx="probit"
+    )
+    out["padded/gridsearch"] = {**_summary(la), "prior": la.prior_precision.clone()}
     # adding data to a previous fit (override=False) must not re-sum the previous part
     for config in ("kron", "kron_lowrank", "diag"):
         la = _laplace(model, config)
@@ -120,9 +141,12 @@ def _distributed_loader(kind: str, rank: int) -> DataLoader:
     if kind == "drop_last":
         sampler = DistributedSampler(ds, WORLD, rank, shuffle=False, drop_last=True)
         return DataLoader(ds, batch_size=2, sampler=sampler)
-    if kind == "sharded":
-        shard = Subset(ds, SHARDS[rank])
+    if kind in ("sharded", "lone"):
+        shard = Subset(ds, (SHARDS if kind == "sharded" else LONE)[rank])
         return distributed.mark_sharded(DataLoader(shard, batch_size=3))
+    if kind == "val":  # validation data sharded as training data is, rank 1 padded
+        val = _dataset(N_VAL, seed=4)
+        return DataLoader(val, batch_size=2, sampler=DistributedSampler(val, WORLD, rank))
     if kind == "second":  # DistributedSampler inside a batch_sampler, uneven again
         ds2 = _dataset(N_SECOND, seed=2)
         sampler = DistributedSampler(ds2, WORLD, rank, shuffle=False)
@@ -181,8 +205,10 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------- test
 def _reference_loader(kind: str) -> DataLoader:
     ds = _dataset(N, seed=1)
-    if kind in ("padded", "sharded", "plain"):
+    if kind in ("padded", "sharded", "plain", "lone"):
         return DataLoader(ds, batch_size=3)
+    if kind == "val":
+        return DataLoader(_dataset(N_VAL, seed=4), batch_size=2)
     if kind == "drop_last":  # shuffle=False, drop_last=True keeps the first 6 examples
         return DataLoader(Subset(ds, range(N - N % WORLD)), batch_size=3)
     if kind == "second":

@@ -135,7 +135,10 @@ def test_laplace_torch_lora_recipe_peft_around_custom_module(structure):
     assert "labels" in recipe.get_base_model().seen_keys  # the whole batch, as laplace-torch
 
 
-def test_peft_around_custom_module_with_tensor_forward_gets_a_clear_error():
+def test_peft_around_custom_module_with_keyword_forward_gets_the_inputs_as_keywords():
+    """``forward(self, input_ids, attention_mask=None)``, the usual wrapper of an
+    ``AutoModel``: PEFT passes ``model(**inputs)`` on to it, as for an HF model."""
+
     class TakesIds(torch.nn.Module):
         def __init__(self, hf):
             super().__init__()
@@ -145,9 +148,14 @@ def test_peft_around_custom_module_with_tensor_forward_gets_a_clear_error():
             return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     model = get_peft_model(TakesIds(tiny_gpt2_base()), _recipe_lora())
-    la = lora_laplace(model, "kron")
-    with pytest.raises(TypeError, match="cannot be called as model\\(batch\\)"):
-        la.fit(loader(random_batch(4, 6, 3, "right", pad_id=0), 2))
+    batch = random_batch(4, 6, 3, "right", pad_id=0)
+    results = []
+    for m in (model, DocWrapper(model.get_base_model().hf_model)):  # the same LoRA modules
+        la = lora_laplace(m, "kron")
+        la.fit(loader(batch, 2))
+        results.append((la.log_marginal_likelihood(torch.tensor(0.7)), la(batch)))
+    assert results[0][0].item() == pytest.approx(results[1][0].item(), rel=1e-10)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
 
 
 def test_batches_move_to_the_models_device_in_both_forms():

@@ -177,6 +177,21 @@ def test_mc_fisher_equals_reference_with_the_same_labels():
     assert rel(a, g.T @ g) < TOL
 
 
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_mc_fisher_added_data_continues_the_label_stream(monkeypatch, structure):
+    from laplace_lora_ext.curvature.backend import LoraCurvature
+
+    resets = []
+    original = LoraCurvature.reset_generator
+    monkeypatch.setattr(
+        LoraCurvature, "reset_generator", lambda self: resets.append(1) or original(self)
+    )
+    case = make_case("llama")
+    la = fit(case, structure, fisher_type="mc", mc_samples=2, seed=1)
+    la.fit(loader(case.batch, 3), override=False)
+    assert len(resets) == 1  # the fresh fit only
+
+
 def test_mc_grad_output_vectors_are_unbiased():
     from laplace_lora_ext.curvature.fisher import grad_output_vectors
 

@@ -3,7 +3,10 @@
 laplace-torch's validation grid, but each validation batch's logit Jacobian blocks are
 computed once (:class:`~laplace_lora_ext.jacobian_cache.LogitJacobianCache`) and reused for
 every grid value, so the grid costs one GLM pass instead of ``grid_size``; every value sees
-the same Monte Carlo draws (common random numbers).
+the same Monte Carlo draws (common random numbers). In a data-parallel run the validation
+NLL is summed over the ranks' batches (a sharded loader without its sampler's padded
+duplicates) before the best value is chosen, so every rank chooses the same prior whether
+the loader is sharded or the same on every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 import tqdm
 from torch.utils.data import DataLoader
 
+from .. import distributed
 from ..jacobian_cache import LogitJacobianCache
 
 __all__ = ["GridSearchMixin", "GRID_CACHE_BYTES"]
@@ -39,26 +43,59 @@ class GridSearchMixin:
                 "validation-free prior use the default (method='auto')."
             )
         self._check_H_init()
-        cached = LogitJacobianCache(
-            self, val_loader, max_bytes=GRID_CACHE_BYTES, in_eigenbasis=True, progress=progress_bar
-        )
-        if len(cached) == 0:
+        error, cached = None, None
+        try:
+            cached = LogitJacobianCache(
+                self, distributed.shard_batches(val_loader, self.dict_key_y),
+                max_bytes=GRID_CACHE_BYTES, in_eigenbasis=True, progress=progress_bar,
+            )  # fmt: skip
+        except Exception as e:  # this rank's validation batches; raised on every rank
+            error = e
+        if distributed.is_distributed():
+            distributed.agree(error, "reading the validation data")
+        elif error is not None:
+            raise error
+        totals = self._grid_nll_totals(cached, grid, link_approx, n_samples, progress_bar)
+        if not totals[-1] > 0:
             raise ValueError(
                 "method='gridsearch' got a val_loader that yielded no batches; pass a loader "
                 "over at least one validation example. The prior was not changed."
             )
-        labels = cached.labels
-        scores = []
-        for delta in tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]"):
-            self.prior_precision = delta
-            gen = torch.Generator(device=self._device).manual_seed(0)  # same draws per value
-            scores.append(_mean_nll(cached.probs(self, link_approx, n_samples, gen), labels))
+        scores = (totals[:-1] / totals[-1]).tolist()
         best = int(torch.tensor(scores).nan_to_num(float("inf")).argmin())
         self.prior_precision = float(grid[best])
         self._report_prior("gridsearch", False, verbose, f"validation NLL {scores[best]:.4f}")
 
+    def _grid_nll_totals(
+        self,
+        cached: LogitJacobianCache,
+        grid: torch.Tensor,
+        link_approx: str,
+        n_samples: int,
+        progress_bar: bool,
+    ) -> torch.Tensor:
+        """``(G + 1,)`` float64: the summed validation NLL at each of the ``G`` grid values,
+        then the number of examples, summed over ranks in a data-parallel run (a sharded
+        validation loader scores all of its shards; a rank's shard may be empty)."""
+        totals = torch.zeros(len(grid) + 1, dtype=torch.float64)
+        if len(cached):
+            labels = cached.labels
+            for i, delta in enumerate(
+                tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]")
+            ):
+                self.prior_precision = delta
+                gen = torch.Generator(device=self._device).manual_seed(0)  # same draws per value
+                probs = cached.probs(self, link_approx, n_samples, gen)
+                totals[i] = _sum_nll(probs, labels)
+            totals[-1] = len(labels)
+        if distributed.is_distributed():
+            totals = totals.to(self._device)
+            torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
+        return totals
 
-def _mean_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean of ``-log p[label]`` over ``probs`` ``(N, C)`` (floored at 1e-12)."""
+
+def _sum_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum of ``-log p[label]`` over ``probs`` ``(N, C)`` (floored at 1e-12), in float64."""
     picked = probs.gather(1, labels.long().reshape(-1, 1).to(probs.device))
-    return float(-picked.clamp_min(1e-12).log().mean())
+    return float(-picked.double().clamp_min(1e-12).log().sum())

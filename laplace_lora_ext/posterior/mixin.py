@@ -264,6 +264,9 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
                 loss or curvature (the message names the batch).
         """
         guards.check_autograd_available("fit")
+        reset = getattr(self.backend, "reset_generator", None)
+        if override and reset is not None:  # a fresh fit draws the same MC labels per seed
+            reset()  # (KFAC's _fit always sums afresh, so this is keyed on the caller's call)
         with guards.restore_on_error(self, FIT_STATE), guards.eval_mode(self.model):
             self._fit(train_loader, override, progress_bar)
         # kept (a reference, no copy) for optimize_prior_precision(method="function_space");
@@ -288,9 +291,6 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         previous = None if override or self.H is None else (self.H, self.loss)
         if previous is None:
             self.n_data = 0
-            reset = getattr(self.backend, "reset_generator", None)
-            if reset is not None:  # a fresh fit draws the same MC labels for the same seed
-                reset()
         self._init_H()
         self.loss = 0.0
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
