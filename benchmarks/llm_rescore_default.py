@@ -263,6 +263,49 @@ def restore_map_probs(path: Path) -> list[tuple[str, str, str]]:
     return stale
 
 
+#: Set on a checkpoint whose temperature was refitted on its rebuilt model
+#: (:func:`refit_temperature`); ``_temperature_file`` keeps the file's.
+TEMPERATURE_REFIT = "_temperature_refit"
+
+
+def stale_temperature(ckpt: dict, tol: float = 1e-4) -> bool:
+    """Whether ``ckpt``'s temperature was fitted on another model than its ``map`` row's: a
+    ``--refresh-map`` re-score whose rebuilt MAP differs from the file's (``map_file``) by
+    more than ``tol`` in a metric (re-training was not bitwise), not refitted yet."""
+    rows = ckpt["test"]
+    if "map_file" not in rows or ckpt.get(TEMPERATURE_REFIT):
+        return False
+    return max(abs(float(rows["map"][k]) - float(rows["map_file"][k])) for k in calib.METRICS) > tol
+
+
+def refit_temperature(path: Path) -> list[tuple[str, str, str, float, float]]:
+    """Refit temperature scaling on the rebuilt model's validation logits where the file's
+    temperature belongs to another model (:func:`stale_temperature`), and re-score its test
+    row from the stored MAP probabilities (``softmax(log p_MAP / T)``, as
+    :mod:`benchmarks.bars_bootstrap` reads it). Returns ``(task, seed, step, T_file, T)``
+    per checkpoint refitted; a file without any is not written."""
+    payload = json.loads(path.read_text())
+    args = argparse.Namespace(**payload["args"])
+    torch.set_num_threads(args.threads or 1)
+    done = []
+    for c in calib.cached_checkpoints(
+        payload["runs"], args, skip=lambda ckpt: not stale_temperature(ckpt)
+    ):
+        model = argparse.Namespace(model=c.wrapper)  # validation_logits reads .model only
+        val = make_loader(c.data.validation, c.collate, args.la_batch_size)
+        T = calib.temperature(*calib.validation_logits(model, val))
+        rows = c.ckpt["test"]
+        log_map = torch.tensor(rows["_probs"]["map"], dtype=torch.float64).log()
+        score_rows(rows, "temp", torch.softmax(log_map / T, -1), torch.tensor(rows["_labels"]))
+        done.append((c.task, str(c.seed), c.step, c.ckpt["_temperature"], T))
+        c.ckpt["_temperature_file"] = c.ckpt["_temperature"]
+        c.ckpt["_temperature"] = T
+        c.ckpt[TEMPERATURE_REFIT] = True
+    if done:
+        path.write_text(json.dumps(payload, indent=1, default=str))
+    return done
+
+
 def keep_probs(rows: dict, cache: LogitJacobianCache, la_probs: torch.Tensor) -> None:
     """Store MAP's (from ``cache``) and the default's probabilities ``(N, C)`` and the labels
     in a split's ``rows`` (``_probs``, ``_labels``), as the benchmark does on test."""

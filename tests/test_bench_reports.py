@@ -702,3 +702,48 @@ def test_restore_map_probs_rewrites_only_the_stale_checkpoints_and_checks_them(
     rerun["probs"] = old  # a re-run that is not the row's model
     with pytest.raises(ValueError, match="MAP re-run differs from its row"):
         R.restore_map_probs(path)
+
+
+def test_refit_temperature_only_where_the_rebuilt_map_is_another_model(tmp_path, monkeypatch):
+    """The refit's control flow with the rebuild and the validation pass stubbed: only the
+    checkpoint whose rebuilt MAP differs from the file's gets a new temperature, fitted on
+    the validation logits, its ``temp`` row re-scored from the stored MAP probabilities;
+    a second call is a no-op that does not write."""
+    from benchmarks import llm_rescore_default as R
+    from laplace_lora_ext.evaluation import classification_metrics
+
+    gen = torch.Generator().manual_seed(3)
+    logits, labels = 4 * torch.randn(30, 3, generator=gen), torch.arange(30) % 3
+    val_logits = 4 * torch.randn(25, 3, generator=gen)
+    val_labels = torch.arange(25) % 3
+
+    def ckpt(map_moved: bool) -> dict:
+        m = {k: float(v) for k, v in classification_metrics(logits.softmax(-1), labels).items()}
+        test = {"map": m, "map_file": {**m, "acc": m["acc"] + (0.1 if map_moved else 0.0)}}
+        test |= {"_probs": {"map": logits.softmax(-1).tolist()}, "_labels": labels.tolist()}
+        return {"test": test, "_temperature": 2.0}
+
+    runs = {"t": {"0": {"checkpoints": {"960": ckpt(True), "32": ckpt(False)}}}}
+    path = tmp_path / "rescored.json"
+    path.write_text(json.dumps({"args": {"threads": 1, "la_batch_size": 4}, "runs": runs}))
+
+    def cached(runs, args, skip):
+        for step, c in runs["t"]["0"]["checkpoints"].items():
+            if not skip(c):
+                data = types.SimpleNamespace(validation=None)
+                yield types.SimpleNamespace(
+                    task="t", seed=0, step=step, ckpt=c, wrapper=None, data=data, collate=None
+                )
+
+    monkeypatch.setattr(R.calib, "cached_checkpoints", cached)
+    monkeypatch.setattr(R, "make_loader", lambda *a: None)
+    monkeypatch.setattr(R.calib, "validation_logits", lambda *a: (val_logits, val_labels))
+    want_T = R.calib.temperature(val_logits, val_labels)
+    assert R.refit_temperature(path) == [("t", "0", "960", 2.0, want_T)]
+    saved = json.loads(path.read_text())["runs"]["t"]["0"]["checkpoints"]
+    assert saved["960"]["_temperature"] == want_T and saved["960"]["_temperature_file"] == 2.0
+    want = classification_metrics((logits.double().log_softmax(-1) / want_T).softmax(-1), labels)
+    assert saved["960"]["test"]["temp"]["nll"] == pytest.approx(want["nll"], rel=1e-6)
+    assert saved["32"]["_temperature"] == 2.0 and "temp" not in saved["32"]["test"]
+    before = path.read_text()
+    assert R.refit_temperature(path) == [] and path.read_text() == before
