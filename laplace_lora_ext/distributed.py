@@ -174,7 +174,7 @@ def shard_batches(loader: Any, dict_key_y: str = "labels", group: Any = None) ->
         return loader
     if _find_distributed_sampler(loader) is None and not getattr(loader, _SHARDED_ATTR, False):
         return loader
-    return list(FitShard(loader, dict_key_y, group).batches())
+    return list(FitShard(loader, dict_key_y, group, allow_empty=True).batches())
 
 
 class FitShard:
@@ -188,6 +188,8 @@ class FitShard:
         loader: the training loader (see the module docstring for what is accepted).
         dict_key_y: key of the labels in dict batches (used to count examples).
         group: process group (default: the world).
+        allow_empty: accept a sampler that leaves some rank only padding (a sum over
+            ranks, such as the validation grid's, can do without it; a fit cannot).
 
     Attributes:
         active: whether the fit is data-parallel.
@@ -196,8 +198,15 @@ class FitShard:
         n_seen: examples :meth:`batches` yielded (after iterating).
     """
 
-    def __init__(self, loader: DataLoader, dict_key_y: str = "labels", group: Any = None) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        dict_key_y: str = "labels",
+        group: Any = None,
+        allow_empty: bool = False,
+    ) -> None:
         self.loader = loader
+        self.allow_empty = allow_empty
         self.dict_key_y = dict_key_y
         self.group = group
         self.active = is_distributed(group)
@@ -240,7 +249,7 @@ class FitShard:
             self.n_total = N
             self.n_local = _real_count(N, W, r)
             smallest = _real_count(N, W, W - 1)
-        if self.n_total == 0 or smallest <= 0:
+        if (self.n_total == 0 or smallest <= 0) and not self.allow_empty:
             raise ValueError(
                 f"The dataset has {N} examples, too few for {W} ranks "
                 f"(drop_last={sampler.drop_last}): some rank would fit on no data."

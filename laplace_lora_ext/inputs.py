@@ -176,7 +176,8 @@ def is_hf_model(model: nn.Module) -> bool:
     one, also inside ``DataParallel`` / ``DistributedDataParallel`` (an ``isinstance`` check,
     not a guess from attributes or signatures). A ``PeftModel`` around a custom module (what
     laplace-torch's documented LoRA recipe builds: ``get_peft_model(MyGPT2(...), config)``)
-    is not: it forwards its arguments to that module, which takes the dict batch."""
+    is not: it forwards its arguments to that module, whose ``forward`` decides
+    (:func:`_peft_around_keyword_module`)."""
     from peft import PeftModel
     from transformers import PreTrainedModel
 

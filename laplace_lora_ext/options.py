@@ -195,7 +195,8 @@ def check_unsupported_keywords(*, enable_backprop: Any, dict_key_x: Any) -> None
     if dict_key_x != "input_ids":
         raise ValueError(
             f"dict_key_x={dict_key_x!r} has no effect with subset_of_weights='lora': the "
-            "whole dict batch is passed to the model (model(batch), as laplace-torch does; a "
-            "PeftModel gets model(**batch) without the labels), so your model reads its "
+            "whole dict batch is passed to the model (model(batch), as laplace-torch does; an "
+            "HF model, or a PeftModel around one or around a keyword forward, gets "
+            "model(**batch) without the labels), so your model reads its "
             "inputs itself. Remove dict_key_x (labels are still found under dict_key_y)."
         )

@@ -395,10 +395,11 @@ def agree_on_rule(error: BaseException | None, stage: str) -> None:
 
     In a data-parallel fit each rank reads its own shard first (a rank with one example, a
     spent loader, ...); a rank that raised alone would leave the others waiting in the
-    rule's all-reduce. The ranks exchange their status: if any failed, every rank raises,
-    a :class:`RuleNotApplicableError` when every failure was one (so the default falls back
-    to the evidence on every rank), else a ``DistributedFitError``. One process: ``error``
-    is raised as it is.
+    rule's all-reduce. The ranks exchange their status: if any failed, every rank raises:
+    the error itself when every rank failed with the same one (as
+    :func:`~laplace_lora_ext.distributed.agree`), else a :class:`RuleNotApplicableError`
+    when every failure was one (so the default falls back to the evidence on every rank),
+    else a ``DistributedFitError``. One process: ``error`` is raised as it is.
     """
     if not distributed.is_distributed():
         if error is not None:
@@ -411,6 +412,8 @@ def agree_on_rule(error: BaseException | None, stage: str) -> None:
     failed = [(rank, status) for rank, status in enumerate(statuses) if status is not None]
     if not failed:
         return
+    if len(failed) == len(statuses) and len({status for _, status in failed}) == 1:
+        raise error  # type: ignore[misc]  # the same error on every rank: raise it as it is
     text = "; ".join(f"rank {rank}: {message}" for rank, (_, message) in failed)
     if all(not_applicable for _, (not_applicable, _) in failed):
         raise RuleNotApplicableError(

@@ -83,6 +83,24 @@ def _scenarios(model: torch.nn.Module, make_loader) -> dict[str, dict[str, torch
         la = _laplace(model, "kron")
         la.fit(make_loader(kind))
         out[f"{kind}/kron"] = _summary(la)
+    out.update(_prior_scenarios(model, make_loader))
+    # adding data to a previous fit (override=False) must not re-sum the previous part
+    for config in ("kron", "kron_lowrank", "diag"):
+        la = _laplace(model, config)
+        la.fit(make_loader("padded"))
+        la.fit(make_loader("second"), override=False)
+        out[f"incremental/{config}"] = _summary(la)
+    # ... with a second loader whose N is not len(dataset) (kron rescales by the true N)
+    la = _laplace(model, "kron")
+    la.fit(make_loader("padded"))
+    la.fit(make_loader("drop_last"), override=False)
+    out["incremental_drop_last/kron"] = _summary(la)
+    return out
+
+
+def _prior_scenarios(model: torch.nn.Module, make_loader) -> dict[str, dict[str, torch.Tensor]]:
+    """The prior searches of :func:`_scenarios`: the training-data rules and the grid."""
+    out = {}
     # the function-space prior sums over the examples the fit counted (padding skipped)
     for kind in ("padded", "sharded"):
         la = _laplace(model, "kron")
@@ -118,17 +136,18 @@ def _scenarios(model: torch.nn.Module, make_loader) -> dict[str, dict[str, torch
         method="gridsearch", val_loader=make_loader("val"), link_approx="probit"
     )
     out["padded/gridsearch"] = {**_summary(la), "prior": la.prior_precision.clone()}
-    # adding data to a previous fit (override=False) must not re-sum the previous part
-    for config in ("kron", "kron_lowrank", "diag"):
-        la = _laplace(model, config)
-        la.fit(make_loader("padded"))
-        la.fit(make_loader("second"), override=False)
-        out[f"incremental/{config}"] = _summary(la)
-    # ... with a second loader whose N is not len(dataset) (kron rescales by the true N)
-    la = _laplace(model, "kron")
-    la.fit(make_loader("padded"))
-    la.fit(make_loader("drop_last"), override=False)
-    out["incremental_drop_last/kron"] = _summary(la)
+    # ... also where one rank's validation shard is only the sampler's padding
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=make_loader("val1"), link_approx="probit"
+    )
+    out["padded/gridsearch_one_val"] = {**_summary(la), "prior": la.prior_precision.clone()}
+    # the same error on every rank is raised as it is (not wrapped), as in one process
+    try:
+        loo_prior.loo_precision(la, make_loader("padded"), kernel_draws=0)
+    except ValueError as e:
+        assert "kernel_draws must be a positive integer" in str(e), e
+    else:
+        raise AssertionError("kernel_draws=0 was accepted")
     return out
 
 
@@ -144,8 +163,8 @@ def _distributed_loader(kind: str, rank: int) -> DataLoader:
     if kind in ("sharded", "lone"):
         shard = Subset(ds, (SHARDS if kind == "sharded" else LONE)[rank])
         return distributed.mark_sharded(DataLoader(shard, batch_size=3))
-    if kind == "val":  # validation data sharded as training data is, rank 1 padded
-        val = _dataset(N_VAL, seed=4)
+    if kind in ("val", "val1"):  # validation data sharded as training data is, rank 1 padded
+        val = _dataset(N_VAL if kind == "val" else 1, seed=4)
         return DataLoader(val, batch_size=2, sampler=DistributedSampler(val, WORLD, rank))
     if kind == "second":  # DistributedSampler inside a batch_sampler, uneven again
         ds2 = _dataset(N_SECOND, seed=2)
@@ -207,8 +226,8 @@ def _reference_loader(kind: str) -> DataLoader:
     ds = _dataset(N, seed=1)
     if kind in ("padded", "sharded", "plain", "lone"):
         return DataLoader(ds, batch_size=3)
-    if kind == "val":
-        return DataLoader(_dataset(N_VAL, seed=4), batch_size=2)
+    if kind in ("val", "val1"):
+        return DataLoader(_dataset(N_VAL if kind == "val" else 1, seed=4), batch_size=2)
     if kind == "drop_last":  # shuffle=False, drop_last=True keeps the first 6 examples
         return DataLoader(Subset(ds, range(N - N % WORLD)), batch_size=3)
     if kind == "second":

@@ -473,6 +473,7 @@ def test_gridsearch_progress_bar_covers_the_validation_pass(capsys):
         ({"method": "gridsearch", "pred_type": "nn"}, "Leave pred_type='glm'"),
         ({"method": "marglik", "pred_type": "nn"}, "marglik ignores pred_type"),
         ({"method": "marglik", "pred_type": "bogus"}, "pred_type='bogus' is not supported"),
+        ({"method": "gridsearch", "link_approx": "probt"}, "Unsupported link_approx 'probt'"),
         ({"link_approx": "probit"}, "link_approx='probit' is used only by method='gridsearch'"),
         ({"method": "leave_one_out", "link_approx": "bridge"}, "Leave link_approx='mc'"),
         ({"val_loader": True}, "val_loader is used only by method='gridsearch'"),

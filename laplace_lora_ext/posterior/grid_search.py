@@ -78,21 +78,28 @@ class GridSearchMixin:
         then the number of examples, summed over ranks in a data-parallel run (a sharded
         validation loader scores all of its shards; a rank's shard may be empty)."""
         totals = torch.zeros(len(grid) + 1, dtype=torch.float64)
-        if len(cached):
-            labels = cached.labels
-            for i, delta in enumerate(
-                tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]")
-            ):
-                self.prior_precision = delta
-                gen = torch.Generator(device=self._device).manual_seed(0)  # same draws per value
-                probs = cached.probs(self, link_approx, n_samples, gen)
-                totals[i] = _sum_nll(probs, labels)
-            totals[-1] = len(labels)
-        if distributed.is_distributed():
-            totals = totals.to(self._device)
-            torch.distributed.all_reduce(totals)
-            totals = totals.cpu()
-        return totals
+        error = None
+        try:
+            if len(cached):
+                labels = cached.labels
+                for i, delta in enumerate(
+                    tqdm.tqdm(grid.tolist(), disable=not progress_bar, desc="[Grid search]")
+                ):
+                    self.prior_precision = delta
+                    gen = torch.Generator(device=self._device).manual_seed(0)  # same draws
+                    probs = cached.probs(self, link_approx, n_samples, gen)
+                    totals[i] = _sum_nll(probs, labels)
+                totals[-1] = len(labels)
+        except Exception as e:  # raised on every rank below, before the all-reduce
+            error = e
+        if not distributed.is_distributed():
+            if error is not None:
+                raise error
+            return totals
+        distributed.agree(error, "scoring the validation grid")
+        totals = totals.to(self._device)
+        torch.distributed.all_reduce(totals)
+        return totals.cpu()
 
 
 def _sum_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:

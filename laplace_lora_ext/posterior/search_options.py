@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..links import LINK_APPROXIMATIONS
 from ..options import check_int
 
 __all__ = [
@@ -133,6 +134,10 @@ def refuse_ignored_options(
             "would be ignored; it is read by the default, 'leave_one_out' (n_samples) and "
             "'gridsearch' (n_samples, link_approx). Drop it, or set it on the prediction: "
             "la(x, link_approx=..., n_samples=...)."
+        )
+    if method == "gridsearch" and link_approx not in LINK_APPROXIMATIONS:
+        raise ValueError(
+            f"Unsupported link_approx {link_approx!r}; choose one of {LINK_APPROXIMATIONS}."
         )
     if method == "gridsearch" and n_samples is not None and not link_approx.startswith("mc"):
         raise ValueError(
