@@ -1,7 +1,8 @@
 """Collective failures of the data-parallel fit (issue 14, section 2): 2 gloo ranks on CPU.
 
 Different models, equal shapes with different weights, an empty shard, an error or NaN on
-one rank: every rank must raise the same clear ``DistributedFitError`` promptly (not abort
+one rank, a validation loader that fails on one rank in the grid search: every rank must
+raise the same clear ``DistributedFitError`` promptly (not abort
 in gloo, not wait for the process-group timeout), and the group must stay usable.
 """
 
@@ -62,6 +63,8 @@ def _case(name: str, rank: int):
         loader = distributed.mark_sharded(DataLoader(shard, batch_size=2))
     elif name == "error_on_one_rank" and rank == 1:
         loader = _Broken(loader)
+    elif name == "grid_loader_error_on_one_rank" and rank == 1:  # the validation loader
+        loader = _Broken(loader)
     elif name == "nan_on_one_rank" and rank == 1:
         with torch.no_grad():
             model.model.get_input_embeddings().weight.fill_(float("nan"))
@@ -74,7 +77,19 @@ FAULTS = {
     "empty_shard": "rank 1 failed with ValueError: train_loader's dataset is empty",
     "error_on_one_rank": "rank 1 failed with RuntimeError: loader broke",
     "nan_on_one_rank": "rank 1 failed with NonFiniteError: Batch 0",
+    "grid_loader_error_on_one_rank": "reading the validation data .* rank 1 failed with "
+    "RuntimeError: loader broke",
 }
+
+
+def _attempt(name: str, model: torch.nn.Module, loader, rank: int) -> None:
+    """The fit, or for ``grid_*`` faults a healthy fit and then the validation grid."""
+    if not name.startswith("grid_"):
+        lora_laplace(model, "kron").fit(loader)
+        return
+    la = lora_laplace(model, "kron")
+    la.fit(_sampled(rank))
+    la.optimize_prior_precision(method="gridsearch", val_loader=loader, link_approx="probit")
 
 
 def _run_rank(rank: int, port: int) -> dict[str, tuple[str, float]]:
@@ -91,7 +106,7 @@ def _run_rank(rank: int, port: int) -> dict[str, tuple[str, float]]:
             model, loader = _case(name, rank)
             start = time.monotonic()
             try:
-                lora_laplace(model, "kron").fit(loader)
+                _attempt(name, model, loader, rank)
                 out[name] = ("no error", 0.0)
             except distributed.DistributedFitError as e:
                 out[name] = (str(e), time.monotonic() - start)
