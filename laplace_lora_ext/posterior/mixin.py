@@ -262,6 +262,9 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         Raises:
             NonFiniteError: NaN or inf in a batch's logits, layer inputs, output gradients,
                 loss or curvature (the message names the batch).
+            ValueError: a LoRA layer whose inputs do not start with the batch (a
+                mixture-of-experts block, a sequence-first layer), at the first batch.
+            RuntimeError: inside ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
         """
         guards.check_autograd_available("fit")
         reset = getattr(self.backend, "reset_generator", None)
@@ -393,6 +396,7 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
 
         Raises:
             AttributeError: if the posterior has not been fitted (call ``fit`` first).
+            RuntimeError: inside ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
         """
         self._check_H_init()
         guards.check_autograd_available("The GLM predictive (la(x), predictive_moments)")
