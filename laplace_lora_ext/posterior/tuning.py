@@ -154,8 +154,16 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
                 with ``"gridsearch"``, a
                 ``pred_type`` other than ``"glm"`` (laplace-torch's ``"marglik"``
                 ignores it too), a ``link_approx`` other
-                than ``"mc"`` except with ``"gridsearch"``, or ``n_samples`` with a method
-                that scores no predictive (the evidence and function-space methods).
+                than ``"mc"`` except with ``"gridsearch"`` (there, one it does not know), or
+                ``n_samples`` with a method that scores no predictive (the evidence and
+                function-space methods).
+            RuleNotApplicableError: an explicit ``"leave_one_out"`` / ``"function_space"``
+                that cannot be used here (e.g. ``TrainingDataSpentError``: ``fit``'s loader
+                yields nothing again); the default falls back to the evidence instead.
+            FloatingPointError: the evidence search diverged (too large an ``lr``).
+            RuntimeError: inside ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
+
+        A failed search leaves the prior as it was.
         """
         method = "auto" if method is None else method
         default = method == "auto"
