@@ -41,7 +41,7 @@ LABELS = {
     "mc_dropout": "MC dropout",
     "ckpt_ens": "checkpoint ensemble",
     "deep_ens": "deep ensemble (M=3)",
-    "blob": "BLoB",
+    "blob": "BLoB (did not fit its training data: not valid, see docs)",
 }
 
 
