@@ -142,6 +142,7 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
                 f"LoRA layer {name!r} uses DoRA, which laplace_lora_ext does not support; "
                 "fine-tune with use_dora=False."
             )
+        _check_variant(name, module, adapter)
         lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
         for kind, sub in (("lora_A", lora_a), ("lora_B", lora_b)):
             if not isinstance(sub, nn.Linear) or sub.bias is not None:
@@ -159,6 +160,28 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
             "target linear layers only."
         )
     return targets
+
+
+#: PEFT LoRA variants checked against the exact GGN (a review, 2026-12-04): their layers
+#: are ``lora_B(lora_A(x))`` as far as the posterior is concerned.
+CHECKED_VARIANTS = ("QALoraLinearVariant", "VeloraLinearVariant")
+
+
+def _check_variant(name: str, module: nn.Module, adapter: str) -> None:
+    """Refuse a PEFT LoRA variant the posterior has not been checked against (KaSA rewrites
+    the base weight and trains a diagonal inside the LoRA path, aLoRA adapts a subset of
+    the tokens, ...): its extra parameters or base changes would be left out silently."""
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    kind = type(variant).__name__
+    if variant is None or kind in CHECKED_VARIANTS or kind.startswith("Dora"):
+        return  # DoRA has its own message below
+    raise ValueError(
+        f"LoRA layer {name!r} uses PEFT's {kind} (a LoRA variant), which laplace_lora_ext "
+        "does not support: its extra parameters or changes to the base weight would be left "
+        "out of the posterior. Fine-tune a plain LoRA (no kasa_config, "
+        "alora_invocation_tokens, arrow_config, ...), or use laplace-torch's "
+        "subset_of_weights='all'."
+    )
 
 
 def _check_batch_first(model: nn.Module, name: str) -> None:

@@ -127,3 +127,18 @@ def test_an_uncovered_sequence_first_layer_is_not_refused():
     ]
     with pytest.raises(ValueError, match="batch_first=False"):
         lora_laplace(model, "diag", adapter_name="a")
+
+
+@pytest.mark.parametrize(
+    "variant, kind",
+    [({"kasa_config": {}}, "KasaLinearVariant"), ({"alora_invocation_tokens": [7]}, "ALora")],
+)
+def test_unchecked_lora_variants_are_refused_at_construction(variant, kind):
+    """KaSA rewrites the base weight and trains a diagonal the posterior would leave out
+    (it passed every check before); aLoRA adapts a subset of the tokens."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config()).double()
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], **variant)
+    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
+    with pytest.raises(ValueError, match=f"uses PEFT's {kind}.*does not support"):
+        lora_laplace(model)
