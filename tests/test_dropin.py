@@ -57,6 +57,17 @@ class DocWrapper(torch.nn.Module):
         return logits / temperature
 
 
+class TakesIds(torch.nn.Module):
+    """A custom wrapper whose ``forward`` takes the inputs as tensors (an ``AutoModel``'s)."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
 def doc_and_own(name: str):
     """The same tiny model as laplace-torch's documented wrapper and as our own wrapper."""
     case = make_case(name)
@@ -138,15 +149,6 @@ def test_laplace_torch_lora_recipe_peft_around_custom_module(structure):
 def test_peft_around_custom_module_with_keyword_forward_gets_the_inputs_as_keywords():
     """``forward(self, input_ids, attention_mask=None)``, the usual wrapper of an
     ``AutoModel``: PEFT passes ``model(**inputs)`` on to it, as for an HF model."""
-
-    class TakesIds(torch.nn.Module):
-        def __init__(self, hf):
-            super().__init__()
-            self.hf_model = hf
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
-
     model = get_peft_model(TakesIds(tiny_gpt2_base()), _recipe_lora())
     batch = random_batch(4, 6, 3, "right", pad_id=0)
     results = []
@@ -217,17 +219,8 @@ def test_forward_taking_input_ids_first_gets_a_clear_error():
     """``forward(self, input_ids, attention_mask=None)`` binds the dict batch to
     ``input_ids``; before, the model failed 36 frames deep (``'dict' object has no
     attribute 'ne'`` on RoBERTa)."""
-
-    class TensorArguments(torch.nn.Module):
-        def __init__(self, hf):
-            super().__init__()
-            self.hf = hf
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-
     case = make_case("gpt2")
-    la = lora_laplace(TensorArguments(case.model.model))
+    la = lora_laplace(TakesIds(case.model.model))
     with pytest.raises(TypeError, match=r"first argument 'input_ids' takes a tensor"):
         la.fit(loader(case.batch, 4))
     la.fit([(case.batch["input_ids"], case.batch["labels"])])  # tensor batches still work
