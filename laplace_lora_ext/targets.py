@@ -11,12 +11,19 @@ mean, the prior and every curvature matrix.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["LoraTarget", "collect_targets", "target_params"]
+__all__ = [
+    "LoraTarget",
+    "collect_targets",
+    "target_params",
+    "untracked_trainable",
+    "warn_untracked",
+]
 
 
 @dataclass(frozen=True)
@@ -221,22 +228,63 @@ def _extra_targets(model: nn.Module, exclude: set[int]) -> list[LoraTarget]:
         if not own:
             continue
         if not isinstance(module, nn.Linear):
-            names = [n for n, p in module.named_parameters(recurse=False) if p in own]
+            owned = {id(p) for p in own}
+            names = [n for n, p in module.named_parameters(recurse=False) if id(p) in owned]
             raise ValueError(
                 f"Trainable parameters {names} of {name!r} ({type(module).__name__}) are "
                 "not LoRA matrices nor nn.Linear; include_extra_params supports only "
-                "nn.Linear layers. Freeze them (requires_grad_(False)) or set "
-                "include_extra_params=False."
+                f"nn.Linear layers.{_BIAS_HINT if names == ['bias'] else ''} Freeze them "
+                "(requires_grad_(False)) or set include_extra_params=False."
             )
         if not module.weight.requires_grad:
             raise ValueError(
-                f"{name!r} has a trainable bias but a frozen weight; unsupported with "
-                "include_extra_params=True."
+                f"{name!r} has a trainable bias but a frozen weight, which "
+                f"include_extra_params=True does not support (it covers whole nn.Linear "
+                f"layers).{_BIAS_HINT} Fine-tune with bias='none', or set "
+                "include_extra_params=False to hold the biases at their fitted values."
             )
         with_bias = module.bias is not None and module.bias.requires_grad
         extras.append(LoraTarget(name, module, "extra", with_bias=with_bias))
         claimed.update(id(p) for p in own)
     return extras
+
+
+_BIAS_HINT = " (PEFT's LoraConfig(bias='all' or 'lora_only') trains the base layers' biases.)"
+
+
+def untracked_trainable(model: nn.Module, targets: list[LoraTarget]) -> list[str]:
+    """Names of ``model``'s trainable parameters outside every LoRA matrix that no target
+    covers (e.g. a ``modules_to_save`` head, or biases trained by PEFT's ``bias='all'``):
+    the posterior holds them at their fitted values. LoRA matrices left out on purpose
+    (``lora_modules``, ``adapter_name``) are not listed."""
+    covered = {id(p) for p in target_params(targets)}
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(p) not in covered and not _LORA_MATRIX.search(n)
+    ]
+
+
+_LORA_MATRIX = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)\.")
+
+
+def warn_untracked(model: nn.Module, targets: list[LoraTarget]) -> None:
+    """Warn (``UserWarning``) when trainable parameters lie outside the posterior, naming
+    the first few and the two ways to act: cover them or freeze them."""
+    names = untracked_trainable(model, targets)
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    lone_bias = any(n.endswith("bias") and n[:-4] + "weight" not in names for n in names)
+    hint = _BIAS_HINT if lone_bias else ""  # a bias without its weight: PEFT's bias='all'?
+    warnings.warn(
+        f"The posterior covers the LoRA matrices only; {len(names)} other trainable "
+        f"parameter tensor(s) ({shown}) stay at their fitted values.{hint} Pass "
+        "include_extra_params=True to cover trainable nn.Linear layers too, or freeze them "
+        "(requires_grad_(False)) to silence this warning.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def target_params(targets: list[LoraTarget]) -> list[nn.Parameter]:

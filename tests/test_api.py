@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -47,6 +48,51 @@ def test_extra_params_add_the_modules_to_save_head():
     extra = make(case.model, include_extra_params=True)
     # RoBERTa head: dense (weight, bias) and out_proj (weight, bias)
     assert len(extra.params) == len(make(case.model).params) + 4
+
+
+def _gpt2_with_bias(bias: str):
+    """tiny GPT-2 sequence classifier with PEFT's ``LoraConfig(bias=bias)``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=40, n_embd=8, n_layer=2, n_head=2, n_positions=32, num_labels=3,
+        pad_token_id=0,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+        task_type="SEQ_CLS", bias=bias,
+    )  # fmt: skip
+    return get_peft_model(GPT2ForSequenceClassification(config).double(), lora)
+
+
+def test_trainable_parameters_left_out_of_the_posterior_are_named():
+    case = make_case("gpt2")  # its score head is trainable (modules_to_save)
+    with pytest.warns(UserWarning, match=r"1 other trainable parameter.*score\.modules_to_save"):
+        make(case.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        make(case.model, include_extra_params=True)  # the head is covered: silent
+        make(tiny_llama())  # LoRA matrices only trainable: silent
+        make(tiny_llama(), lora_modules=r"layers\.1\.")  # adapters left out on purpose
+    # PEFT's bias="lora_only" trains the LoRA layers' base biases: named, with the option
+    model = _gpt2_with_bias("lora_only")
+    with pytest.warns(UserWarning, match=r"3 other .*c_attn\.base_layer\.bias.*bias='all'"):
+        make(model)
+    with pytest.raises(ValueError, match=r"Conv1D.*bias='all' or 'lora_only'"):
+        make(model, include_extra_params=True)
+    # bias="all": a LayerNorm's bias is named (this used to crash comparing tensors)
+    with pytest.raises(ValueError, match=r"\['bias'\] of .*ln_1' \(LayerNorm\)"):
+        make(_gpt2_with_bias("all"), include_extra_params=True)
+
+
+def test_a_trainable_bias_with_a_frozen_linear_weight_names_peft_bias_option():
+    model = tiny_llama()
+    layer = model.model.base_model.model.lm_head
+    layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"lm_head' has a trainable bias but a frozen weight"):
+        make(model, include_extra_params=True)
 
 
 def test_works_on_peft_model_itself_and_on_wrapper():

@@ -39,7 +39,13 @@ from ..options import (
     validate_lora_options,
 )
 from ..predictive import logit_jacobian_blocks
-from ..targets import check_same_device, collect_targets, param_names, target_params
+from ..targets import (
+    check_same_device,
+    collect_targets,
+    param_names,
+    target_params,
+    warn_untracked,
+)
 from .persistence import FIT_STATE, PosteriorPersistenceMixin
 from .tuning import PriorTuningMixin
 from .weight_sampling import NN_SAMPLES, WeightSamplingMixin
@@ -104,6 +110,7 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         )
         self._maybe_prepare_quantized(model)
         targets = collect_targets(model, adapter_name, include_extra_params, lora_modules)
+        warn_untracked(model, targets)
         params = target_params(targets)
         check_same_device(params)
         self.lora_targets = targets
