@@ -144,6 +144,7 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
     """``lora_A`` and ``lora_B`` of each active adapter of one PEFT LoRA layer ``name``."""
     targets = []
     for adapter in _active_adapters(module, adapter_name):
+        _check_parameter_target(name, module)
         if module.use_dora.get(adapter, False):
             raise ValueError(
                 f"LoRA layer {name!r} uses DoRA, which laplace_lora_ext does not support; "
@@ -167,6 +168,20 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
             "target linear layers only."
         )
     return targets
+
+
+def _check_parameter_target(name: str, module: nn.Module) -> None:
+    """Refuse PEFT's ``target_parameters`` LoRA (a ``ParamWrapper``, e.g. on mixture-of-
+    experts weights): it adds ``B @ A`` to a parameter, so ``lora_A``/``lora_B`` are never
+    called on inputs and the curvature's hooks would see nothing."""
+    if type(module).__name__ != "ParamWrapper":
+        return
+    raise ValueError(
+        f"LoRA layer {name!r} adapts the parameter {getattr(module, 'parameter_name', '?')!r} "
+        "directly (PEFT's LoraConfig(target_parameters=...)), which laplace_lora_ext does not "
+        "support: its LoRA matrices update a weight instead of acting on the layer's inputs. "
+        "Target the layers with target_modules=[...] instead."
+    )
 
 
 #: PEFT LoRA variants checked against the exact GGN (a review, 2026-12-04): their layers

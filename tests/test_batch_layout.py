@@ -142,3 +142,14 @@ def test_unchecked_lora_variants_are_refused_at_construction(variant, kind):
     model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
     with pytest.raises(ValueError, match=f"uses PEFT's {kind}.*does not support"):
         lora_laplace(model)
+
+
+def test_peft_target_parameters_is_refused_at_construction():
+    """``LoraConfig(target_parameters=...)`` adds ``B @ A`` to the weight; its matrices are
+    never called on inputs, and fit used to fail with "were not called"."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config()).double()
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["q_proj.weight"])
+    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
+    with pytest.raises(ValueError, match=r"q_proj' adapts the parameter 'weight'.*target_modules"):
+        lora_laplace(model)
