@@ -112,13 +112,14 @@ def collect_targets(
     lora_layer_cls = _lora_layer_cls()
     targets: list[LoraTarget] = []
     adapters_seen: set[str] = set()
+    tying_hint = _tying_hint(model)
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
         if lora_modules is not None and re.search(lora_modules, name) is None:
             continue
         adapters_seen.update(module.lora_A.keys())
-        layer_targets = _layer_targets(name, module, adapter_name)
+        layer_targets = _layer_targets(name, module, adapter_name, tying_hint)
         if layer_targets:  # only layers the posterior covers must read the batch first
             _check_batch_first(model, name)
         targets += layer_targets
@@ -140,8 +141,28 @@ def collect_targets(
     return targets
 
 
-def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> list[LoraTarget]:
-    """``lora_A`` and ``lora_B`` of each active adapter of one PEFT LoRA layer ``name``."""
+def _tying_hint(model: nn.Module) -> str:
+    """A sentence for the embedding-LoRA error where a PEFT config of ``model`` has
+    ``ensure_weight_tying=True`` (which puts a LoRA on the tied input embedding when
+    ``lm_head`` is targeted), else ``""``."""
+    for module in model.modules():
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict) and any(
+            getattr(c, "ensure_weight_tying", False) for c in configs.values()
+        ):
+            return (
+                " PEFT's LoraConfig(ensure_weight_tying=True) adds one to the input embedding "
+                "tied to a targeted lm_head; set ensure_weight_tying=False to keep the LoRA on "
+                "lm_head alone."
+            )
+    return ""
+
+
+def _layer_targets(
+    name: str, module: nn.Module, adapter_name: str | None, tying_hint: str = ""
+) -> list[LoraTarget]:
+    """``lora_A`` and ``lora_B`` of each active adapter of one PEFT LoRA layer ``name``;
+    ``tying_hint`` is appended to the embedding-LoRA error."""
     targets = []
     for adapter in _active_adapters(module, adapter_name):
         _check_parameter_target(name, module)
@@ -165,7 +186,7 @@ def _layer_targets(name: str, module: nn.Module, adapter_name: str | None) -> li
     if len(getattr(module, "lora_embedding_A", {})) > 0:
         raise ValueError(
             f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "
-            "target linear layers only."
+            f"target linear layers only.{tying_hint}"
         )
     return targets
 

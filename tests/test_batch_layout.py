@@ -153,3 +153,18 @@ def test_peft_target_parameters_is_refused_at_construction():
     model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
     with pytest.raises(ValueError, match=r"q_proj' adapts the parameter 'weight'.*target_modules"):
         lora_laplace(model)
+
+
+def test_embedding_lora_from_weight_tying_names_the_option():
+    """``ensure_weight_tying=True`` with ``lm_head`` targeted puts a LoRA on the tied input
+    embedding; the error says where it came from."""
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    base = LlamaForCausalLM(config).double()
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True
+    )
+    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
+    with pytest.raises(ValueError, match=r"embed_tokens' is an embedding.*ensure_weight_tying"):
+        lora_laplace(model)
