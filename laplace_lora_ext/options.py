@@ -119,15 +119,16 @@ def check_backend(backend: Any, own: type) -> None:
 
 
 def resolve_kfac_approx(
-    kfac_approx: KfacApprox, asdl_fisher_kwargs: dict[str, Any] | None, structure: str
+    kfac_approx: KfacApprox | None, asdl_fisher_kwargs: dict[str, Any] | None, structure: str
 ) -> KfacApprox:
     """``kfac_approx`` after laplace-torch's idiom ``asdl_fisher_kwargs={"kfac_approx": ...}``.
 
-    The dict's value is used when ``kfac_approx`` is left at its default ``"expand"``;
-    a conflicting explicit value, another key, or the key with ``diag``/``full`` is refused.
+    ``None`` (the keyword not given) means the dict's value, else ``"expand"``; an explicit
+    value that differs from the dict's (``"expand"`` included), another key, or the key
+    with ``diag``/``full`` is refused.
     """
     if not asdl_fisher_kwargs:
-        return kfac_approx
+        return "expand" if kfac_approx is None else kfac_approx
     if not isinstance(asdl_fisher_kwargs, dict):
         raise TypeError(f"asdl_fisher_kwargs must be a dict, got {asdl_fisher_kwargs!r}.")
     unknown = sorted(set(asdl_fisher_kwargs) - {"kfac_approx"})
@@ -145,7 +146,7 @@ def resolve_kfac_approx(
             f"asdl_fisher_kwargs={{'kfac_approx': {value!r}}} only applies to "
             f"hessian_structure='kron', not {structure!r}; remove it."
         )
-    if kfac_approx != "expand" and kfac_approx != value:
+    if kfac_approx is not None and kfac_approx != value:
         raise ValueError(
             f"kfac_approx={kfac_approx!r} conflicts with asdl_fisher_kwargs={{'kfac_approx': "
             f"{value!r}}}; give one of them."

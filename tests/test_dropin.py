@@ -328,6 +328,11 @@ def test_asdl_fisher_kwargs_kfac_approx_is_honoured():
             {"kfac_approx": "reduce", "asdl_fisher_kwargs": {"kfac_approx": "expand"}},
             "conflicts",
         ),
+        (
+            "kron",  # an explicit "expand" (the value used without the dict) conflicts too
+            {"kfac_approx": "expand", "asdl_fisher_kwargs": {"kfac_approx": "reduce"}},
+            "conflicts",
+        ),
         ("diag", {"asdl_fisher_kwargs": {"kfac_approx": "reduce"}}, "only applies"),
         ("kron", {"enable_backprop": True}, "enable_backprop"),
         ("diag", {"enable_backprop": True}, "enable_backprop"),

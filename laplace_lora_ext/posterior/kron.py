@@ -30,7 +30,8 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
             (see :class:`~laplace_lora_ext.LastTokenChoiceLM`).
         likelihood: ``"classification"``.
         prior_precision: scalar or one value per parameter tensor (``len(la.params)``).
-        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for sequence inputs.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for sequence inputs; ``None`` (default):
+            ``asdl_fisher_kwargs["kfac_approx"]`` where given, else ``"expand"``.
         fisher_type: ``"exact"`` (default), ``"mc"`` or ``"empirical"``.
         mc_samples: label samples per example for ``fisher_type="mc"``.
         factor_rank: ``"auto"`` (default): factors with a side above ``rank_threshold`` (or
@@ -66,7 +67,7 @@ class LoraKronLaplace(LoraLaplaceMixin, KronLaplace):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        kfac_approx: KfacApprox = "expand",
+        kfac_approx: KfacApprox | None = None,
         fisher_type: FisherType = "exact",
         mc_samples: int = 1,
         factor_rank: FactorRank = "auto",

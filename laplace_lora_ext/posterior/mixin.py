@@ -71,7 +71,7 @@ class LoraLaplaceMixin(PriorTuningMixin, WeightSamplingMixin, PosteriorPersisten
         backend_kwargs: dict[str, Any] | None,
         adapter_name: str | None,
         include_extra_params: bool,
-        kfac_approx: KfacApprox,
+        kfac_approx: KfacApprox | None,
         fisher_type: FisherType,
         mc_samples: int,
         factor_rank: FactorRank,
