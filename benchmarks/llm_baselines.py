@@ -76,8 +76,9 @@ def deep_ensemble(cfg: Any, data: Any, steps: list[int], args: Any) -> dict:
     return {"states": states, "train_s": train_s, "model": model}
 
 
-def train_blob_run(cfg: Any, data: Any, steps: list[int], args: Any) -> dict:
-    """BLoB from the MAP run's LoRA init; ``{"states": step -> state, "train_s", "model"}``."""
+def train_blob_run(cfg: Any, data: Any, steps: list[int], args: Any, kl_lr: float = 0.01) -> dict:
+    """BLoB from the MAP run's LoRA init, its KL step at ``kl_lr`` (the paper's 0.01 by
+    default); ``{"states": step -> state, "train_s", "model", "kl_cycle", "final_nll"}``."""
     peft_model, tokenizer, wrapper = build_model(cfg, data)
     blob.apply_blob(peft_model, eps=args.blob_eps, seed=cfg.seed)
     collate = make_collate(tokenizer, data.kind, cfg.seq_len)
@@ -94,8 +95,8 @@ def train_blob_run(cfg: Any, data: Any, steps: list[int], args: Any) -> dict:
             states[step] = trainable_state_dict(peft_model)
 
     res = blob.train_blob(
-        wrapper, loader, cfg.steps, lr=cfg.lr, kl_cycle=cycle, seed=cfg.seed, callback=keep,
-        warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+        wrapper, loader, cfg.steps, lr=cfg.lr, kl_lr=kl_lr, kl_cycle=cycle, seed=cfg.seed,
+        callback=keep, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
     )  # fmt: skip
     return {
         "states": states,

@@ -1,8 +1,9 @@
 """Rebuild the quoted tables of the causal calibration benchmark from committed results.
 
-Reads ``results/llm_calibration_<task>_3seeds.json`` (one per task) and every
-``results/llm_baselines_<task>_seed<s>.json`` (deep ensembles and BLoB, one file per task
-and seed), then writes
+Reads ``results/llm_calibration_<task>_3seeds.json`` (one per task), every
+``results/llm_baselines_<task>_seed<s>.json`` (deep ensembles, one file per task and seed)
+and ``results/llm_blob_tuned_<task>_seed<s>.json`` (BLoB and the zero-shot model;
+:func:`baseline_runs`), then writes
 
 * ``results/llm_calibration_<task>_3seeds_all.{json,md}`` where baselines exist (the
   ``llm_calibration`` run with their methods merged in; see :func:`llm_baselines.merge`);
@@ -41,7 +42,8 @@ LABELS = {
     "mc_dropout": "MC dropout",
     "ckpt_ens": "checkpoint ensemble",
     "deep_ens": "deep ensemble (M=3)",
-    "blob": "BLoB (did not fit its training data: not valid, see docs)",
+    "blob": "BLoB (KL lr chosen on validation)",
+    "zero_shot": "zero-shot base model (no fine-tuning)",
 }
 
 
@@ -50,18 +52,40 @@ def merged_run(task: str) -> Path | None:
     path = RESULTS / f"llm_calibration_{task}_3seeds.json"
     if not path.exists():
         return None
-    extras = sorted(RESULTS.glob(f"llm_baselines_{task}_seed*.json"))
-    if not extras:
+    payload = baseline_runs(task)
+    if not payload["runs"]:
         return path
-    payload: dict = {"runs": {}}
-    for extra in extras:
-        for t, per_seed in json.loads(extra.read_text())["runs"].items():
-            payload["runs"].setdefault(t, {}).update(per_seed)
     merged = merge(json.loads(path.read_text()), payload)
     dest = path.with_name(path.stem + "_all")
     dest.with_suffix(".json").write_text(json.dumps(merged, indent=1, default=str))
     dest.with_suffix(".md").write_text(calib.render(merged["summary"], merged["args"]))
     return dest.with_suffix(".json")
+
+
+def baseline_runs(task: str) -> dict:
+    """``{"runs": task -> seed -> run}`` of the task's training-time baselines: the
+    ``llm_baselines`` files (deep ensemble; their BLoB rows, which did not train, renamed
+    ``blob_untuned``) with the ``llm_blob_tuned`` files' ``blob`` and ``zero_shot`` rows
+    merged in per checkpoint."""
+    runs: dict = {}
+    for path in sorted(RESULTS.glob(f"llm_baselines_{task}_seed*.json")):
+        for t, per_seed in json.loads(path.read_text())["runs"].items():
+            for seed, run in per_seed.items():
+                for methods in run["checkpoints"].values():
+                    if "blob" in methods:
+                        methods["blob_untuned"] = methods.pop("blob")
+                run["cost"] = {
+                    k.replace("blob_", "blob_untuned_", 1): v for k, v in run["cost"].items()
+                }
+                runs.setdefault(t, {})[seed] = run
+    for path in sorted(RESULTS.glob(f"llm_blob_tuned_{task}_seed*.json")):
+        for t, per_seed in json.loads(path.read_text())["runs"].items():
+            for seed, run in per_seed.items():
+                target = runs.setdefault(t, {}).setdefault(seed, {"checkpoints": {}, "cost": {}})
+                for step, methods in run["checkpoints"].items():
+                    target["checkpoints"].setdefault(step, {}).update(methods)
+                target["cost"].update(run["cost"])
+    return {"runs": runs}
 
 
 def methods_table(summaries: dict[str, dict]) -> str:
