@@ -11,6 +11,7 @@ mean, the prior and every curvature matrix.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -112,14 +113,13 @@ def collect_targets(
     lora_layer_cls = _lora_layer_cls()
     targets: list[LoraTarget] = []
     adapters_seen: set[str] = set()
-    tying_hint = _tying_hint(model)
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer_cls):
             continue
         if lora_modules is not None and re.search(lora_modules, name) is None:
             continue
         adapters_seen.update(module.lora_A.keys())
-        layer_targets = _layer_targets(name, module, adapter_name, tying_hint)
+        layer_targets = _layer_targets(name, module, adapter_name, model)
         if layer_targets:  # only layers the posterior covers must read the batch first
             _check_batch_first(model, name)
         targets += layer_targets
@@ -141,28 +141,33 @@ def collect_targets(
     return targets
 
 
+_TYING_HINT = (
+    " With PEFT's LoraConfig(ensure_weight_tying=True) a LoRA on lm_head is tied to one on the "
+    "input embedding: target neither, or set ensure_weight_tying=False and target lm_head "
+    "without the embedding."
+)
+
+
 def _tying_hint(model: nn.Module) -> str:
-    """A sentence for the embedding-LoRA error where a PEFT config of ``model`` has
-    ``ensure_weight_tying=True`` (which puts a LoRA on the tied input embedding when
-    ``lm_head`` is targeted), else ``""``."""
+    """:data:`_TYING_HINT` for the embedding-LoRA error where PEFT's weight tying put a LoRA
+    on the input embedding: a config of ``model`` has ``ensure_weight_tying=True`` and
+    records layers it tied (``target_modules_to_tie``, e.g. ``{"lm_head"}``), whether the
+    user targeted ``lm_head`` or the embedding. Else ``""``."""
     for module in model.modules():
         configs = getattr(module, "peft_config", None)
         if isinstance(configs, dict) and any(
-            getattr(c, "ensure_weight_tying", False) for c in configs.values()
+            getattr(c, "ensure_weight_tying", False) and getattr(c, "target_modules_to_tie", None)
+            for c in configs.values()
         ):
-            return (
-                " PEFT's LoraConfig(ensure_weight_tying=True) adds one to the input embedding "
-                "tied to a targeted lm_head; set ensure_weight_tying=False to keep the LoRA on "
-                "lm_head alone."
-            )
+            return _TYING_HINT
     return ""
 
 
 def _layer_targets(
-    name: str, module: nn.Module, adapter_name: str | None, tying_hint: str = ""
+    name: str, module: nn.Module, adapter_name: str | None, model: nn.Module
 ) -> list[LoraTarget]:
-    """``lora_A`` and ``lora_B`` of each active adapter of one PEFT LoRA layer ``name``;
-    ``tying_hint`` is appended to the embedding-LoRA error."""
+    """``lora_A`` and ``lora_B`` of each active adapter of one PEFT LoRA layer ``name`` of
+    ``model``."""
     targets = []
     for adapter in _active_adapters(module, adapter_name):
         _check_parameter_target(name, module)
@@ -186,7 +191,7 @@ def _layer_targets(
     if len(getattr(module, "lora_embedding_A", {})) > 0:
         raise ValueError(
             f"LoRA layer {name!r} is an embedding LoRA, which is not supported; "
-            f"target linear layers only.{tying_hint}"
+            f"target linear layers only.{_tying_hint(model)}"
         )
     return targets
 
@@ -259,6 +264,8 @@ def _extra_targets(model: nn.Module, exclude: set[int]) -> list[LoraTarget]:
     extras: list[LoraTarget] = []
     claimed: set[int] = set(exclude)
     for name, module in model.named_modules():
+        if _LORA_MATRIX.search(name + "."):
+            continue  # a LoRA matrix left out on purpose (lora_modules, adapter_name)
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         own = [p for p in own if id(p) not in claimed]
         if not own:
@@ -306,21 +313,43 @@ _LORA_MATRIX = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)\.")
 
 def warn_untracked(model: nn.Module, targets: list[LoraTarget]) -> None:
     """Warn (``UserWarning``) when trainable parameters lie outside the posterior, naming
-    the first few and the two ways to act: cover them or freeze them."""
+    the first few and what can be done: ``include_extra_params=True`` covers trainable
+    ``nn.Linear`` layers; a lone trainable bias (PEFT's ``bias='all'``) can only be frozen
+    or not trained."""
     names = untracked_trainable(model, targets)
     if not names:
         return
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    lone_bias = any(n.endswith("bias") and n[:-4] + "weight" not in names for n in names)
-    hint = _BIAS_HINT if lone_bias else ""  # a bias without its weight: PEFT's bias='all'?
+    lone_bias = [n for n in names if n.endswith("bias") and n[:-4] + "weight" not in names]
+    if lone_bias:  # include_extra_params would refuse these: do not suggest it
+        action = (
+            f"{_BIAS_HINT} The posterior cannot cover a bias whose weight is frozen: "
+            "fine-tune with bias='none', or freeze them (requires_grad_(False)) to silence "
+            "this warning."
+        )
+    else:
+        action = (
+            " Pass include_extra_params=True to cover trainable nn.Linear layers too, or "
+            "freeze them (requires_grad_(False)) to silence this warning."
+        )
     warnings.warn(
         f"The posterior covers the LoRA matrices only; {len(names)} other trainable "
-        f"parameter tensor(s) ({shown}) stay at their fitted values.{hint} Pass "
-        "include_extra_params=True to cover trainable nn.Linear layers too, or freeze them "
-        "(requires_grad_(False)) to silence this warning.",
+        f"parameter tensor(s) ({shown}) stay at their fitted values.{action}",
         UserWarning,
-        stacklevel=4,
+        stacklevel=_caller_stacklevel(),
     )
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` called here that names the first frame
+    outside laplace-torch and this package (the user's ``Laplace(...)`` line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "laplace",
+        "laplace_lora_ext",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def target_params(targets: list[LoraTarget]) -> list[nn.Parameter]:

@@ -69,8 +69,11 @@ def _gpt2_with_bias(bias: str):
 
 def test_trainable_parameters_left_out_of_the_posterior_are_named():
     case = make_case("gpt2")  # its score head is trainable (modules_to_save)
-    with pytest.warns(UserWarning, match=r"1 other trainable parameter.*score\.modules_to_save"):
+    with pytest.warns(
+        UserWarning, match=r"1 other trainable .*score\.mod.*include_extra_params"
+    ) as rec:
         make(case.model)
+    assert rec[0].filename.endswith("tests/models.py")  # the caller's line, not laplace's
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         make(case.model, include_extra_params=True)  # the head is covered: silent
@@ -78,8 +81,9 @@ def test_trainable_parameters_left_out_of_the_posterior_are_named():
         make(tiny_llama(), lora_modules=r"layers\.1\.")  # adapters left out on purpose
     # PEFT's bias="lora_only" trains the LoRA layers' base biases: named, with the option
     model = _gpt2_with_bias("lora_only")
-    with pytest.warns(UserWarning, match=r"3 other .*c_attn\.base_layer\.bias.*bias='all'"):
+    with pytest.warns(UserWarning, match=r"3 other .*c_attn\.base_layer\.bias.*bias='none'") as rec:
         make(model)
+    assert "include_extra_params" not in str(rec[0].message)  # it would refuse these biases
     with pytest.raises(ValueError, match=r"Conv1D.*bias='all' or 'lora_only'"):
         make(model, include_extra_params=True)
     # bias="all": a LayerNorm's bias is named (this used to crash comparing tensors)
@@ -93,6 +97,13 @@ def test_a_trainable_bias_with_a_frozen_linear_weight_names_peft_bias_option():
     layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"lm_head' has a trainable bias but a frozen weight"):
         make(model, include_extra_params=True)
+
+
+def test_extra_params_leave_out_the_lora_matrices_lora_modules_leaves_out():
+    model = make_case("gpt2").model
+    la = make(model, include_extra_params=True, lora_modules=r"h\.1\.")
+    assert [t.kind for t in la.lora_targets] == ["lora_A", "lora_B", "extra"]
+    assert "h.1." in la.lora_targets[0].name
 
 
 def test_works_on_peft_model_itself_and_on_wrapper():

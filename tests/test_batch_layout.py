@@ -168,3 +168,16 @@ def test_embedding_lora_from_weight_tying_names_the_option():
     model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
     with pytest.raises(ValueError, match=r"embed_tokens' is an embedding.*ensure_weight_tying"):
         lora_laplace(model)
+    # embed_tokens targeted, lm_head tied to it by PEFT: the same advice applies
+    base = LlamaForCausalLM(config).double()
+    lora = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True
+    )
+    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
+    with pytest.raises(ValueError, match=r"target neither, or set ensure_weight_tying=False"):
+        lora_laplace(model)
+    base = LlamaForCausalLM(tiny_llama_config()).double()  # untied: no tying, no hint
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"])
+    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
+    with pytest.raises(ValueError, match=r"embedding LoRA.*linear layers only\.$"):
+        lora_laplace(model)

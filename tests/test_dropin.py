@@ -344,6 +344,11 @@ def test_laplace_torch_keywords_refused_at_construction(structure, kwargs, match
         lora_laplace(tiny_llama(), structure, **kwargs)
 
 
+def test_kron_default_kfac_approx_is_accepted_by_every_structure():
+    for structure in ("kron", "diag", "full"):
+        assert lora_laplace(tiny_llama(), structure, kfac_approx=None).kfac_approx == "expand"
+
+
 def test_default_laplace_torch_keywords_accepted():
     lora_laplace(
         tiny_llama(), "kron", enable_backprop=False, dict_key_x="input_ids", asdl_fisher_kwargs={}

@@ -115,6 +115,7 @@ def _reject_kron_options(structure: str, options: dict[str, Any]) -> None:
         if k in _KRON_DEFAULTS
         and v != _KRON_DEFAULTS[k]
         and not (k == "factor_rank" and v == "auto")  # the kron default: nothing to reject
+        and not (k == "kfac_approx" and v is None)  # likewise
     }
     if bad:
         raise ValueError(
