@@ -212,7 +212,7 @@ def test_accuracy_bound_on_its_value_prints_as_met_and_equal():
 
 def test_tables_mark_methods_run_on_fewer_seeds():
     from benchmarks.llm_bars import compact_table
-    from benchmarks.llm_summary import methods_table
+    from benchmarks.llm_summary import LABELS, methods_table
 
     row = {"acc": (0.6, 0.0, 3), "ece": (0.1, 0.0, 3), "nll": (0.7, 0.0, 3)}
     one = {k: (v[0], 0.0, 1) for k, v in row.items()}
@@ -222,8 +222,7 @@ def test_tables_mark_methods_run_on_fewer_seeds():
     assert "| blob | 60.0 / 10.0 / 0.700 (1 seed) |" in compact
     table = methods_table(summaries)
     assert "| MAP | 60.0 / 10.0 / 0.700 |" in table
-    blob = "BLoB (did not fit its training data: not valid, see docs)"
-    assert f"| {blob} | 60.0 / 10.0 / 0.700 (1 seed) |" in table
+    assert f"| {LABELS['blob']} | 60.0 / 10.0 / 0.700 (1 seed) |" in table
 
 
 def test_score_reads_every_method_from_the_cache():
