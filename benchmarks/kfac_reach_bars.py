@@ -342,18 +342,27 @@ def report() -> dict[str, dict]:
     return results
 
 
+def _repair_rescores(regimes: list[str], repair: str) -> list[tuple[Path, tuple]]:
+    """``(path, record)`` of every checkpoint that ``llm_rescore_default.<repair>`` repaired
+    in the re-scores of ``regimes`` (the others are left untouched)."""
+    from benchmarks import llm_rescore_default as rescore  # torch, only for these commands
+
+    return [
+        (path, record)
+        for regime in regimes
+        for task in REGIMES[regime].tasks
+        for path in rescored(regime, task).values()
+        for record in getattr(rescore, repair)(path)
+    ]
+
+
 def restore_map_probs(regimes: list[str]) -> list[str]:
     """Re-store MAP's test probabilities in the re-scores of ``regimes`` made before
     :func:`benchmarks.llm_rescore_default.store_probs` (they kept the file's, which belong to
     another model where re-training was not bitwise); the others are left untouched."""
-    from benchmarks import llm_rescore_default as rescore  # torch, only for this command
-
     return [
         f"{path.name}: {t} seed {s} step {k}"
-        for regime in regimes
-        for task in REGIMES[regime].tasks
-        for path in rescored(regime, task).values()
-        for t, s, k in rescore.restore_map_probs(path)
+        for path, (t, s, k) in _repair_rescores(regimes, "restore_map_probs")
     ]
 
 
@@ -361,14 +370,9 @@ def refit_temperature(regimes: list[str]) -> list[str]:
     """Refit temperature scaling where a re-score's rebuilt MAP is another model than the
     one the file's temperature was fitted on (pet species' 960-step fine-tunes do not
     re-train bitwise); the others are left untouched."""
-    from benchmarks import llm_rescore_default as rescore  # torch, only for this command
-
     return [
         f"{path.name}: {t} seed {s} step {k}: T {old:.3f} -> {new:.3f}"
-        for regime in regimes
-        for task in REGIMES[regime].tasks
-        for path in rescored(regime, task).values()
-        for t, s, k, old, new in rescore.refit_temperature(path)
+        for path, (t, s, k, old, new) in _repair_rescores(regimes, "refit_temperature")
     ]
 
 

@@ -46,7 +46,9 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from laplace import Laplace
@@ -236,21 +238,41 @@ def stale_map_probs(runs: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def repair_checkpoints(
+    path: Path, stale: Callable[[dict], bool], repair: Callable[[Any, Any], Any]
+) -> list:
+    """``repair(checkpoint, args)`` on each checkpoint of the re-score ``path`` that
+    ``stale(entry)`` selects, rebuilt from the cache (:func:`calib.cached_checkpoints`, torch
+    at the file's threads); ``repair`` edits the checkpoint's entry and returns a record.
+    The file is rewritten only if a checkpoint was repaired, and nothing is rebuilt where
+    none is stale. Returns the records."""
+    payload = json.loads(path.read_text())
+    runs = payload["runs"]
+    entries = [
+        c
+        for per_seed in runs.values()
+        for r in per_seed.values()
+        for c in r["checkpoints"].values()
+    ]
+    if not any(stale(entry) for entry in entries):
+        return []
+    args = argparse.Namespace(**payload["args"])
+    torch.set_num_threads(args.threads or 1)
+    done = [
+        repair(c, args) for c in calib.cached_checkpoints(runs, args, skip=lambda k: not stale(k))
+    ]
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    return done
+
+
 def restore_map_probs(path: Path) -> list[tuple[str, str, str]]:
     """Re-store MAP's test probabilities in a ``--refresh-map`` re-score (``path``) where
     they are not its ``map`` row's model's (:func:`stale_map_probs`: the file's, kept by a
     re-score before :func:`store_probs`): each such checkpoint is rebuilt from the cache and
     its MAP re-run on test; the result must give the stored ``map`` row, or this raises. Returns
     the ``(task, seed, step)`` restored; a file without any is neither rebuilt nor written."""
-    payload = json.loads(path.read_text())
-    stale = stale_map_probs(payload["runs"])
-    if not stale:
-        return []
-    args = argparse.Namespace(**payload["args"])
-    torch.set_num_threads(args.threads or 1)
-    for c in calib.cached_checkpoints(
-        payload["runs"], args, skip=lambda k: map_probs_match(k["test"])
-    ):
+
+    def restore(c: Any, args: Any) -> tuple[str, str, str]:
         rows = c.ckpt["test"]
         probs, labels = predict_probs(c.wrapper, c.data.test, c.collate, args.la_batch_size)
         if not torch.equal(labels, torch.tensor(rows["_labels"])):
@@ -259,8 +281,9 @@ def restore_map_probs(path: Path) -> list[tuple[str, str, str]]:
         rows[MAP_PROBS_REBUILT] = True
         if not map_probs_match(rows):
             raise ValueError(f"{path}: {c.task} seed {c.seed}: MAP re-run differs from its row")
-    path.write_text(json.dumps(payload, indent=1, default=str))
-    return stale
+        return c.task, str(c.seed), c.step
+
+    return repair_checkpoints(path, lambda ckpt: not map_probs_match(ckpt["test"]), restore)
 
 
 #: Set on a checkpoint whose temperature was refitted on its rebuilt model
@@ -283,27 +306,22 @@ def refit_temperature(path: Path) -> list[tuple[str, str, str, float, float]]:
     temperature belongs to another model (:func:`stale_temperature`), and re-score its test
     row from the stored MAP probabilities (``softmax(log p_MAP / T)``, as
     :mod:`benchmarks.bars_bootstrap` reads it). Returns ``(task, seed, step, T_file, T)``
-    per checkpoint refitted; a file without any is not written."""
-    payload = json.loads(path.read_text())
-    args = argparse.Namespace(**payload["args"])
-    torch.set_num_threads(args.threads or 1)
-    done = []
-    for c in calib.cached_checkpoints(
-        payload["runs"], args, skip=lambda ckpt: not stale_temperature(ckpt)
-    ):
+    per checkpoint refitted; a file without any is neither rebuilt nor written."""
+
+    def refit(c: Any, args: Any) -> tuple[str, str, str, float, float]:
         model = argparse.Namespace(model=c.wrapper)  # validation_logits reads .model only
         val = make_loader(c.data.validation, c.collate, args.la_batch_size)
         T = calib.temperature(*calib.validation_logits(model, val))
         rows = c.ckpt["test"]
         log_map = torch.tensor(rows["_probs"]["map"], dtype=torch.float64).log()
         score_rows(rows, "temp", torch.softmax(log_map / T, -1), torch.tensor(rows["_labels"]))
-        done.append((c.task, str(c.seed), c.step, c.ckpt["_temperature"], T))
+        record = (c.task, str(c.seed), c.step, c.ckpt["_temperature"], T)
         c.ckpt["_temperature_file"] = c.ckpt["_temperature"]
         c.ckpt["_temperature"] = T
         c.ckpt[TEMPERATURE_REFIT] = True
-    if done:
-        path.write_text(json.dumps(payload, indent=1, default=str))
-    return done
+        return record
+
+    return repair_checkpoints(path, stale_temperature, refit)
 
 
 def keep_probs(rows: dict, cache: LogitJacobianCache, la_probs: torch.Tensor) -> None:

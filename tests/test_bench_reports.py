@@ -684,7 +684,7 @@ def test_restore_map_probs_rewrites_only_the_stale_checkpoints_and_checks_them(
                 rebuilt.append(step)
                 data = types.SimpleNamespace(test=None)
                 yield types.SimpleNamespace(
-                    task="t", seed=0, ckpt=c, wrapper=None, data=data, collate=None
+                    task="t", seed=0, step=step, ckpt=c, wrapper=None, data=data, collate=None
                 )
 
     rerun = {"probs": new}
