@@ -209,13 +209,11 @@ def _peft_around_keyword_module(model: nn.Module) -> bool:
     keywords): PEFT passes ``model(**inputs)`` on to it, as for an HF model. A ``forward``
     whose first argument is anything else (laplace-torch's ``forward(self, data)``) gets the
     whole batch."""
-    from peft import PeftModel
-
-    inner = _unwrap_parallel(model)
-    if not isinstance(inner, PeftModel):
+    owner = _forward_owner(model)
+    if owner is model:  # not a PeftModel
         return False
     try:
-        signature = inspect.signature(inner.get_base_model().forward)
+        signature = inspect.signature(owner.forward)
     except (TypeError, ValueError):
         return False
     positional = [
