@@ -7,7 +7,11 @@ seed 0's **validation** split, never on test:
 1. seed 0: train BLoB once per KL lr in ``--kl-lrs`` (the MAP run's budget and LoRA init
    otherwise, as in ``llm_baselines``), score the validation split at the last step
    (10 samples) and keep the KL lr with the lowest validation NLL;
-2. seeds 1 and 2: train with that KL lr only.
+2. seeds 1 and 2: train with that KL lr only; with ``--reuse-first-runs``, where that is
+   the first runs' KL lr (0.01), their BLoB rows are taken as they are (re-running fine
+   foods seed 0 and tweets seeds 0-1 reproduced them: the same training NLL, entropies and
+   metrics to 1e-9), and only the zero-shot model is scored. ``--resume`` reads the choice
+   from the selection file instead of making it again.
 
 Each seed's kept run is scored on test (and the shifted split) at both checkpoints as
 method ``blob``, and the untrained base model (adapters off) as ``zero_shot``, in
@@ -31,6 +35,7 @@ import torch
 
 from benchmarks import llm_calibration as calib
 from benchmarks.baselines import blob
+from benchmarks.finetune import build_model
 from benchmarks.finetune import load_trainable_state_dict as load_state
 from benchmarks.llm_baselines import BLOB_SAMPLES, score_states, split_loaders, train_blob_run
 from benchmarks.tasks import make_collate, make_loader
@@ -38,6 +43,8 @@ from laplace_lora_ext.evaluation import classification_metrics
 from laplace_lora_ext.inputs import forward_logits
 
 KL_LRS = (1e-2, 1e-3, 1e-4)
+#: The KL lr of the first runs (``llm_baselines``: the paper's).
+FIRST_KL_LR = 1e-2
 
 
 def blob_probs(wrapper: Any, loader: Any, seed: int) -> torch.Tensor:
@@ -116,24 +123,62 @@ def selection_table(task: str, kl_lr: float, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def first_run(task: str, seed: int, results: Path) -> dict | None:
+    """The first BLoB run of ``task`` and ``seed`` (``llm_baselines``' file, KL lr
+    :data:`FIRST_KL_LR`), or ``None``."""
+    path = results / f"llm_baselines_{task}_seed{seed}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["runs"][task][str(seed)]
+
+
+def reused_scores(task: str, seed: int, data: Any, shifted: Any, steps: list[int], args: Any):
+    """``(checkpoints, cost)`` of the first run's BLoB rows (trained with the chosen KL lr
+    already) and the zero-shot model scored here: no BLoB training."""
+    run = first_run(task, seed, Path(args.out).parent)
+    cfg = calib.finetune_config(task, seed, args)
+    peft_model, tokenizer, wrapper = build_model(cfg, data)
+    collate = make_collate(tokenizer, data.kind, cfg.seq_len)
+    loaders = split_loaders(data, shifted, collate, args.la_batch_size)
+    zero = score_states(wrapper, loaders, lambda m, ld: zero_shot_probs(peft_model, m, ld))
+    checkpoints = {
+        s: {"blob": run["checkpoints"][str(s)]["blob"], "zero_shot": zero} for s in steps
+    }
+    cost = {k: v for k, v in run["cost"].items() if k.startswith("blob_")}
+    return checkpoints, cost | {"blob_rows_from": f"llm_baselines_{task}_seed{seed}.json"}
+
+
 def run_task(task: str, args: argparse.Namespace) -> None:
-    kl_lr = None
+    sel = Path(args.out).parent / f"llm_blob_tuned_{task}_selection"
+    kl_lr, chosen_on = None, None
+    if args.resume:
+        chosen = json.loads(sel.with_suffix(".json").read_text())
+        kl_lr, chosen_on = chosen["kl_lr"], chosen["seed"]
     for seed in args.seeds:
         t0 = time.perf_counter()
         cfg = calib.finetune_config(task, seed, args)
         args.seq_len = cfg.seq_len
         data, shifted = calib.load_splits(task, seed, args)
         steps = [s for s in (args.early, args.steps) if s]
+        reuse = (
+            args.reuse_first_runs
+            and kl_lr == FIRST_KL_LR
+            and first_run(task, seed, Path(args.out).parent)
+        )
         if kl_lr is None:  # the first seed chooses
             kl_lr, run, rows = select_kl_lr(cfg, data, steps, args)
-            sel = Path(args.out).parent / f"llm_blob_tuned_{task}_selection"
+            chosen_on = seed
             payload = {"task": task, "seed": seed, "kl_lr": kl_lr, "rows": rows}
             sel.with_suffix(".json").write_text(json.dumps(payload, indent=1))
             sel.with_suffix(".md").write_text(selection_table(task, kl_lr, rows))
-        else:
+        elif not reuse:
             run = train_blob_run(cfg, data, steps, args, kl_lr=kl_lr)
-        checkpoints, cost = score_run(run, data, shifted, steps, args, seed)
-        cost |= {"blob_kl_lr": kl_lr, "blob_kl_lr_chosen_on": f"seed {args.seeds[0]} validation"}
+        if reuse:
+            checkpoints, cost = reused_scores(task, seed, data, shifted, steps, args)
+            run = None
+        else:
+            checkpoints, cost = score_run(run, data, shifted, steps, args, seed)
+        cost |= {"blob_kl_lr": kl_lr, "blob_kl_lr_chosen_on": f"seed {chosen_on} validation"}
         out = {
             "args": vars(args),
             "runs": {task: {seed: {"checkpoints": checkpoints, "cost": cost}}},
@@ -149,6 +194,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kl-lrs", type=float, nargs="+", default=list(KL_LRS))
     p.add_argument("--blob-eps", type=float, default=0.05)
+    p.add_argument(
+        "--resume", action="store_true", help="take the KL lr from the task's selection file"
+    )
+    p.add_argument(
+        "--reuse-first-runs",
+        action="store_true",
+        help="where the chosen KL lr is the first runs' (0.01), take their BLoB rows (they "
+        "re-run bitwise) and score only the zero-shot model",
+    )
     return calib.parse(argv, p)
 
 

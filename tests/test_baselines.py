@@ -4,6 +4,8 @@ and restore the model, checkpoint and deep-ensemble bookkeeping."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,26 @@ def test_deep_ensemble_configs_vary_only_the_seed():
         assert same == {k: v for k, v in cfg.identity.items() if k != "seed"}
     with pytest.raises(ValueError, match="m >= 1"):
         ensembles.deep_ensemble_configs(cfg, m=0)
+
+
+def test_blob_tuned_zero_shot_is_the_base_model_and_the_table_reads_the_rows(tmp_path):
+    """The zero-shot row switches every adapter off (tiny Llama: the LoRA-free logits); the
+    selection table shows each KL lr's validation row; the first runs are found by name."""
+    from benchmarks import llm_blob_tuned as T
+    from laplace_lora_ext.inputs import forward_logits
+
+    model = tiny_llama()
+    peft_model, batch = model.model, random_batch()
+    probs = T.zero_shot_probs(peft_model, model, loader(batch, 4))
+    with peft_model.disable_adapter():
+        want = forward_logits(model, batch).softmax(-1)
+    torch.testing.assert_close(probs, want.float())
+    assert not torch.allclose(probs, forward_logits(model, batch).softmax(-1).float())
+    val = {"acc": 0.5, "ece": 0.1, "nll": 0.7}
+    rows = [{"kl_lr": 0.01, "val": val, "final_train_nll": 0.8, "median_sigma": 0.2}]
+    table = T.selection_table("t", 0.01, rows)
+    assert "chosen by validation NLL: 0.01" in table and "| 0.01 | 50.0 | 10.0 | 0.700 |" in table
+    assert T.first_run("t", 0, tmp_path) is None
+    run = {"checkpoints": {}, "cost": {}}
+    (tmp_path / "llm_baselines_t_seed0.json").write_text(json.dumps({"runs": {"t": {"0": run}}}))
+    assert T.first_run("t", 0, tmp_path) == run
