@@ -64,19 +64,13 @@ def merged_run(task: str) -> Path | None:
 
 def baseline_runs(task: str) -> dict:
     """``{"runs": task -> seed -> run}`` of the task's training-time baselines: the
-    ``llm_baselines`` files (deep ensemble; their BLoB rows, which did not train, renamed
-    ``blob_untuned``) with the ``llm_blob_tuned`` files' ``blob`` and ``zero_shot`` rows
-    merged in per checkpoint."""
+    ``llm_baselines`` files (deep ensemble, BLoB's first runs) with the ``llm_blob_tuned``
+    files' ``blob`` and ``zero_shot`` rows merged over them per checkpoint (its BLoB where
+    there is one; the costs likewise)."""
     runs: dict = {}
     for path in sorted(RESULTS.glob(f"llm_baselines_{task}_seed*.json")):
         for t, per_seed in json.loads(path.read_text())["runs"].items():
             for seed, run in per_seed.items():
-                for methods in run["checkpoints"].values():
-                    if "blob" in methods:
-                        methods["blob_untuned"] = methods.pop("blob")
-                run["cost"] = {
-                    k.replace("blob_", "blob_untuned_", 1): v for k, v in run["cost"].items()
-                }
                 runs.setdefault(t, {})[seed] = run
     for path in sorted(RESULTS.glob(f"llm_blob_tuned_{task}_seed*.json")):
         for t, per_seed in json.loads(path.read_text())["runs"].items():

@@ -140,7 +140,7 @@ def test_llm_baselines_merge_adds_methods_and_auroc():
     assert merged["runs"]["task"]["0"]["baseline_cost"] == {"x": 1}
 
 
-def test_summary_merges_tuned_blob_over_the_untrained_rows(tmp_path, monkeypatch):
+def test_summary_merges_tuned_blob_over_the_first_runs(tmp_path, monkeypatch):
     import json
 
     from benchmarks import llm_summary
@@ -153,8 +153,8 @@ def test_summary_merges_tuned_blob_over_the_untrained_rows(tmp_path, monkeypatch
     write("llm_blob_tuned_t_seed0.json", {"blob": 3, "zero_shot": 4}, {"blob_train_s": [5]})
     monkeypatch.setattr(llm_summary, "RESULTS", tmp_path)
     run = llm_summary.baseline_runs("t")["runs"]["t"]["0"]
-    assert run["checkpoints"]["80"] == {"deep_ens": 1, "blob_untuned": 2, "blob": 3, "zero_shot": 4}
-    assert run["cost"] == {"blob_untuned_train_s": [9], "blob_train_s": [5]}
+    assert run["checkpoints"]["80"] == {"deep_ens": 1, "blob": 3, "zero_shot": 4}
+    assert run["cost"] == {"blob_train_s": [5]}
     assert llm_summary.baseline_runs("other") == {"runs": {}}
 
 
