@@ -155,29 +155,25 @@ def test_peft_target_parameters_is_refused_at_construction():
         lora_laplace(model)
 
 
-def test_embedding_lora_from_weight_tying_names_the_option():
-    """``ensure_weight_tying=True`` with ``lm_head`` targeted puts a LoRA on the tied input
-    embedding; the error says where it came from."""
+@pytest.mark.parametrize(
+    "targets, tied, match",
+    [
+        (["lm_head"], True, r"embed_tokens' is an embedding.*ensure_weight_tying"),
+        # embed_tokens targeted, lm_head tied to it by PEFT: the same advice applies
+        (["embed_tokens"], True, r"target neither, or set ensure_weight_tying=False"),
+        (["embed_tokens"], False, r"embedding LoRA.*linear layers only\.$"),  # no tying, no hint
+    ],
+)
+def test_embedding_lora_from_weight_tying_names_the_option(targets, tied, match):
+    """``ensure_weight_tying=True`` on a tied model puts a LoRA on the input embedding beside
+    ``lm_head``'s; the error says where it came from, and only where tying did it."""
     torch.manual_seed(0)
     config = tiny_llama_config()
-    config.tie_word_embeddings = True
+    config.tie_word_embeddings = tied
     base = LlamaForCausalLM(config).double()
     lora = LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True
+        r=2, lora_alpha=4, target_modules=["q_proj", *targets], ensure_weight_tying=tied
     )
     model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
-    with pytest.raises(ValueError, match=r"embed_tokens' is an embedding.*ensure_weight_tying"):
-        lora_laplace(model)
-    # embed_tokens targeted, lm_head tied to it by PEFT: the same advice applies
-    base = LlamaForCausalLM(config).double()
-    lora = LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True
-    )
-    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
-    with pytest.raises(ValueError, match=r"target neither, or set ensure_weight_tying=False"):
-        lora_laplace(model)
-    base = LlamaForCausalLM(tiny_llama_config()).double()  # untied: no tying, no hint
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"])
-    model = LastTokenChoiceLM(get_peft_model(base, lora), TARGET_IDS).eval()
-    with pytest.raises(ValueError, match=r"embedding LoRA.*linear layers only\.$"):
+    with pytest.raises(ValueError, match=match):
         lora_laplace(model)
