@@ -2,7 +2,8 @@
 
 The ``"leave_one_out"`` and ``"function_space"`` priors read the change fine-tuning made as
 ``f(x) - f_base(x)`` with PEFT's adapters switched off, and the leave-one-out kernel is the
-linearised adapter at ``B = 0`` with ``lora_A`` redrawn from PEFT's default initialisation.
+linearised adapter at ``B = 0`` with ``lora_A`` redrawn as PEFT initialised it
+(:func:`gaussian_lora_a_adapters` says which adapters drew it from a normal distribution).
 Both hold only for adapters that started as a no-op on the unchanged base weights: PEFT's
 ``init_lora_weights=True`` (the default), ``"gaussian"`` and ``"eva"`` (``B = 0``). PiSSA,
 OLoRA, CorDA, LoftQ and LoRA-GA move part of the base weight into the adapter (the base
@@ -17,7 +18,7 @@ from torch import nn
 
 from .prior import RuleNotApplicableError
 
-__all__ = ["ZERO_B_INITS", "AdapterInitError", "unsupported_init"]
+__all__ = ["ZERO_B_INITS", "AdapterInitError", "gaussian_lora_a_adapters", "unsupported_init"]
 
 #: ``init_lora_weights`` values after which the adapter is a no-op on the unchanged base
 #: weights (``lora_B = 0``)
@@ -55,3 +56,15 @@ def unsupported_init(model: nn.Module) -> str | None:
         if not any(init is ok or (isinstance(init, str) and init == ok) for ok in ZERO_B_INITS):
             return f"adapter {name!r} (init_lora_weights={init!r})"
     return None
+
+
+def gaussian_lora_a_adapters(model: nn.Module) -> set[str]:
+    """The names of the active adapters whose ``lora_A`` PEFT drew from a normal
+    distribution (``init_lora_weights="gaussian"``: std ``1/r``) rather than from its default
+    Kaiming-uniform, so that the leave-one-out kernel redraws it the same way."""
+    return {
+        name
+        for name, config in _active_configs(model)
+        if isinstance(getattr(config, "init_lora_weights", True), str)
+        and config.init_lora_weights.lower() == "gaussian"
+    }

@@ -59,6 +59,7 @@ import tqdm
 from torch import Tensor
 
 from . import distributed, guards
+from .adapter_init import gaussian_lora_a_adapters
 from .curvature.capture import Captured
 from .inputs import forward_logits, split_batch
 from .jacobian_cache import LogitJacobianCache
@@ -109,8 +110,9 @@ KERNEL_DRAWS = 8
 def lora_a_redrawn(la: Any, seed: int = REDRAW_SEED) -> Iterator[None]:
     """Every ``lora_A`` tensor of ``la.params`` drawn anew as PEFT initialises it
     (Kaiming-uniform with ``a = √5``: uniform on ``±1/√fan_in``, ``fan_in`` the elements
-    of one row), from a CPU generator seeded with ``seed`` (the same draw on every rank),
-    then restored exactly (also when the body raises).
+    of one row; normal with std ``1/r`` after ``init_lora_weights="gaussian"``), from a CPU
+    generator seeded with ``seed`` (the same draw on every rank), then restored exactly
+    (also when the body raises).
 
     Why: after many epochs the trained ``lora_A`` has been fitted to every training
     example, the one a leave-one-out prediction leaves out too; a kernel built on it
@@ -171,14 +173,20 @@ def loo_residuals(y: Tensor, K: Tensor) -> Tensor:
 def _draws_of_lora_a(la: Any, seed: int) -> dict[str, Tensor]:
     """One draw of every ``lora_A`` tensor of ``la.params`` from PEFT's initialisation
     (Kaiming-uniform with ``a = √5``: uniform on ``±1/√fan_in``, ``fan_in`` the elements of
-    one row), by parameter name, from a CPU generator seeded with ``seed`` (the same draw
-    on every rank), each on its parameter's device."""
+    one row; for an adapter made with ``init_lora_weights="gaussian"``, normal with std
+    ``1/r``, ``r`` the tensor's rows), by parameter name, from a CPU generator seeded with
+    ``seed`` (the same draw on every rank), each on its parameter's device."""
+    gaussian = gaussian_lora_a_adapters(la.model)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for p, name in zip(la.params, la.lora_param_names, strict=True):
         if ".lora_A." in name:
-            bound = 1.0 / p[0].numel() ** 0.5
-            value = torch.empty(p.shape, dtype=p.dtype).uniform_(-bound, bound, generator=gen)
+            value = torch.empty(p.shape, dtype=p.dtype)
+            if name.split(".lora_A.", 1)[1].split(".", 1)[0] in gaussian:
+                value.normal_(0.0, 1.0 / p.shape[0], generator=gen)
+            else:
+                bound = 1.0 / p[0].numel() ** 0.5
+                value.uniform_(-bound, bound, generator=gen)
             out[name] = value.to(p.device)
     return out
 

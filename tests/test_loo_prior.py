@@ -78,6 +78,32 @@ def test_lora_a_redrawn_restores_the_weights_even_on_error():
         assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_lora_a_is_redrawn_from_the_adapters_own_initialisation(init):
+    """PEFT draws ``lora_A`` Kaiming-uniform (``±1/√fan_in``) by default and normal with std
+    ``1/r`` after ``init_lora_weights="gaussian"``; the kernel's redraw follows it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from laplace_lora_ext import LastTokenChoiceLM
+    from tests.models import TARGET_IDS, tiny_llama_config
+
+    config = tiny_llama_config()
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 64, 2, 2
+    torch.manual_seed(0)
+    r = 16
+    lora = LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj"], init_lora_weights=init)
+    model = LastTokenChoiceLM(get_peft_model(LlamaForCausalLM(config), lora), TARGET_IDS)
+    la = lora_laplace(model.eval())
+    drawn = torch.cat([v.reshape(-1) for v in redrawn_lora_a(la).values()])
+    if init == "gaussian":
+        assert drawn.abs().max() > 1.0 / 64**0.5  # beyond the uniform's bound
+        assert drawn.std().item() == pytest.approx(1.0 / r, rel=0.1)
+    else:
+        assert drawn.abs().max() <= 1.0 / 64**0.5
+        assert drawn.std().item() == pytest.approx(1.0 / (3 * 64) ** 0.5, rel=0.1)
+
+
 def explicit_centred_jacobian(
     model: torch.nn.Module, X: dict, lora_a: dict | None, covered: str = ""
 ):
