@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
 import weakref
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -254,7 +256,26 @@ def call_model(
     if isinstance(model, _DictModule):
         return model(model_inputs(x, dict_key_y), **kwargs)
     _check_takes_batch(_forward_owner(model), x, kwargs)
-    return model(x, **kwargs)
+    try:
+        return model(x, **kwargs)
+    except Exception as e:
+        if dict_key_y in x and _raised_in_hf_loss(e):
+            raise ValueError(
+                f"{type(_forward_owner(model)).__name__}.forward passed the batch's "
+                f"{dict_key_y!r} on to the HF model (e.g. `self.model(**data)`), which then "
+                f"computed its own language-model loss and failed: {e}. Like laplace-torch, "
+                "laplace_lora_ext calls a custom module with the whole dict batch, labels "
+                "included: drop them in the wrapper (`inputs = {k: v for k, v in "
+                'data.items() if k != "labels"}`), pass input_ids and attention_mask '
+                "explicitly, or use laplace_lora_ext.LastTokenChoiceLM."
+            ) from e
+        raise
+
+
+def _raised_in_hf_loss(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside transformers' loss functions."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(f"transformers{os.sep}loss{os.sep}" in frame.filename for frame in frames)
 
 
 def _check_takes_batch(model: nn.Module, x: Batch, kwargs: dict[str, Any]) -> None:

@@ -215,6 +215,26 @@ def test_keyword_only_forward_gets_a_clear_error():
         la.fit(loader(case.batch, 4))
 
 
+def test_wrapper_passing_the_labels_to_a_causal_lm_gets_a_clear_error():
+    """``forward(self, data): return self.m(**data).logits[:, -1, ids]`` hands the batch's
+    labels to the HF model, which computes its own LM loss and failed 27 frames deep
+    ("Expected input batch_size (48) to match target batch_size (8)")."""
+
+    class PassesEverything(torch.nn.Module):
+        def __init__(self, causal_lm):
+            super().__init__()
+            self.m = causal_lm
+
+        def forward(self, data):
+            return self.m(**data).logits[:, -1, TARGET_IDS]
+
+    model = PassesEverything(tiny_llama(seed=1).model).eval()
+    batch = random_batch(n=8, seed=1)
+    la = lora_laplace(model)
+    with pytest.raises(ValueError, match=r"passed the batch's 'labels' on to the HF model"):
+        la.fit(loader(batch, 4))
+
+
 def test_forward_taking_input_ids_first_gets_a_clear_error():
     """``forward(self, input_ids, attention_mask=None)`` binds the dict batch to
     ``input_ids``; before, the model failed 36 frames deep (``'dict' object has no
