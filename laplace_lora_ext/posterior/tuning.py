@@ -65,6 +65,9 @@ DEFAULT_METHOD = "auto"
 #: Monte Carlo draws of ``"gridsearch"``'s predictive when ``n_samples`` is not given
 #: (laplace-torch's default; the leave-one-out rule takes the predictive's default draws).
 GRIDSEARCH_SAMPLES = 100
+#: The start of laplace-torch's warning about ``link_approx`` in its
+#: ``optimize_prior_precision``, silenced around its evidence search (a regex).
+STOCK_LINK_WARNING = r"By default `link_approx` is `probit`"
 
 
 @contextmanager
@@ -217,16 +220,20 @@ class PriorTuningMixin(EvidenceSearchMixin, GridSearchMixin):
                 )
             elif method == "marglik":
                 structure = {} if prior_structure is None else {"prior_structure": prior_structure}
-                super().optimize_prior_precision(
-                    pred_type,
-                    method="marglik",
-                    n_steps=n_steps,
-                    lr=lr,
-                    init_prior_prec=init_prior_prec,
-                    verbose=verbose,
-                    progress_bar=progress_bar,
-                    **structure,
-                )
+                with warnings.catch_warnings():
+                    # laplace-torch's "By default `link_approx` is `probit`" is wrong here:
+                    # the evidence uses no link, and this class's searches default to "mc".
+                    warnings.filterwarnings("ignore", message=STOCK_LINK_WARNING)
+                    super().optimize_prior_precision(
+                        pred_type,
+                        method="marglik",
+                        n_steps=n_steps,
+                        lr=lr,
+                        init_prior_prec=init_prior_prec,
+                        verbose=verbose,
+                        progress_bar=progress_bar,
+                        **structure,
+                    )
                 self._warn_if_marglik_not_converged(n_steps, stacklevel=3)
             else:
                 self._optimize_gridsearch(
