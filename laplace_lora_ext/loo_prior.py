@@ -179,15 +179,16 @@ def _draws_of_lora_a(la: Any, seed: int) -> dict[str, Tensor]:
     gaussian = gaussian_lora_a_adapters(la.model)
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for p, name in zip(la.params, la.lora_param_names, strict=True):
-        if ".lora_A." in name:
-            value = torch.empty(p.shape, dtype=p.dtype)
-            if name.split(".lora_A.", 1)[1].split(".", 1)[0] in gaussian:
-                value.normal_(0.0, 1.0 / p.shape[0], generator=gen)
+    for target in la.lora_targets:  # the order of la.params, so the draws keep theirs
+        if target.kind == "lora_A":
+            weight = target.module.weight
+            value = torch.empty(weight.shape, dtype=weight.dtype)
+            if target.adapter in gaussian:
+                value.normal_(0.0, 1.0 / weight.shape[0], generator=gen)
             else:
-                bound = 1.0 / p[0].numel() ** 0.5
+                bound = 1.0 / weight[0].numel() ** 0.5
                 value.uniform_(-bound, bound, generator=gen)
-            out[name] = value.to(p.device)
+            out[f"{target.name}.weight"] = value.to(weight.device)
     return out
 
 
